@@ -1,0 +1,124 @@
+"""Entry-point configs: a frozen dataclass, overridden by a YAML file, overridden by CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+
+from pipeline.io import UserError
+
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _field_kind(f: dataclasses.Field) -> tuple[str, bool]:
+    """('int' | 'float' | 'str' | 'bool' | dataclass name, optional?) of a field's annotation."""
+    ann = str(f.type).replace("typing.", "").replace(" ", "")
+    optional = ann.endswith("|None") or ann.startswith("Optional[")
+    base = ann.removesuffix("|None").removeprefix("Optional[").removesuffix("]")
+    return base, optional
+
+
+def _nested(cls, f: dataclasses.Field):
+    hints = typing.get_type_hints(cls)
+    t = hints[f.name]
+    return t if dataclasses.is_dataclass(t) else None
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+    """One `--flag` per field (nested dataclass fields as `--engine-dtype` etc.)."""
+    for f in dataclasses.fields(cls):
+        sub = _nested(cls, f)
+        if sub is not None:
+            add_dataclass_args(parser, sub, prefix=f"{prefix}{f.name}.")
+            continue
+        kind, _ = _field_kind(f)
+        flag = "--" + (prefix + f.name).replace(".", "-").replace("_", "-")
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (
+            f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        )
+        help_ = "required (flag or config file)" if required else f"default: {default}"
+        kw = {"dest": prefix + f.name, "default": argparse.SUPPRESS, "help": help_}
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parser.add_argument(flag, type=_SCALARS.get(kind, str), metavar=kind.upper(), **kw)
+
+
+def _check_type(cls_name: str, key: str, value, kind: str, optional: bool, source: str):
+    if value is None and optional:
+        return value
+    expected = _SCALARS[kind]
+    ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not ok:
+        raise UserError(
+            f"{source}: {key} must be {kind}{' or null' if optional else ''}, "
+            f"got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def build(cls, values: dict, source: str, prefix: str = ""):
+    """Instantiate `cls` from a flat-or-nested dict, rejecting unknown keys and wrong types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UserError(
+            f"{source}: unknown key(s) {[prefix + k for k in unknown]} for {cls.__name__}; "
+            f"valid: {sorted(fields)}"
+        )
+    kwargs = {}
+    for name, f in fields.items():
+        sub = _nested(cls, f)
+        if sub is not None:
+            v = values.get(name, {})
+            if not isinstance(v, dict):
+                raise UserError(f"{source}: {prefix + name} must be a mapping")
+            kwargs[name] = build(sub, v, source, prefix=f"{prefix}{name}.")
+        elif name in values:
+            kind, optional = _field_kind(f)
+            kwargs[name] = _check_type(
+                cls.__name__, prefix + name, values[name], kind, optional, source
+            )
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            flag = "--" + (prefix + name).replace(".", "-").replace("_", "-")
+            raise UserError(f"{source}: {prefix + name} is required (set {flag})")
+    return cls(**kwargs)
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: top level must be a mapping of config keys")
+    return data
+
+
+def from_args(cls, args: argparse.Namespace, section: str | None = None):
+    """Config from `--config FILE` (optionally its `section:`), then explicit flags on top."""
+    values: dict = {}
+    source = "command line"
+    if getattr(args, "config", None):
+        data = load_yaml(args.config)
+        values = data.get(section, data) if section else data
+        source = args.config
+    known = {f.name for f in dataclasses.fields(cls)}
+    flags = {k: v for k, v in vars(args).items() if k.split(".")[0] in known}
+    for key, v in flags.items():
+        node = values
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = v
+    return build(cls, values, source)

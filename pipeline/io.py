@@ -1,0 +1,155 @@
+"""Files in and out: datasets (Parquet / JSONL / `datasets` on disk), atomic writes, digests."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A problem with the user's input or configuration: printed as one line, no traceback."""
+
+
+def find_user_error(exc: BaseException) -> UserError | None:
+    """The `UserError` that caused `exc`, following Ray's exception wrapping, or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, UserError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; rename it to `out` only if the block succeeds.
+
+    A crash leaves `out` as it was (absent or the previous complete version), never half-written.
+    """
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already exists and is not empty; choose another path or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def dataset_format(path: str | os.PathLike) -> str:
+    """'parquet', 'json' or 'hf' (a `datasets` dataset saved with `save_to_disk`)."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: no such file or directory")
+    if p.is_dir():
+        if (p / "dataset_info.json").exists() or (p / "state.json").exists():
+            return "hf"
+        if any(p.rglob("*.parquet")):
+            return "parquet"
+        if any(p.rglob("*.jsonl")) or any(p.rglob("*.json")):
+            return "json"
+        raise UserError(f"{p}: directory holds no .parquet, .jsonl or saved `datasets` dataset")
+    if p.suffix == ".parquet":
+        return "parquet"
+    if p.suffix in (".jsonl", ".json"):
+        return "json"
+    raise UserError(f"{p}: unknown format (expected .parquet, .jsonl or a `datasets` dir)")
+
+
+def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()):
+    """Read a whole dataset into a `pyarrow.Table`, with one-line errors for bad files."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.json as pajson
+
+    fmt = dataset_format(path)
+    try:
+        if fmt == "parquet":
+            table = pads.dataset(str(path), format="parquet").to_table()
+        elif fmt == "json":
+            files = [Path(path)] if Path(path).is_file() else sorted(Path(path).rglob("*.json*"))
+            tables = [pajson.read_json(str(f)) for f in files if f.stat().st_size > 0]
+            if not tables:
+                raise UserError(f"{path}: empty file")
+            table = pa.concat_tables(tables, promote_options="default")
+        else:
+            import datasets
+
+            table = datasets.load_from_disk(str(path)).data.table
+    except UserError:
+        raise
+    except (pa.ArrowInvalid, OSError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from e
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise UserError(
+            f"{path}: missing column(s) {missing}; found {table.column_names}"
+        )
+    return table
+
+
+def read_ray_dataset(path: str | os.PathLike, required: tuple[str, ...] = ()):
+    """The same dataset as a `ray.data.Dataset` (Ray's own readers; HF via `from_huggingface`)."""
+    import ray
+
+    fmt = dataset_format(path)
+    if fmt == "parquet":
+        ds = ray.data.read_parquet(str(path))
+    elif fmt == "json":
+        ds = ray.data.read_json(str(path))
+    else:
+        import datasets
+
+        ds = ray.data.from_huggingface(datasets.load_from_disk(str(path)))
+    names = ds.schema().names
+    missing = [c for c in required if c not in names]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {missing}; found {names}")
+    return ds
+
+
+def resolve_path(p: str | None) -> str | None:
+    """An existing local path made absolute (Ray workers run in other directories); anything
+    else (a hub id, a URI) is returned unchanged."""
+    if p is None or "://" in p:
+        return p
+    path = Path(p)
+    return str(path.resolve()) if path.exists() else p

@@ -1,0 +1,63 @@
+"""Driver side of training: build the `TorchTrainer`, run it, copy out the final HF checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from pipeline.io import UserError, atomic_dir, find_user_error
+from trainer.loop import STATE_FILE, train_loop_per_worker
+
+
+def fit(
+    loop_cfg: dict,
+    train_ds,
+    *,
+    run_dir: str,
+    num_workers: int,
+    cpus_per_worker: float,
+    use_gpu: bool,
+    max_failures: int = 0,
+) -> Path:
+    """Train and return `run_dir/model`, a Hugging Face checkpoint directory.
+
+    Ray Train keeps its checkpoints under `run_dir/ray/<objective>`; a re-run with the same
+    `run_dir` resumes from the latest of them.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    run_dir_path = Path(run_dir).absolute()
+    resources = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**loop_cfg, "run_dir": str(run_dir_path)},
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=loop_cfg["objective"],
+            storage_path=str(run_dir_path / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+        datasets={"train": train_ds},
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # surface our own one-line errors from inside the workers
+        user = find_user_error(e)
+        if user is not None:
+            raise UserError(str(user)) from e
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError(f"training in {run_dir} finished without a checkpoint")
+    out = run_dir_path / "model"
+    with result.checkpoint.as_directory() as ckpt, atomic_dir(out, overwrite=True) as tmp:
+        for f in Path(ckpt).iterdir():
+            if f.name != STATE_FILE and f.is_file():
+                shutil.copy2(f, tmp / f.name)
+    return out

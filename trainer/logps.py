@@ -1,0 +1,51 @@
+"""Per-sequence log-probabilities: the one function that serves both policy and reference.
+
+DPO (Rafailov et al. 2023, eq. 7) needs log π(y|x) summed over the completion tokens. The same
+function runs on the policy inside the trainer and on the reference in `odpo reference`, so the
+two sides of the log-ratio are computed identically (DESIGN.md, Numerics).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def per_token_logps(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each next token and the mask of the positions that count.
+
+    logits: (B, T, V) for input positions 0..T-1; labels: (B, T) aligned with the input ids
+    (labels[:, t] is the id at position t, or `ignore_index` for prompt and padding). The function
+    shifts: position t's logits predict labels[:, t + 1].
+
+    Returns (per_token_logps (B, T-1) float32, mask (B, T-1) bool). The log-softmax is taken in
+    float32 whatever the logits' dtype, so a bf16 model's log-probs do not lose their low bits in
+    the normaliser.
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"logits (B, T, V) = {tuple(logits.shape)} and labels (B, T) = "
+            f"{tuple(labels.shape)} disagree on (B, T)"
+        )
+    logits = logits[:, :-1, :].float()
+    labels = labels[:, 1:]
+    mask = labels != ignore_index
+    safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
+    logps = torch.log_softmax(logits, dim=-1)
+    token_logps = torch.gather(logps, dim=2, index=safe_labels.unsqueeze(2)).squeeze(2)
+    return token_logps * mask, mask
+
+
+def sequence_logps(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> torch.Tensor:
+    """Summed completion log-prob per sequence: (B, T, V), (B, T) -> (B,) float32.
+
+    labels are aligned with the input ids (this function shifts by one); positions whose label is
+    `ignore_index` (prompt, padding) are left out of the sum.
+    """
+    token_logps, _ = per_token_logps(logits, labels, ignore_index)
+    return token_logps.sum(dim=-1)
