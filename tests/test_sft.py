@@ -53,7 +53,7 @@ def test_vllm_greedy_matches_transformers_greedy(sft_run, toy_data_dir):
                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
         hf.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     same = sum(a == b for a, b in zip(hf, result["greedy_texts"], strict=True))
-    assert same >= 0.95 * len(prompts), list(zip(hf, result["greedy_texts"]))[:8]
+    assert same >= 0.95 * len(prompts), list(zip(hf, result["greedy_texts"], strict=True))[:8]
 
 
 def test_one_step_matches_plain_pytorch(ray_local, toy_model_dir, toy_data_dir, tmp_path):

@@ -1,0 +1,161 @@
+"""Stage directories: Parquet shards + `manifest.json`, written atomically, skipped when current.
+
+A manifest records the stage, its config, its inputs and their content digests, the code version,
+rows in / out / dropped by reason (which must add up), and each shard's row count and sha256.
+A stage whose manifest is complete and whose config and input digests are unchanged is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+
+from pipeline.io import UserError, atomic_dir, sha256_file, write_json
+
+MANIFEST = "manifest.json"
+
+
+def code_version() -> str:
+    """The package version plus the git commit when run from a checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("offline-dpo")
+    except PackageNotFoundError:
+        v = "unknown"
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{v}+{sha}" if sha else v
+
+
+def read_manifest(stage_dir: str | Path) -> dict | None:
+    path = Path(stage_dir) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: corrupt manifest ({e}); remove the directory to redo it") from e
+
+
+def input_digest(path: str | Path) -> str:
+    """Content digest of an input: a stage directory's manifest file digests, a plain file's
+    bytes, or every data file under a directory."""
+    p = Path(path)
+    manifest = read_manifest(p) if p.is_dir() else None
+    h = hashlib.sha256()
+    if manifest is not None:
+        for f in manifest["files"]:
+            h.update(f"{f['name']}:{f['sha256']}\n".encode())
+    elif p.is_file():
+        h.update(sha256_file(p).encode())
+    elif p.is_dir():
+        for f in sorted(x for x in p.rglob("*") if x.is_file()):
+            h.update(f"{f.relative_to(p)}:{sha256_file(f)}\n".encode())
+    else:
+        raise UserError(f"{p}: no such file or directory")
+    return h.hexdigest()
+
+
+def verify_shards(stage_dir: str | Path, stage: str | None = None) -> dict:
+    """Check every shard against its manifest checksum before use; return the manifest."""
+    stage_dir = Path(stage_dir)
+    manifest = read_manifest(stage_dir)
+    if manifest is None or not manifest.get("complete"):
+        raise UserError(f"{stage_dir}: no complete {MANIFEST}; (re)run the stage that writes it")
+    if stage is not None and manifest["stage"] != stage:
+        raise UserError(f"{stage_dir} holds '{manifest['stage']}' data, expected '{stage}'")
+    for f in manifest["files"]:
+        path = stage_dir / f["name"]
+        if not path.exists():
+            raise UserError(f"{path}: listed in {MANIFEST} but missing")
+        if sha256_file(path) != f["sha256"]:
+            raise UserError(f"{path}: sha256 differs from {MANIFEST} (truncated or corrupted)")
+    return manifest
+
+
+def is_current(out_dir: str | Path, stage: str, config: dict, inputs: dict[str, str]) -> bool:
+    """True when `out_dir` holds a complete run of `stage` with this config and these input
+    digests and its shards are intact. Refuses a directory that holds another stage's data."""
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        if Path(out_dir).exists() and any(Path(out_dir).iterdir()):
+            raise UserError(f"{out_dir} exists and holds no {MANIFEST}; refusing to overwrite it")
+        return False
+    if manifest["stage"] != stage:
+        raise UserError(
+            f"{out_dir} holds '{manifest['stage']}' output; refusing to overwrite it with "
+            f"'{stage}' (choose another directory)"
+        )
+    if not manifest.get("complete") or manifest["config"] != _jsonable(config):
+        return False
+    if manifest["inputs"] != inputs:
+        return False
+    try:
+        verify_shards(out_dir, stage)
+    except UserError:
+        return False
+    return True
+
+
+def _jsonable(obj):
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def write_stage(
+    out_dir: str | Path,
+    stage: str,
+    config: dict,
+    inputs: dict[str, str],
+    write_shards,
+    rows_in: int,
+    dropped: dict[str, int],
+    extra: dict | None = None,
+) -> dict:
+    """Run `write_shards(tmp_dir)` into a temporary directory, then write the manifest and rename.
+
+    `write_shards` writes Parquet files into the directory it is given. Raises if
+    rows_in != rows_out + sum(dropped): no stage loses rows silently.
+    """
+    import pyarrow.parquet as pq
+
+    with atomic_dir(out_dir, overwrite=True) as tmp:
+        write_shards(tmp)
+        files = []
+        for f in sorted(tmp.rglob("*.parquet")):
+            files.append(
+                {
+                    "name": str(f.relative_to(tmp)),
+                    "rows": pq.ParquetFile(f).metadata.num_rows,
+                    "sha256": sha256_file(f),
+                }
+            )
+        rows_out = sum(f["rows"] for f in files)
+        if rows_in != rows_out + sum(dropped.values()):
+            raise RuntimeError(
+                f"{stage}: rows in {rows_in} != rows out {rows_out} + dropped {dropped}"
+            )
+        manifest = {
+            "stage": stage,
+            "config": _jsonable(config),
+            "inputs": inputs,
+            "code_version": code_version(),
+            "rows_in": rows_in,
+            "rows_out": rows_out,
+            "dropped": dict(sorted(dropped.items())),
+            "files": files,
+            **(extra or {}),
+            "complete": True,
+        }
+        write_json(tmp / MANIFEST, manifest)
+    return manifest
