@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +18,18 @@ class UserError(Exception):
 
 def find_user_error(exc: BaseException) -> UserError | None:
     """The `UserError` that caused `exc`, following Ray's exception wrapping, or None."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, UserError):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+    seen, stack = set(), [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UserError):
+            return e
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    # Ray may carry the remote exception only as traceback text.
+    match = re.search(r"pipeline\.io\.UserError: (.+)", str(exc))
+    return UserError(match.group(1).strip()) if match else None
 
 
 @contextlib.contextmanager
@@ -130,16 +136,28 @@ def read_ray_dataset(path: str | os.PathLike, required: tuple[str, ...] = ()):
     """The same dataset as a `ray.data.Dataset` (Ray's own readers; HF via `from_huggingface`)."""
     import ray
 
-    fmt = dataset_format(path)
-    if fmt == "parquet":
-        ds = ray.data.read_parquet(str(path))
-    elif fmt == "json":
-        ds = ray.data.read_json(str(path))
-    else:
-        import datasets
+    import pyarrow as pa
 
-        ds = ray.data.from_huggingface(datasets.load_from_disk(str(path)))
-    names = ds.schema().names
+    fmt = dataset_format(path)
+    try:
+        if fmt == "parquet":
+            ds = ray.data.read_parquet(str(path))
+        elif fmt == "json":
+            ds = ray.data.read_json(str(path))
+        else:
+            import datasets
+
+            ds = ray.data.from_huggingface(datasets.load_from_disk(str(path)))
+        schema = ds.schema()
+    except (pa.ArrowInvalid, OSError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from e
+    except Exception as e:  # Ray wraps reader errors raised in its tasks
+        if isinstance(e.__cause__, (pa.ArrowInvalid, OSError, ValueError, UnicodeDecodeError)):
+            raise UserError(f"{path}: cannot read as {fmt}: {str(e.__cause__).splitlines()[0]}")
+        raise
+    if schema is None:
+        raise UserError(f"{path}: empty dataset (no rows, no schema)")
+    names = schema.names
     missing = [c for c in required if c not in names]
     if missing:
         raise UserError(f"{path}: missing column(s) {missing}; found {names}")
