@@ -60,6 +60,19 @@ def _cmd_sft(args) -> None:
     print(line + f" -> {summary['model']}")
 
 
+def _cmd_train(args) -> None:
+    from jobs.runtime import init_ray
+    from trainer.dpo import DPOConfig, run_dpo
+
+    cfg = from_args(DPOConfig, args)
+    init_ray(args.address)
+    s = run_dpo(cfg)
+    print(
+        f"train: {s['steps']} steps on {s['pairs']} pairs ({s['reference']} reference) in "
+        f"{s['train_s']:.0f}s -> {s['model']}"
+    )
+
+
 def _cmd_eval(args) -> None:
     from jobs.runtime import init_ray
     from pipeline.evaluate import EvalConfig, run_eval
@@ -79,6 +92,7 @@ def _cmd_eval(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.evaluate import EvalConfig
     from pipeline.toy import ToyConfig
+    from trainer.dpo import DPOConfig
     from trainer.sft import SFTConfig
 
     parser = argparse.ArgumentParser(
@@ -102,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, cls, func, help_ in (
         ("sft", SFTConfig, _cmd_sft, "supervised fine-tuning on (prompt, response) with Ray Train"),
+        ("train", DPOConfig, _cmd_train, "DPO / DPO+NLL on reference shards with Ray Train"),
         ("eval", EvalConfig, _cmd_eval, "greedy and sampled task reward on held-out prompts"),
     ):
         p = sub.add_parser(name, help=help_)

@@ -134,9 +134,8 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()):
 
 def read_ray_dataset(path: str | os.PathLike, required: tuple[str, ...] = ()):
     """The same dataset as a `ray.data.Dataset` (Ray's own readers; HF via `from_huggingface`)."""
-    import ray
-
     import pyarrow as pa
+    import ray
 
     fmt = dataset_format(path)
     try:
@@ -153,7 +152,8 @@ def read_ray_dataset(path: str | os.PathLike, required: tuple[str, ...] = ()):
         raise UserError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from e
     except Exception as e:  # Ray wraps reader errors raised in its tasks
         if isinstance(e.__cause__, (pa.ArrowInvalid, OSError, ValueError, UnicodeDecodeError)):
-            raise UserError(f"{path}: cannot read as {fmt}: {str(e.__cause__).splitlines()[0]}")
+            msg = str(e.__cause__).splitlines()[0]
+            raise UserError(f"{path}: cannot read as {fmt}: {msg}") from e
         raise
     if schema is None:
         raise UserError(f"{path}: empty dataset (no rows, no schema)")

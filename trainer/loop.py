@@ -39,8 +39,8 @@ def sft_step_loss(model, batch: dict, pad_token_id: int) -> tuple[torch.Tensor, 
     return loss, {"loss": loss.item(), "num_tokens": float(t["attention_mask"].sum())}
 
 
-def dpo_step_loss(model, batch: dict, pad_token_id: int, cfg: dict) -> tuple[torch.Tensor, dict]:
-    """DPO (+ alpha * NLL on chosen) of one micro-batch; chosen and rejected in one forward."""
+def _pair_logps(model, batch: dict, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Chosen and rejected summed log-probs (B,) each, from one forward over both (2B rows)."""
     prompts = list(batch["prompt_input_ids"])
     n = len(prompts)
     t = collate(
@@ -54,9 +54,28 @@ def dpo_step_loss(model, batch: dict, pad_token_id: int, cfg: dict) -> tuple[tor
     ).logits
     token_logps, _ = per_token_logps(logits, t["labels"].to(device))
     logps = token_logps.sum(-1)
-    chosen_logps, rejected_logps = logps[:n], logps[n:]
-    ref_chosen = torch.as_tensor(np.asarray(batch["ref_chosen_logps"]), device=device).float()
-    ref_rejected = torch.as_tensor(np.asarray(batch["ref_rejected_logps"]), device=device).float()
+    return logps[:n], logps[n:], t
+
+
+def dpo_step_loss(
+    model, batch: dict, pad_token_id: int, cfg: dict, reference_model=None
+) -> tuple[torch.Tensor, dict]:
+    """DPO (+ alpha * NLL on chosen) of one micro-batch; chosen and rejected in one forward.
+
+    The reference log-probs come from the batch (cached), or, when `reference_model` is given
+    (live mode, for checks and benchmarks), from its forward on the same tokens.
+    """
+    chosen_logps, rejected_logps, t = _pair_logps(model, batch, pad_token_id)
+    n = chosen_logps.shape[0]
+    device = chosen_logps.device
+    if reference_model is None:
+        ref_chosen = torch.as_tensor(np.asarray(batch["ref_chosen_logps"]), device=device)
+        ref_rejected = torch.as_tensor(np.asarray(batch["ref_rejected_logps"]), device=device)
+        ref_chosen, ref_rejected = ref_chosen.float(), ref_rejected.float()
+    else:
+        with torch.inference_mode():
+            ref_chosen, ref_rejected, _ = _pair_logps(reference_model, batch, pad_token_id)
+        ref_chosen, ref_rejected = ref_chosen.clone(), ref_rejected.clone()
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         chosen_logps,
         rejected_logps,
@@ -81,6 +100,17 @@ def dpo_step_loss(model, batch: dict, pad_token_id: int, cfg: dict) -> tuple[tor
         "num_tokens": float(t["attention_mask"].sum()),
     }
     return loss, metrics
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off in the policy (DESIGN.md): the log-probs DPO compares must be deterministic,
+    or policy and reference differ at step 0 by noise alone."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        # HF attention modules apply a float `attention_dropout` functionally in train mode.
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -184,10 +214,17 @@ def train_loop_per_worker(cfg: dict) -> None:
         model_path = cfg["model"]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    disable_dropout(model)
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
     model.train()
     model = ray.train.torch.prepare_model(model)
+    reference_model = None
+    if cfg.get("reference") == "live":
+        reference_model = AutoModelForCausalLM.from_pretrained(cfg["reference_model"], dtype=dtype)
+        reference_model.eval().requires_grad_(False)
+        disable_dropout(reference_model)
+        reference_model.to(ray.train.torch.get_device())
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     optimizer = torch.optim.AdamW(
@@ -230,7 +267,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                 if cfg["objective"] == "sft":
                     loss, metrics = sft_step_loss(model, batch, pad_id)
                 else:
-                    loss, metrics = dpo_step_loss(model, batch, pad_id, cfg)
+                    loss, metrics = dpo_step_loss(model, batch, pad_id, cfg, reference_model)
                 (loss / accum).backward()
             window.append(metrics)
             micro_index += 1
