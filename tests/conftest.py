@@ -46,3 +46,17 @@ def ray_local():
     init_ray(num_cpus=4)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sft_run(ray_local, toy_model_dir, toy_data_dir, tmp_path_factory):
+    """A short real `odpo sft` run (40 steps) with vLLM evaluation: the tests' SFT model."""
+    from jobs.cli import main
+
+    out = tmp_path_factory.mktemp("sft") / "run"
+    rc = main(["sft", "--model", toy_model_dir, "--data", str(toy_data_dir / "sft.parquet"),
+               "--out", str(out), "--max-steps", "40", "--batch-size", "64", "--log-every", "10",
+               "--warmup-steps", "5", "--eval-prompts", str(toy_data_dir / "heldout.parquet"),
+               "--eval-samples", "2"])
+    assert rc == 0
+    return out

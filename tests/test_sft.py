@@ -13,17 +13,6 @@ from jobs.cli import main
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="session")
-def sft_run(ray_local, toy_model_dir, toy_data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("sft") / "run"
-    rc = main(["sft", "--model", toy_model_dir, "--data", str(toy_data_dir / "sft.parquet"),
-               "--out", str(out), "--max-steps", "40", "--batch-size", "64", "--log-every", "10",
-               "--warmup-steps", "5", "--eval-prompts", str(toy_data_dir / "heldout.parquet"),
-               "--eval-samples", "2"])
-    assert rc == 0
-    return out
-
-
 def test_writes_hf_checkpoint_metrics_and_eval(sft_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -1,0 +1,183 @@
+"""`odpo train` on real Ray Train, against DESIGN.md's invariants and a plain PyTorch DPO step."""
+
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jobs.cli import main
+from pipeline.manifest import write_stage
+
+pytestmark = pytest.mark.slow
+
+BETA, ALPHA = 0.1, 1.0
+
+
+def _wrong(answer: str) -> str:
+    return answer[:-1] + str((int(answer[-1]) + 1) % 10)
+
+
+def _ids(tok, prompt, completion):
+    p = tok(prompt)["input_ids"]
+    c = tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return p, c
+
+
+def _seq_logp(model, p, c):
+    """Summed completion log-prob of one unpadded sequence, float32 log-softmax (no shared code
+    with the project's logps / collate)."""
+    logits = model(input_ids=torch.tensor([p + c])).logits[0].float()
+    logprobs = torch.log_softmax(logits, -1)
+    return sum(logprobs[len(p) + j - 1, t] for j, t in enumerate(c))
+
+
+def _write_reference_shards(out, model_dir, rows):
+    """Reference shards with log-probs computed here, independently of `odpo reference`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    records = []
+    with torch.inference_mode():
+        for i, r in enumerate(rows):
+            p, c = _ids(tok, r["prompt"], r["answer"])
+            _, rj = _ids(tok, r["prompt"], _wrong(r["answer"]))
+            records.append({
+                "prompt_id": f"p{i}", "prompt": r["prompt"], "chosen": r["answer"],
+                "rejected": _wrong(r["answer"]), "chosen_score": 1.0, "rejected_score": 0.0,
+                "round": 0, "prompt_input_ids": p, "chosen_input_ids": c, "rejected_input_ids": rj,
+                "ref_chosen_logps": float(_seq_logp(model, p, c)),
+                "ref_rejected_logps": float(_seq_logp(model, p, rj)),
+            })
+    schema = pa.schema([
+        ("prompt_id", pa.string()), ("prompt", pa.string()), ("chosen", pa.string()),
+        ("rejected", pa.string()), ("chosen_score", pa.float64()),
+        ("rejected_score", pa.float64()), ("round", pa.int64()),
+        ("prompt_input_ids", pa.list_(pa.int32())), ("chosen_input_ids", pa.list_(pa.int32())),
+        ("rejected_input_ids", pa.list_(pa.int32())), ("ref_chosen_logps", pa.float64()),
+        ("ref_rejected_logps", pa.float64()),
+    ])
+    table = pa.Table.from_pylist(records, schema=schema)
+    write_stage(out, "reference", {"model": model_dir}, {}, lambda d: pq.write_table(
+        table, d / "part-00000.parquet"), rows_in=len(records), dropped={})
+    return records
+
+
+@pytest.fixture(scope="session")
+def policy_dir(sft_run):
+    return str(sft_run / "model")
+
+
+@pytest.fixture(scope="session")
+def ref_shards(policy_dir, toy_data_dir, tmp_path_factory):
+    rows = pq.read_table(toy_data_dir / "prompts.parquet").to_pylist()
+    out = tmp_path_factory.mktemp("ref") / "reference"
+    _write_reference_shards(out, policy_dir, rows)
+    return out
+
+
+def _train(policy_dir, data, out, *extra):
+    args = ["train", "--model", policy_dir, "--data", str(data), "--out", str(out),
+            "--beta", str(BETA), "--alpha", str(ALPHA), "--lr", "5e-4", "--lr-schedule",
+            "constant", "--batch-size", "16", "--log-every", "1", *extra]
+    assert main(args) == 0
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def cached_run(ray_local, policy_dir, ref_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dpo") / "cached"
+    return out, _train(policy_dir, ref_shards, out, "--epochs", "6", "--max-steps", "24")
+
+
+def test_step_zero_is_ln2_with_zero_rewards(cached_run):
+    _, metrics = cached_run
+    first = metrics[0]
+    assert first["step"] == 0
+    assert abs(first["dpo_loss"] - math.log(2)) < 1e-5
+    assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5
+
+
+def test_preference_is_learned(cached_run):
+    _, metrics = cached_run
+    assert metrics[-1]["rewards/accuracies"] > 0.5
+    early = sum(m["rewards/margins"] for m in metrics[:4]) / 4
+    late = sum(m["rewards/margins"] for m in metrics[-4:]) / 4
+    assert late > early + 0.05
+    for key in ("loss", "nll_loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                "rewards/accuracies", "logps/chosen", "logps/rejected", "tokens_per_s"):
+        assert key in metrics[0]
+
+
+def test_live_reference_gives_the_same_losses(ray_local, cached_run, policy_dir, ref_shards,
+                                              tmp_path):
+    _, cached = cached_run
+    live = _train(policy_dir, ref_shards, tmp_path / "live", "--epochs", "6", "--max-steps", "24",
+                  "--reference", "live")
+    assert [m["step"] for m in live] == [m["step"] for m in cached]
+    for a, b in zip(cached, live, strict=True):
+        for key in ("loss", "dpo_loss", "rewards/chosen", "rewards/rejected"):
+            assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+
+
+def _plain_pytorch_step(policy_dir, records):
+    """One DPO+NLL AdamW step over `records`, one sequence at a time, formulas written here."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(policy_dir)
+    model.train()
+    losses = []
+    for r in records:
+        pc = _seq_logp(model, r["prompt_input_ids"], r["chosen_input_ids"])
+        pr = _seq_logp(model, r["prompt_input_ids"], r["rejected_input_ids"])
+        h = (pc - r["ref_chosen_logps"]) - (pr - r["ref_rejected_logps"])
+        nll = -pc / len(r["chosen_input_ids"])
+        losses.append(-F.logsigmoid(BETA * h) + ALPHA * nll)
+    torch.stack(losses).mean().backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    opt.step()
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_step_matches_plain_pytorch(ray_local, policy_dir, toy_data_dir, tmp_path, workers):
+    """1 worker x 16 pairs and 2 DDP workers x 8 pairs both equal the single-process step."""
+    from transformers import AutoModelForCausalLM
+
+    rows = pq.read_table(toy_data_dir / "prompts.parquet").to_pylist()[:16]
+    records = _write_reference_shards(tmp_path / "ref", policy_dir, rows)
+    out = tmp_path / "run"
+    _train(policy_dir, tmp_path / "ref", out, "--max-steps", "1", "--num-workers", str(workers),
+           "--cpus-per-worker", "1", "--torch-threads", "1", "--no-shuffle")
+    expected = _plain_pytorch_step(policy_dir, records)
+    trained = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    for name, value in expected.items():
+        torch.testing.assert_close(trained[name], value, atol=1e-5, rtol=0, msg=name)
+
+
+def test_checkpoint_samples_in_vllm(ray_local, cached_run, toy_data_dir, tmp_path):
+    out, _ = cached_run
+    assert main(["eval", "--model", str(out / "model"), "--prompts",
+                 str(toy_data_dir / "heldout.parquet"), "--samples", "2",
+                 "--out", str(tmp_path / "eval.json")]) == 0
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["num_prompts"] == 64 and len(result["greedy_texts"]) == 64
+
+
+def test_refuses_shards_without_reference_columns(ray_local, policy_dir, tmp_path, capsys):
+    table = pa.Table.from_pylist([{"prompt_id": "a", "prompt": "1+1=", "chosen": "2",
+                                   "rejected": "3", "chosen_score": 1.0,
+                                   "rejected_score": 0.0, "round": 0}])
+    write_stage(tmp_path / "pairs", "pair", {}, {}, lambda d: pq.write_table(
+        table, d / "part-00000.parquet"), rows_in=1, dropped={})
+    rc = main(["train", "--model", policy_dir, "--data", str(tmp_path / "pairs"), "--out",
+               str(tmp_path / "out"), "--beta", "0.1"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "odpo reference" in err
+    assert not (tmp_path / "out").exists()
