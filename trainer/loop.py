@@ -141,6 +141,13 @@ def _mean_across_workers(metrics: dict[str, float], world_size: int) -> dict[str
     return out
 
 
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this worker process so far (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class _Logger:
     """Rank 0's metrics sink: one JSON line per logging step plus TensorBoard scalars."""
 
@@ -287,7 +294,9 @@ def train_loop_per_worker(cfg: dict) -> None:
                 avg = _mean_across_workers(avg, world)
                 avg.update(
                     {"epoch": epoch, "learning_rate": lr, "grad_norm": float(grad_norm),
-                     "tokens_per_s": avg.pop("num_tokens") / max(elapsed, 1e-9)}
+                     "tokens_per_s": avg.pop("num_tokens") / max(elapsed, 1e-9),
+                     "step_time_s": elapsed / (len(window) / accum),
+                     "peak_rss_mb": _peak_rss_mb()}
                 )
                 logger.log(step, avg)
                 window, t_window = [], time.perf_counter()
