@@ -89,8 +89,28 @@ def _cmd_eval(args) -> None:
     )
 
 
+def _cmd_reference(args) -> None:
+    from jobs.runtime import init_ray
+    from pipeline.reference import ReferenceConfig, run_reference
+
+    cfg = from_args(ReferenceConfig, args)
+    s = run_reference(cfg, start_ray=lambda: init_ray(args.address))  # Ray only on a miss
+    dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "none"
+    line = f"reference: {s['pairs']} pairs (dropped: {dropped}), cache {s['cache']}"
+    if s["cache"] == "hit":
+        line += f" from {s['source']}"
+    else:
+        st = s["stats"]
+        line += (
+            f": {st['tokens']} tokens at {st['tokens_per_s']:.0f} tokens/s, padding "
+            f"{100 * st['padding_fraction']:.1f}%, {st['truncated_pairs']} pairs truncated"
+        )
+    print(line + f", in {s['seconds']:.1f}s (key {s['key'][:16]}) -> {s['out']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.evaluate import EvalConfig
+    from pipeline.reference import ReferenceConfig
     from pipeline.toy import ToyConfig
     from trainer.dpo import DPOConfig
     from trainer.sft import SFTConfig
@@ -118,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("sft", SFTConfig, _cmd_sft, "supervised fine-tuning on (prompt, response) with Ray Train"),
         ("train", DPOConfig, _cmd_train, "DPO / DPO+NLL on reference shards with Ray Train"),
         ("eval", EvalConfig, _cmd_eval, "greedy and sampled task reward on held-out prompts"),
+        ("reference", ReferenceConfig, _cmd_reference,
+         "tokenize pairs once and compute (or reuse) the reference log-probs"),
     ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", help="YAML file of config keys (flags override it)")

@@ -1,0 +1,566 @@
+"""`odpo reference`: tokenize each pair once and compute the reference log-probs once, cached.
+
+Output: the pairs' columns plus `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids`
+(list<int32>, already truncated: the trainer uses them as they are and needs no rule of its own)
+and `ref_chosen_logps`, `ref_rejected_logps` (float64) — the summed completion log-probs of the
+reference model, computed with `trainer.logps` exactly as the trainer computes the policy's.
+
+Cache (DESIGN.md, Reference cache key): the key is a sha256 over the reference weights' digest,
+the tokenizer files' digest, the truncation settings, the compute dtype and the pairs' content
+digest. Computing the key hashes files but never loads the model. With an equal key the stage
+finishes from `out` itself, or from the content-addressed store `cache_dir/<key>/` that every run
+fills; so a beta sweep or a re-run into a new directory never recomputes. Any difference in the key
+recomputes; `reference_cache="require"` fails instead.
+
+Truncation rule (TRL's classic DPO rule, keeping BOS); lengths count BOS and EOS:
+  1. A pair fits when len(prompt) + max(len(chosen), len(rejected)) <= max_length.
+  2. Otherwise, if the prompt is longer than max_prompt_length, it keeps BOS and its *last*
+     max_prompt_length - 1 tokens (the end of the prompt is what the response answers).
+  3. If still too long, each completion keeps its *first* max_length - len(prompt) tokens. A cut
+     completion has no EOS; its log-prob is that of the kept prefix, for reference and policy.
+  With truncation="drop" a pair that does not fit is dropped instead (counted as `too_long`).
+  Pairs whose chosen and rejected ids are equal (e.g. after a cut) carry no preference signal
+  and are dropped as `identical_ids`. Every drop is counted in the manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.io import UserError, atomic_dir, find_user_error, read_table, sha256_file
+from pipeline.manifest import input_digest, read_manifest, verify_shards, write_stage
+
+STAGE = "reference"
+PAIR_STAGES = ("pair", "import")  # manifests whose shards hold pairs
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+LOGP_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+# Bump when the tokenization, truncation or log-prob rule changes: old cache entries go stale.
+CACHE_VERSION = 1
+DTYPES = ("float32", "bfloat16", "float16")
+CACHE_MODES = ("auto", "require", "recompute")
+TRUNCATION_MODES = ("truncate", "drop")
+ROWS_PER_SHARD = 50_000  # pairs per output file: several files let Ray Train read in parallel
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+TOKENIZER_PREFIXES = (
+    "tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "chat_template",
+)
+
+
+@dataclass(frozen=True)
+class ReferenceConfig:
+    pairs: str  # pairs stage dir (`pair`/`import` manifest), or Parquet/JSONL with the pair columns
+    model: str  # reference checkpoint (local HF dir); no default: the DPO anchor is a choice
+    out: str  # output stage directory: Parquet shards + manifest.json
+    tokenizer: str | None = None  # tokenizer dir; default the model's (the policy must share it)
+    max_length: int = 0  # tokens of prompt + completion incl. BOS/EOS; 0 = the model's context
+    max_prompt_length: int = 0  # prompt tokens kept when a pair is cut; 0 = max_length // 2 (TRL)
+    truncation: str = "truncate"  # truncate (module docstring rule) | drop (counted as too_long)
+    dtype: str = "float32"  # reference weights: float32 | bfloat16 | float16; log-softmax is fp32
+    batch_size: int = 64  # sequences per forward (chosen, rejected count apart), grouped by length
+    replicas: int = 1  # reference model copies (Ray Data actors) running in parallel
+    cpus_per_replica: float = 1.0  # Ray CPUs reserved per actor
+    torch_threads: int = 0  # intra-op threads per actor; 0 = cpus_per_replica (at least 1)
+    use_gpu: bool = False  # one GPU per replica
+    reference_cache: str = "auto"  # auto (reuse an equal key, else compute) | require | recompute
+    # Content-addressed store shared by all runs (sweeps, new out dirs); "" turns it off.
+    # Default: $ODPO_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache, + /offline-dpo/reference.
+    cache_dir: str | None = None
+
+
+# ---------------------------------------------------------------- pure functions (tested bare)
+
+
+def truncate_pair(
+    prompt: list[int],
+    chosen: list[int],
+    rejected: list[int],
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    bos_token_id: int | None,
+) -> tuple[list[int], list[int], list[int], bool]:
+    """Apply the module docstring's truncation rule to one tokenized pair.
+
+    Returns (prompt, chosen, rejected, was_truncated); lists are returned unchanged when they fit.
+    Requires 1 <= max_prompt_length < max_length, so every cut completion keeps >= 1 token.
+    """
+    if len(prompt) + max(len(chosen), len(rejected)) <= max_length:
+        return prompt, chosen, rejected, False
+    if len(prompt) > max_prompt_length:
+        if bos_token_id is not None and prompt and prompt[0] == bos_token_id:
+            prompt = prompt[:1] + prompt[len(prompt) - (max_prompt_length - 1):]
+        else:
+            prompt = prompt[len(prompt) - max_prompt_length:]
+    room = max_length - len(prompt)
+    return prompt, chosen[:room], rejected[:room], True
+
+
+def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
+    """Indices of `lengths` in batches of `batch_size`, longest first (the largest batch runs
+    first, so an out-of-memory shows at once), so each batch pads to a near-equal length."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def padding_fraction(lengths: Sequence[int], batches: Sequence[np.ndarray]) -> float:
+    """Share of the padded (B, T) positions that are padding, over all batches."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    padded = sum(int(lengths[b].max()) * len(b) for b in batches if len(b))
+    return 1.0 - float(lengths.sum()) / padded if padded else 0.0
+
+
+def reference_logps(model, prompt_ids, completion_ids, pad_token_id: int) -> np.ndarray:
+    """Summed completion log-probs of B sequences from one right-padded forward: (B,) float64.
+
+    The same `collate` + `trainer.logps` path as the trainer's policy (DESIGN.md, Numerics);
+    float32 log-softmax whatever the model's dtype; no autograd state.
+    """
+    import torch
+
+    from trainer.collate import collate
+    from trainer.logps import sequence_logps
+
+    t = collate(prompt_ids, completion_ids, pad_token_id)
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(
+            input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device)
+        ).logits
+        logps = sequence_logps(logits, t["labels"].to(device))
+    return logps.double().cpu().numpy()
+
+
+class ReferenceForward:
+    """Ray Data actor: loads the reference model once; each call runs `reference_logps` on every
+    length group (`batch_id`) of the batch it is given."""
+
+    def __init__(self, model: str, dtype: str, use_gpu: bool, torch_threads: int, pad_id: int):
+        self.model_path, self.pad_id, self.error = model, pad_id, None
+        try:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            from trainer.loop import disable_dropout
+
+            if torch_threads > 0:
+                torch.set_num_threads(torch_threads)
+            m = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
+            m.eval().requires_grad_(False)
+            disable_dropout(m)
+            self.model = m.to("cuda" if use_gpu else "cpu")
+        except Exception as e:  # noqa: BLE001
+            # Ray Data restarts a failing actor constructor without end (DESIGN.md): keep the
+            # error and raise it from the first batch, which fails the job with this message.
+            self.error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
+    def __call__(self, batch: dict) -> dict:
+        if self.error is not None:
+            raise UserError(f"reference model {self.model_path}: cannot load ({self.error})")
+        ids = batch["batch_id"]
+        out = np.empty(len(ids), dtype=np.float64)
+        for b in np.unique(ids):
+            sel = np.flatnonzero(ids == b)
+            out[sel] = reference_logps(
+                self.model,
+                [batch["prompt_input_ids"][i] for i in sel],
+                [batch["completion_input_ids"][i] for i in sel],
+                self.pad_id,
+            )
+        return {"seq_index": batch["seq_index"], "logps": out}
+
+
+# ---------------------------------------------------------------- cache key
+
+
+def _files_digest(root: Path, files: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(root)}:{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _local_dir(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(
+            f"{what} {path}: no such directory; the reference stage hashes the files for its "
+            f"cache key, so it needs a local checkpoint (download it first)"
+        )
+    return p.resolve()
+
+
+def weights_digest(model_dir: Path) -> str:
+    """sha256 over config.json and every weight file (and shard index) of an HF checkpoint."""
+    files = sorted(
+        f for f in model_dir.iterdir()
+        if f.is_file() and not f.name.startswith("training_args")
+        and (f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES
+             or f.name.endswith(".index.json"))
+    )
+    if not any(f.suffix in WEIGHT_SUFFIXES for f in files):
+        raise UserError(f"{model_dir}: no *.safetensors or *.bin weights in this directory")
+    return _files_digest(model_dir, files)
+
+
+def tokenizer_digest(tokenizer_dir: Path) -> str:
+    """sha256 over the tokenizer's files (tokenizer*.json, vocab, merges, sentencepiece model)."""
+    files = sorted(
+        f for f in tokenizer_dir.iterdir()
+        if f.is_file() and (f.name.startswith(TOKENIZER_PREFIXES) or f.suffix == ".model")
+    )
+    if not files:
+        raise UserError(f"{tokenizer_dir}: no tokenizer files (tokenizer.json, vocab, ...)")
+    return _files_digest(tokenizer_dir, files)
+
+
+def cache_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("ODPO_CACHE_DIR"):
+        return Path(os.environ["ODPO_CACHE_DIR"]) / "reference"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "offline-dpo" / "reference"
+
+
+def _model_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read the model config ({e})") from e
+
+
+def _context_length(config: dict) -> int | None:
+    for c in (config, config.get("text_config") or {}):
+        for k in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            if isinstance(c.get(k), int):
+                return c[k]
+    return None
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _pairs_files(pairs: Path) -> list[Path] | None:
+    """The shard files of a pairs stage dir (checked against its manifest), or None for a plain
+    file or directory without manifest."""
+    manifest = read_manifest(pairs) if pairs.is_dir() else None
+    if manifest is None:
+        return None
+    if manifest.get("stage") not in PAIR_STAGES:
+        raise UserError(
+            f"{pairs} holds '{manifest.get('stage')}' output; --pairs needs the output of "
+            f"`odpo pair` (or an import)"
+        )
+    verify_shards(pairs)
+    return [pairs / f["name"] for f in manifest["files"]]
+
+
+def _read_pairs(pairs: Path, files: list[Path] | None):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if files is None:
+        table = read_table(pairs, required=PAIR_COLUMNS)
+    else:
+        tables = [pq.read_table(f) for f in files]
+        if not tables:
+            raise UserError(f"{pairs}: the manifest lists no shards (no pairs)")
+        table = pa.concat_tables(tables, promote_options="default")
+        missing = [c for c in PAIR_COLUMNS if c not in table.column_names]
+        if missing:
+            raise UserError(f"{pairs}: missing column(s) {missing}; found {table.column_names}")
+    for c in PAIR_COLUMNS:
+        if table[c].null_count:
+            raise UserError(f"{pairs}: {table[c].null_count} row(s) with a null `{c}`")
+    # Recomputed here: ids or log-probs already in the input would be stale beside new ones.
+    return table.drop_columns([c for c in ID_COLUMNS + LOGP_COLUMNS if c in table.column_names])
+
+
+def _hit(stage_dir: Path, key: str) -> dict | None:
+    """The manifest of a complete, intact reference output under `key`, else None."""
+    manifest = read_manifest(stage_dir) if stage_dir.is_dir() else None
+    if not manifest or manifest.get("stage") != STAGE or manifest.get("cache_key") != key:
+        return None
+    try:
+        return verify_shards(stage_dir, STAGE)
+    except UserError:
+        return None
+
+
+def _check_out(out: Path, pairs: Path) -> None:
+    if out.resolve() == pairs.resolve():
+        raise UserError(f"--out {out} is the --pairs directory; choose another directory")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise UserError(f"{out} exists and holds no manifest.json; refusing to overwrite it")
+    if manifest.get("stage") != STAGE:
+        raise UserError(
+            f"{out} holds '{manifest.get('stage')}' output; refusing to overwrite it with "
+            f"'{STAGE}' (choose another directory)"
+        )
+
+
+def _copy_stage(src: Path, manifest: dict, out: Path, config: dict, extra: dict) -> dict:
+    def copy(tmp: Path) -> None:
+        for f in manifest["files"]:
+            (tmp / f["name"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / f["name"], tmp / f["name"])
+
+    return write_stage(out, STAGE, config, manifest["inputs"], copy, manifest["rows_in"],
+                       manifest["dropped"], extra)
+
+
+def _store(out: Path, entry: Path) -> None:
+    """Copy a finished output into the shared store (atomic); a failure only warns."""
+    try:
+        with atomic_dir(entry, overwrite=True) as tmp:
+            for f in out.iterdir():
+                if f.is_file():
+                    shutil.copyfile(f, tmp / f.name)
+    except OSError as e:
+        print(f"odpo reference: warning: cache store {entry} not written ({e})", file=sys.stderr)
+
+
+def _validate(cfg: ReferenceConfig) -> None:
+    for name, value, allowed in (
+        ("truncation", cfg.truncation, TRUNCATION_MODES),
+        ("dtype", cfg.dtype, DTYPES),
+        ("reference_cache", cfg.reference_cache, CACHE_MODES),
+    ):
+        if value not in allowed:
+            raise UserError(f"{name} must be one of {allowed}, got {value!r}")
+    for name in ("batch_size", "replicas"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_length < 0 or cfg.max_prompt_length < 0:
+        raise UserError("max_length and max_prompt_length must be >= 0 (0 = default)")
+
+
+def run_reference(cfg: ReferenceConfig, start_ray: Callable[[], None] | None = None) -> dict:
+    """Fill `cfg.out` with reference shards: from `out` or the store when the key is equal
+    (without loading the model), else by computing them. `start_ray` is called only when the
+    model must run. Returns a summary (`cache`: "hit" or "computed")."""
+    t0 = time.perf_counter()
+    _validate(cfg)
+    pairs = Path(cfg.pairs).absolute()
+    if not pairs.exists():
+        raise UserError(f"{cfg.pairs}: no such file or directory")
+    out = Path(cfg.out).absolute()
+    _check_out(out, pairs)
+    model_dir = _local_dir(cfg.model, "model")
+    tok_dir = _local_dir(cfg.tokenizer or cfg.model, "tokenizer")
+    model_config = _model_config(model_dir)
+    context = _context_length(model_config)
+    max_length = cfg.max_length or context
+    if not max_length:
+        raise UserError(f"{model_dir}/config.json names no context length; set --max-length")
+    if context and max_length > context:
+        raise UserError(f"max_length {max_length} exceeds the model's context of {context}")
+    max_prompt_length = cfg.max_prompt_length or max_length // 2
+    if not 1 <= max_prompt_length < max_length:
+        raise UserError(
+            f"max_prompt_length {max_prompt_length} must be in [1, max_length {max_length})"
+        )
+
+    pair_files = _pairs_files(pairs)
+    inputs = {
+        "pairs": input_digest(pairs),
+        "model": weights_digest(model_dir),
+        "tokenizer": tokenizer_digest(tok_dir),
+    }
+    key_parts = {
+        "version": CACHE_VERSION,
+        "weights": inputs["model"],
+        "tokenizer": inputs["tokenizer"],
+        "truncation": {"max_length": max_length, "max_prompt_length": max_prompt_length,
+                       "mode": cfg.truncation},
+        "dtype": cfg.dtype,
+        "pairs": inputs["pairs"],
+    }
+    key = cache_key(key_parts)
+    config = {**asdict(cfg), "pairs": str(pairs), "model": str(model_dir),
+              "tokenizer": str(tok_dir), "out": str(out)}
+    store_root = default_cache_dir() if cfg.cache_dir is None else cfg.cache_dir
+    entry = Path(store_root).absolute() / key if store_root else None
+
+    summary = {"out": str(out), "key": key}
+    if cfg.reference_cache != "recompute":
+        manifest = _hit(out, key)
+        if manifest is not None:
+            return {**summary, **_summary(manifest, t0), "cache": "hit", "source": str(out)}
+        manifest = _hit(entry, key) if entry is not None else None
+        if manifest is not None:
+            extra = {k: manifest[k] for k in ("cache_key", "key_parts", "stats")}
+            manifest = _copy_stage(entry, manifest, out, config, {**extra, "source": str(entry)})
+            return {**summary, **_summary(manifest, t0), "cache": "hit", "source": str(entry)}
+        if cfg.reference_cache == "require":
+            raise UserError(
+                f"reference cache miss (key {key[:16]}): neither {out} nor "
+                f"{entry or 'the store (off)'} holds it; rerun without "
+                f"--reference-cache=require to compute it"
+            )
+
+    if start_ray is not None:
+        start_ray()
+    manifest = _compute(cfg, pairs, pair_files, model_dir, tok_dir, model_config, out, config,
+                        inputs, max_length, max_prompt_length,
+                        {"cache_key": key, "key_parts": key_parts, "source": "computed"})
+    if entry is not None:
+        _store(out, entry)
+    return {**summary, **_summary(manifest, t0), "cache": "computed", "source": "computed"}
+
+
+def _summary(manifest: dict, t0: float) -> dict:
+    return {"pairs": manifest["rows_out"], "dropped": manifest["dropped"],
+            "stats": manifest.get("stats", {}), "seconds": time.perf_counter() - t0}
+
+
+def _tokenize(tokenizer, table, max_length, max_prompt_length, truncation, vocab_size):
+    """Tokenize every pair once and truncate: (kept row indices, prompt, chosen, rejected ids,
+    dropped counts, truncated count)."""
+    from trainer.collate import tokenize_completions
+
+    n = table.num_rows
+    # One call: each prompt once, then the chosen and the rejected completions (same rule).
+    prompt_ids, completion_ids = tokenize_completions(
+        tokenizer, table["prompt"].to_pylist(),
+        table["chosen"].to_pylist() + table["rejected"].to_pylist(),
+    ) if n else ([], [])
+    chosen_ids, rejected_ids = completion_ids[:n], completion_ids[n:]
+    bos = tokenizer.bos_token_id
+    keep, p_out, c_out, r_out = [], [], [], []
+    dropped, truncated = {"too_long": 0, "identical_ids": 0}, 0
+    for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids, strict=True)):
+        if truncation == "drop" and len(p) + max(len(c), len(r)) > max_length:
+            dropped["too_long"] += 1
+            continue
+        p, c, r, cut = truncate_pair(p, c, r, max_length=max_length,
+                                     max_prompt_length=max_prompt_length, bos_token_id=bos)
+        if c == r:
+            dropped["identical_ids"] += 1
+            continue
+        truncated += cut
+        keep.append(i)
+        p_out.append(p)
+        c_out.append(c)
+        r_out.append(r)
+    top = max((max(x) for x in p_out + c_out + r_out if x), default=-1)
+    if vocab_size and top >= vocab_size:
+        raise UserError(
+            f"the tokenizer produces id {top}, beyond the model's vocab_size {vocab_size}: "
+            f"is --tokenizer the reference model's?"
+        )
+    return keep, p_out, c_out, r_out, dropped, truncated
+
+
+def _compute(cfg, pairs, pair_files, model_dir, tok_dir, model_config, out, config, inputs,
+             max_length, max_prompt_length, extra) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    table = _read_pairs(pairs, pair_files)
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    keep, p_ids, c_ids, r_ids, dropped, truncated = _tokenize(
+        tokenizer, table, max_length, max_prompt_length, cfg.truncation,
+        model_config.get("vocab_size"),
+    )
+    # Sequence 2k is pair k's chosen, 2k + 1 its rejected; batched by length across pairs.
+    seq_prompt = [p for p in p_ids for _ in range(2)]
+    seq_completion = [x for pair in zip(c_ids, r_ids, strict=True) for x in pair]
+    lengths = [len(p) + len(c) for p, c in zip(seq_prompt, seq_completion, strict=True)]
+    batches = length_batches(lengths, cfg.batch_size)
+    logps = np.zeros(len(lengths), dtype=np.float64)
+    t_forward = time.perf_counter()
+    if lengths:
+        logps = _forward(cfg, model_dir, tokenizer, seq_prompt, seq_completion, batches)
+    forward_s = time.perf_counter() - t_forward
+
+    ids_type = pa.list_(pa.int32())
+    result = table.take(pa.array(keep, type=pa.int64()))
+    for name, values in (("prompt_input_ids", p_ids), ("chosen_input_ids", c_ids),
+                         ("rejected_input_ids", r_ids)):
+        result = result.append_column(name, pa.array(values, type=ids_type))
+    result = result.append_column("ref_chosen_logps", pa.array(logps[0::2], type=pa.float64()))
+    result = result.append_column("ref_rejected_logps", pa.array(logps[1::2], type=pa.float64()))
+
+    def write(tmp: Path) -> None:
+        for s, start in enumerate(range(0, max(result.num_rows, 1), ROWS_PER_SHARD)):
+            pq.write_table(result.slice(start, ROWS_PER_SHARD), tmp / f"part-{s:05d}.parquet")
+
+    tokens = int(sum(lengths))
+    stats = {
+        "sequences": len(lengths),
+        "tokens": tokens,
+        "truncated_pairs": truncated,
+        "padding_fraction": padding_fraction(lengths, batches),
+        "forward_s": forward_s,
+        "tokens_per_s": tokens / forward_s if forward_s > 0 else 0.0,
+    }
+    return write_stage(out, STAGE, config, inputs, write, table.num_rows,
+                       {k: v for k, v in dropped.items() if v}, {**extra, "stats": stats})
+
+
+def _forward(cfg, model_dir, tokenizer, seq_prompt, seq_completion, batches) -> np.ndarray:
+    """Run the actor pool over length-sorted sequences; log-probs back in sequence order."""
+    import pyarrow as pa
+    import ray
+
+    order = np.concatenate(batches)
+    batch_id = np.concatenate([np.full(len(b), i) for i, b in enumerate(batches)])
+    ids_type = pa.list_(pa.int32())
+    table = pa.table({
+        "seq_index": pa.array(order, type=pa.int64()),
+        "batch_id": pa.array(batch_id, type=pa.int64()),
+        "prompt_input_ids": pa.array([seq_prompt[i] for i in order], type=ids_type),
+        "completion_input_ids": pa.array([seq_completion[i] for i in order], type=ids_type),
+    })
+    # Blocks hold whole batches (Ray Data then never splits a length group across calls) and are
+    # small enough that every replica gets several.
+    per_block = max(1, min(16, math.ceil(len(batches) / (4 * cfg.replicas)))) * cfg.batch_size
+    blocks = [table.slice(i, per_block) for i in range(0, table.num_rows, per_block)]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    threads = cfg.torch_threads or max(1, int(cfg.cpus_per_replica))
+    ds = ray.data.from_arrow(blocks).map_batches(
+        ReferenceForward,
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
+        num_cpus=cfg.cpus_per_replica,
+        num_gpus=1 if cfg.use_gpu else None,
+        fn_constructor_kwargs={"model": str(model_dir), "dtype": cfg.dtype,
+                               "use_gpu": cfg.use_gpu, "torch_threads": threads,
+                               "pad_id": pad_id},
+    )
+    logps = np.zeros(len(order), dtype=np.float64)
+    filled = np.zeros(len(order), dtype=bool)
+    try:
+        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            logps[b["seq_index"]] = b["logps"]
+            filled[b["seq_index"]] = True
+    except Exception as e:
+        user = find_user_error(e)
+        if user is not None:
+            raise UserError(str(user)) from e
+        raise
+    if not filled.all():
+        raise RuntimeError(f"reference: {int((~filled).sum())} sequences got no log-prob")
+    return logps
+
