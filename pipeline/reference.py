@@ -107,6 +107,57 @@ def truncate_pair(
     return prompt, chosen[:room], rejected[:room], True
 
 
+def tokenize_pairs(
+    tokenizer,
+    prompts: Sequence[str],
+    chosen: Sequence[str],
+    rejected: Sequence[str],
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    truncation: str,
+    vocab_size: int | None = None,
+) -> tuple[list[int], list[list[int]], list[list[int]], list[list[int]], dict[str, int], int]:
+    """Tokenize every pair once (`trainer.collate.tokenize_completions`: prompt with BOS,
+    completions with EOS) and apply the truncation rule.
+
+    Returns (kept row indices, prompt ids, chosen ids, rejected ids of the kept rows,
+    dropped counts by reason, number of kept pairs that were truncated).
+    """
+    from trainer.collate import tokenize_completions
+
+    n = len(prompts)
+    # One call: each prompt once, then the chosen and the rejected completions (same rule).
+    prompt_ids, completion_ids = tokenize_completions(
+        tokenizer, list(prompts), list(chosen) + list(rejected)
+    ) if n else ([], [])
+    chosen_ids, rejected_ids = completion_ids[:n], completion_ids[n:]
+    bos = tokenizer.bos_token_id
+    keep, p_out, c_out, r_out = [], [], [], []
+    dropped, truncated = {"too_long": 0, "identical_ids": 0}, 0
+    for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids, strict=True)):
+        if truncation == "drop" and len(p) + max(len(c), len(r)) > max_length:
+            dropped["too_long"] += 1
+            continue
+        p, c, r, cut = truncate_pair(p, c, r, max_length=max_length,
+                                     max_prompt_length=max_prompt_length, bos_token_id=bos)
+        if c == r:
+            dropped["identical_ids"] += 1
+            continue
+        truncated += cut
+        keep.append(i)
+        p_out.append(p)
+        c_out.append(c)
+        r_out.append(r)
+    top = max((max(x) for x in p_out + c_out + r_out if x), default=-1)
+    if vocab_size and top >= vocab_size:
+        raise UserError(
+            f"the tokenizer produces id {top}, beyond the model's vocab_size {vocab_size}: "
+            f"is --tokenizer the reference model's?"
+        )
+    return keep, p_out, c_out, r_out, dropped, truncated
+
+
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
     """Indices of `lengths` in batches of `batch_size`, longest first (the largest batch runs
     first, so an out-of-memory shows at once), so each batch pads to a near-equal length."""
@@ -125,12 +176,15 @@ def reference_logps(model, prompt_ids, completion_ids, pad_token_id: int) -> np.
     """Summed completion log-probs of B sequences from one right-padded forward: (B,) float64.
 
     The same `collate` + `trainer.logps` path as the trainer's policy (DESIGN.md, Numerics);
-    float32 log-softmax whatever the model's dtype; no autograd state.
+    float32 log-softmax whatever the model's dtype; no autograd state. The per-token float32
+    log-probs are summed in float64: a float32 sum of ~30 tokens near -140 is off by ~1.5e-5
+    (its last bit) and its rounding depends on the padded width; the float64 sum is
+    batch-independent and is what the float64 column can hold.
     """
     import torch
 
     from trainer.collate import collate
-    from trainer.logps import sequence_logps
+    from trainer.logps import per_token_logps
 
     t = collate(prompt_ids, completion_ids, pad_token_id)
     device = next(model.parameters()).device
@@ -138,8 +192,8 @@ def reference_logps(model, prompt_ids, completion_ids, pad_token_id: int) -> np.
         logits = model(
             input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device)
         ).logits
-        logps = sequence_logps(logits, t["labels"].to(device))
-    return logps.double().cpu().numpy()
+        token_logps, _ = per_token_logps(logits, t["labels"].to(device))  # masked: 0 off-target
+    return token_logps.double().sum(-1).cpu().numpy()
 
 
 class ReferenceForward:
@@ -432,44 +486,6 @@ def _summary(manifest: dict, t0: float) -> dict:
             "stats": manifest.get("stats", {}), "seconds": time.perf_counter() - t0}
 
 
-def _tokenize(tokenizer, table, max_length, max_prompt_length, truncation, vocab_size):
-    """Tokenize every pair once and truncate: (kept row indices, prompt, chosen, rejected ids,
-    dropped counts, truncated count)."""
-    from trainer.collate import tokenize_completions
-
-    n = table.num_rows
-    # One call: each prompt once, then the chosen and the rejected completions (same rule).
-    prompt_ids, completion_ids = tokenize_completions(
-        tokenizer, table["prompt"].to_pylist(),
-        table["chosen"].to_pylist() + table["rejected"].to_pylist(),
-    ) if n else ([], [])
-    chosen_ids, rejected_ids = completion_ids[:n], completion_ids[n:]
-    bos = tokenizer.bos_token_id
-    keep, p_out, c_out, r_out = [], [], [], []
-    dropped, truncated = {"too_long": 0, "identical_ids": 0}, 0
-    for i, (p, c, r) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids, strict=True)):
-        if truncation == "drop" and len(p) + max(len(c), len(r)) > max_length:
-            dropped["too_long"] += 1
-            continue
-        p, c, r, cut = truncate_pair(p, c, r, max_length=max_length,
-                                     max_prompt_length=max_prompt_length, bos_token_id=bos)
-        if c == r:
-            dropped["identical_ids"] += 1
-            continue
-        truncated += cut
-        keep.append(i)
-        p_out.append(p)
-        c_out.append(c)
-        r_out.append(r)
-    top = max((max(x) for x in p_out + c_out + r_out if x), default=-1)
-    if vocab_size and top >= vocab_size:
-        raise UserError(
-            f"the tokenizer produces id {top}, beyond the model's vocab_size {vocab_size}: "
-            f"is --tokenizer the reference model's?"
-        )
-    return keep, p_out, c_out, r_out, dropped, truncated
-
-
 def _compute(cfg, pairs, pair_files, model_dir, tok_dir, model_config, out, config, inputs,
              max_length, max_prompt_length, extra) -> dict:
     import pyarrow as pa
@@ -478,9 +494,11 @@ def _compute(cfg, pairs, pair_files, model_dir, tok_dir, model_config, out, conf
 
     table = _read_pairs(pairs, pair_files)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    keep, p_ids, c_ids, r_ids, dropped, truncated = _tokenize(
-        tokenizer, table, max_length, max_prompt_length, cfg.truncation,
-        model_config.get("vocab_size"),
+    keep, p_ids, c_ids, r_ids, dropped, truncated = tokenize_pairs(
+        tokenizer, table["prompt"].to_pylist(), table["chosen"].to_pylist(),
+        table["rejected"].to_pylist(), max_length=max_length,
+        max_prompt_length=max_prompt_length, truncation=cfg.truncation,
+        vocab_size=model_config.get("vocab_size"),
     )
     # Sequence 2k is pair k's chosen, 2k + 1 its rejected; batched by length across pairs.
     seq_prompt = [p for p in p_ids for _ in range(2)]

@@ -1,0 +1,371 @@
+"""`odpo reference` against an independent `transformers` forward and hand-derived truncation, and
+the cache's promises: an equal key finishes without loading the model, any change recomputes."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs.cli import main
+from pipeline.manifest import read_manifest, write_stage
+from pipeline.reference import (
+    length_batches,
+    padding_fraction,
+    reference_logps,
+    tokenize_pairs,
+    tokenizer_digest,
+    truncate_pair,
+    weights_digest,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_LENGTH, MAX_PROMPT = 20, 10  # small enough that the special rows below need cutting
+
+
+def _wrong(answer: str) -> str:
+    return answer[:-1] + str((int(answer[-1]) + 1) % 10)
+
+
+def _char_ids(tok, text: str) -> list[int]:
+    """The toy tokenizer is one token per character: ids by hand, not via the project's code."""
+    return tok.convert_tokens_to_ids(list(text))
+
+
+def _plain_logp(model, prompt_ids, completion_ids) -> float:
+    """Summed completion log-prob of one unpadded sequence: plain forward, float32 log-softmax."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([list(prompt_ids) + list(completion_ids)])).logits
+    logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+    n = len(prompt_ids)
+    return sum(float(logprobs[n + j - 1, t]) for j, t in enumerate(completion_ids))
+
+
+def _load(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+
+
+# ------------------------------------------------------------------ pure functions, no Ray
+
+
+def test_truncate_pair_rule_by_hand():
+    kw = {"max_length": 6, "max_prompt_length": 3, "bos_token_id": 1}
+    # Fits (3 + 3 <= 6): untouched.
+    assert truncate_pair([1, 10, 11], [20, 2], [21, 22, 2], **kw) == (
+        [1, 10, 11], [20, 2], [21, 22, 2], False)
+    # Prompt within max_prompt_length: only completions keep their first 6 - 3 tokens.
+    assert truncate_pair([1, 10, 11], [20, 21, 22, 23, 2], [30, 2], **kw) == (
+        [1, 10, 11], [20, 21, 22], [30, 2], True)
+    # Prompt too long: BOS + its last 2 tokens, then completions keep 3.
+    assert truncate_pair([1, 10, 11, 12, 13, 14], [20, 2], [30, 31, 32, 2], **kw) == (
+        [1, 13, 14], [20, 2], [30, 31, 32], True)
+    # No BOS in front: the last 3 prompt tokens.
+    assert truncate_pair([10, 11, 12, 13, 14], [20, 2], [30, 31, 32, 2], **kw)[0] == [12, 13, 14]
+
+
+def test_tokenize_pairs_counts_drops_and_cuts(toy_tokenizer):
+    tok = toy_tokenizer
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    prompts = ["1+2=", "5+5=", "5+6=", "please add: 12+34="]
+    chosen = ["3", "10", "1" * 20, "46"]
+    rejected = ["4", "10" + "9" * 20, "1" * 21, "47"]
+    kw = {"max_length": MAX_LENGTH, "max_prompt_length": MAX_PROMPT}
+    keep, p, c, r, dropped, cut = tokenize_pairs(tok, prompts, chosen, rejected,
+                                                 truncation="truncate", **kw)
+    assert keep == [0, 1, 3] and dropped == {"too_long": 0, "identical_ids": 1} and cut == 2
+    assert p[0] == [bos] + _char_ids(tok, "1+2=") and c[0] == _char_ids(tok, "3") + [eos]
+    # Row 1: prompt (5 tokens) fits max_prompt_length; completions keep their first 15.
+    assert p[1] == [bos] + _char_ids(tok, "5+5=")
+    assert c[1] == _char_ids(tok, "10") + [eos] and r[1] == _char_ids(tok, ("10" + "9" * 20)[:15])
+    # Row 3: 19-token prompt -> BOS + last 9 characters.
+    assert p[2] == [bos] + _char_ids(tok, "d: 12+34=") and r[2] == _char_ids(tok, "47") + [eos]
+    keep, *_, dropped, cut = tokenize_pairs(tok, prompts, chosen, rejected, truncation="drop",
+                                            **kw)
+    assert keep == [0] and dropped == {"too_long": 3, "identical_ids": 0} and cut == 0
+
+
+def test_length_batches_and_padding_fraction():
+    lengths = [3, 9, 5, 9, 1]
+    batches = length_batches(lengths, 2)
+    assert [b.tolist() for b in batches] == [[1, 3], [2, 0], [4]]
+    # Padded widths 9*2 + 5*2 + 1*1 = 29 positions for 27 tokens.
+    assert padding_fraction(lengths, batches) == pytest.approx(1 - 27 / 29)
+
+
+def test_reference_logps_equal_plain_forward_any_batching(toy_model_dir, toy_tokenizer):
+    """Batch size 1 and one big mixed-length batch both equal the plain unpadded forward."""
+    model = _load(toy_model_dir)
+    rng = np.random.default_rng(0)
+    tok = toy_tokenizer
+    prompts, completions = [], []
+    for _ in range(40):
+        prompts.append([tok.bos_token_id] + rng.integers(4, 99, rng.integers(2, 30)).tolist())
+        completions.append(rng.integers(4, 99, rng.integers(1, 30)).tolist() + [tok.eos_token_id])
+    plain = np.array([_plain_logp(model, p, c) for p, c in zip(prompts, completions, strict=True)])
+    big = reference_logps(model, prompts, completions, tok.pad_token_id)
+    one = np.array([reference_logps(model, [p], [c], tok.pad_token_id)[0]
+                    for p, c in zip(prompts, completions, strict=True)])
+    assert big.dtype == np.float64 and plain.min() < -100  # long sums, where fp32 rounding shows
+    np.testing.assert_allclose(big, plain, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(one, plain, rtol=0, atol=1e-5)
+
+
+def test_digests_follow_weights_and_tokenizer(toy_model_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(toy_model_dir, model)
+    w, t = weights_digest(model), tokenizer_digest(model)
+    (model / "README.md").write_text("notes do not change the model")
+    assert weights_digest(model) == w and tokenizer_digest(model) == t
+    _nudge_one_weight(model)
+    assert weights_digest(model) != w and tokenizer_digest(model) == t
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["model_max_length"] = 123
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert tokenizer_digest(model) != t
+
+
+def _nudge_one_weight(model_dir: Path) -> None:
+    """Change one number of the checkpoint: the EOS row of the output head, read by every pair."""
+    from safetensors.torch import load_file, save_file
+
+    path = model_dir / "model.safetensors"
+    state = load_file(path)
+    state["lm_head.weight"][2, 0] += 0.5  # toy vocab: <pad>=0, <bos>=1, <eos>=2
+    save_file(state, path, metadata={"format": "pt"})
+
+
+# ------------------------------------------------------------------ the stage, on real Ray
+
+
+def _pair_rows(toy_data_dir):
+    rows = pq.read_table(toy_data_dir / "prompts.parquet").slice(0, 24).to_pylist()
+    # Rejected answers padded with 0..4 zeros: mixed lengths within one prompt length.
+    out = [{"prompt": r["prompt"], "chosen": r["answer"], "answer": r["answer"],
+            "rejected": _wrong(r["answer"]) + "0" * (i % 5)} for i, r in enumerate(rows)]
+    # Rows that the rule must cut (prompt / rejected) and one that becomes a tie after the cut.
+    out += [
+        {"prompt": "please add: 12+34=", "chosen": "46", "rejected": "47", "answer": "46"},
+        {"prompt": "5+5=", "chosen": "10", "rejected": "10" + "9" * 20, "answer": "10"},
+        {"prompt": "5+6=", "chosen": "1" * 20, "rejected": "1" * 21, "answer": "11"},
+    ]
+    for i, r in enumerate(out):
+        r.update({"prompt_id": f"p{i:03d}", "chosen_score": 1.0, "rejected_score": 0.0, "round": 0})
+    return out
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(toy_data_dir, tmp_path_factory):
+    rows = _pair_rows(toy_data_dir)
+    table = pa.Table.from_pylist(rows)
+    out = tmp_path_factory.mktemp("pairs") / "pairs"
+    write_stage(out, "pair", {"test": True}, {}, lambda d: pq.write_table(
+        table, d / "part-00000.parquet"), rows_in=len(rows), dropped={})
+    return out
+
+
+def _args(pairs, model, out, cache, *extra):
+    return ["reference", "--pairs", str(pairs), "--model", str(model), "--out", str(out),
+            "--cache-dir", str(cache), "--max-length", str(MAX_LENGTH), "--max-prompt-length",
+            str(MAX_PROMPT), *extra]
+
+
+@pytest.fixture(scope="module")
+def computed(ray_local, pairs_dir, toy_model_dir, tmp_path_factory):
+    """One real run: one big mixed-length batch of all 52 sequences."""
+    root = tmp_path_factory.mktemp("reference")
+    out, cache = root / "out", root / "cache"
+    assert main(_args(pairs_dir, toy_model_dir, out, cache, "--batch-size", "64")) == 0
+    return {"out": out, "cache": cache, "root": root}
+
+
+def _read(out):
+    return pq.read_table(sorted(Path(out).glob("*.parquet"))).to_pylist()
+
+
+@pytest.mark.slow
+def test_stage_values_ids_and_manifest(computed, toy_model_dir, toy_tokenizer, toy_data_dir):
+    tok = toy_tokenizer
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    manifest = read_manifest(computed["out"])
+    assert manifest["stage"] == "reference" and manifest["rows_in"] == 27
+    assert manifest["rows_out"] == 26 and manifest["dropped"] == {"identical_ids": 1}
+    assert manifest["stats"]["truncated_pairs"] == 2
+    schema = pq.read_schema(sorted(computed["out"].glob("*.parquet"))[0])
+    for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
+        assert schema.field(c).type == pa.list_(pa.int32())
+    for c in ("ref_chosen_logps", "ref_rejected_logps"):
+        assert schema.field(c).type == pa.float64()
+
+    rows = _read(computed["out"])
+    expected = _pair_rows(toy_data_dir)[:26]
+    assert [r["prompt_id"] for r in rows] == [e["prompt_id"] for e in expected]  # order kept
+    for r, e in zip(rows[:24], expected[:24], strict=True):  # fit: plain tokenization, BOS / EOS
+        assert r["answer"] == e["answer"] and r["round"] == 0
+        assert r["prompt_input_ids"] == [bos] + _char_ids(tok, e["prompt"])
+        assert r["chosen_input_ids"] == _char_ids(tok, e["chosen"]) + [eos]
+        assert r["rejected_input_ids"] == _char_ids(tok, e["rejected"]) + [eos]
+    assert rows[24]["prompt_input_ids"] == [bos] + _char_ids(tok, "d: 12+34=")
+    assert rows[25]["rejected_input_ids"] == _char_ids(tok, ("10" + "9" * 20)[:15])
+
+    model = _load(toy_model_dir)
+    for r in rows:
+        for side in ("chosen", "rejected"):
+            plain = _plain_logp(model, r["prompt_input_ids"], r[f"{side}_input_ids"])
+            assert r[f"ref_{side}_logps"] == pytest.approx(plain, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_batch_size_one_equals_big_batch(computed, pairs_dir, toy_model_dir):
+    out = computed["root"] / "bs1"
+    assert main(_args(pairs_dir, toy_model_dir, out, computed["cache"], "--batch-size", "1",
+                      "--replicas", "2", "--reference-cache", "recompute")) == 0
+    big, one = _read(computed["out"]), _read(out)
+    for side in ("ref_chosen_logps", "ref_rejected_logps"):
+        np.testing.assert_allclose([r[side] for r in one], [r[side] for r in big], atol=1e-5)
+
+
+def _run_isolated(argv) -> dict:
+    """`odpo` in a fresh interpreter; reports what that process loaded. A model is loaded either
+    here, which imports its `transformers` modeling module, or in a Ray actor, which needs this
+    process to start Ray (the CLI's embedded default): both are observed after the run."""
+    code = (
+        "import json, sys\n"
+        "from jobs.cli import main\n"
+        f"rc = main({argv!r})\n"
+        "import ray\n"
+        "mods = [m for m in sys.modules if m.startswith('transformers.models.')"
+        " and '.modeling_' in m]\n"
+        "print(json.dumps({'rc': rc, 'ray': ray.is_initialized(), 'modeling': mods}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    return {**json.loads(lines[-1]), "line": lines[-2] if len(lines) > 1 else "",
+            "stderr": proc.stderr}
+
+
+@pytest.mark.slow
+def test_equal_key_finishes_without_loading_the_model(computed, pairs_dir, toy_model_dir):
+    key = read_manifest(computed["out"])["cache_key"]
+    stored = (computed["cache"] / key / "part-00000.parquet").read_bytes()
+    same = _run_isolated(_args(pairs_dir, toy_model_dir, computed["out"], computed["cache"]))
+    assert same["rc"] == 0 and "cache hit" in same["line"], same
+    assert not same["ray"] and same["modeling"] == []
+    assert float(same["line"].split(" in ")[-1].split("s ")[0]) < 5  # seconds, by the stage
+    # A beta sweep: each run asks for its own output dir; the store fills it, still no model.
+    for beta in ("0.1", "0.3"):
+        out = computed["root"] / f"sweep-beta{beta}"
+        r = _run_isolated(_args(pairs_dir, toy_model_dir, out, computed["cache"],
+                                "--reference-cache", "require"))
+        assert r["rc"] == 0 and "cache hit" in r["line"] and not r["ray"] and not r["modeling"]
+        assert (out / "part-00000.parquet").read_bytes() == stored
+        assert read_manifest(out)["cache_key"] == key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("change", [
+    ["--dtype", "bfloat16"],
+    ["--max-length", "24"],
+    ["--max-prompt-length", "8"],
+    ["--truncation", "drop"],
+    "tokenizer",
+    "pairs",
+])
+def test_any_key_change_misses_under_require(computed, pairs_dir, toy_model_dir, tmp_path,
+                                             capsys, change):
+    pairs, extra = pairs_dir, list(change) if isinstance(change, list) else []
+    if change == "tokenizer":
+        tok_dir = tmp_path / "tok"
+        shutil.copytree(toy_model_dir, tok_dir)
+        cfg = json.loads((tok_dir / "tokenizer_config.json").read_text())
+        cfg["model_max_length"] = 99
+        (tok_dir / "tokenizer_config.json").write_text(json.dumps(cfg))
+        extra = ["--tokenizer", str(tok_dir)]
+    if change == "pairs":
+        rows = _read(pairs_dir)
+        rows[0]["chosen_score"] = 0.9  # any content change, even in a passthrough column
+        pairs = tmp_path / "pairs"
+        table = pa.Table.from_pylist(rows)
+        write_stage(pairs, "pair", {}, {}, lambda d: pq.write_table(
+            table, d / "part-00000.parquet"), rows_in=len(rows), dropped={})
+    capsys.readouterr()
+    rc = main(_args(pairs, toy_model_dir, computed["out"], computed["cache"], *extra,
+                    "--reference-cache", "require"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "reference cache miss" in err and err.count("\n") == 1, err
+    assert read_manifest(computed["out"])["stage"] == "reference"  # left as it was
+
+
+@pytest.mark.slow
+def test_one_changed_weight_recomputes(computed, pairs_dir, toy_model_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(toy_model_dir, model_dir)
+    _nudge_one_weight(model_dir)
+    out = tmp_path / "out"
+    shutil.copytree(computed["out"], out)  # holds the old model's values under the old key
+    assert main(_args(pairs_dir, model_dir, out, computed["cache"])) == 0
+    manifest = read_manifest(out)
+    assert manifest["source"] == "computed"
+    assert manifest["cache_key"] != read_manifest(computed["out"])["cache_key"]
+    old, new = _read(computed["out"]), _read(out)
+    model = _load(model_dir)
+    for r in new:
+        plain = _plain_logp(model, r["prompt_input_ids"], r["chosen_input_ids"])
+        assert r["ref_chosen_logps"] == pytest.approx(plain, abs=1e-5)
+    moved = [abs(r["ref_chosen_logps"] - o["ref_chosen_logps"])
+             for o, r in zip(old, new, strict=True)]
+    assert max(moved) > 1e-2  # the old values were not kept
+
+
+@pytest.mark.slow
+def test_unloadable_model_fails_fast_with_its_error(ray_local, pairs_dir, toy_model_dir, tmp_path,
+                                                    capsys):
+    model_dir = tmp_path / "broken"
+    shutil.copytree(toy_model_dir, model_dir)
+    (model_dir / "model.safetensors").write_bytes(b"not a safetensors file")
+    rc = main(_args(pairs_dir, model_dir, tmp_path / "out", tmp_path / "cache"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot load" in err and "SafetensorError" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_refuses_wrong_inputs_and_outputs(pairs_dir, toy_model_dir, tmp_path, capsys):
+    other = tmp_path / "samples"
+    write_stage(other, "sample", {}, {}, lambda d: pq.write_table(
+        pa.table({"prompt": ["1+1="]}), d / "part-00000.parquet"), rows_in=1, dropped={})
+    for argv, msg in (
+        (_args(other, toy_model_dir, tmp_path / "o1", tmp_path / "c"), "holds 'sample' output"),
+        (_args(pairs_dir, toy_model_dir, other, tmp_path / "c"), "refusing to overwrite"),
+        (_args(pairs_dir, tmp_path / "nope", tmp_path / "o2", tmp_path / "c"), "no such dir"),
+        (_args(pairs_dir, toy_model_dir, tmp_path / "o3", tmp_path / "c", "--max-length", "99"),
+         "exceeds the model's context of 64"),
+        (_args(pairs_dir, toy_model_dir, tmp_path / "o4", tmp_path / "c", "--dtype", "fp8"),
+         "dtype must be one of"),
+    ):
+        assert main(argv) == 2
+        assert msg in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_trainer_reads_the_shards_and_starts_at_ln2(computed, toy_model_dir, toy_tokenizer):
+    """The trainer's own step on the stored ids, with policy == reference: every logit is 0."""
+    from trainer.dpo import check_reference_shards
+    from trainer.loop import dpo_step_loss
+
+    check_reference_shards(str(computed["out"]))
+    table = pq.read_table(sorted(computed["out"].glob("*.parquet")))
+    batch = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+    cfg = {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "alpha": 0.0}
+    loss, metrics = dpo_step_loss(_load(toy_model_dir), batch, toy_tokenizer.pad_token_id, cfg)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
+    assert metrics["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
