@@ -8,7 +8,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from jobs.config import add_dataclass_args, from_args
 from pipeline.io import UserError
@@ -23,20 +22,10 @@ def _cmd_toy_init(args) -> None:
 
 
 def _cmd_toy_data(args) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from pipeline.toy import write_task_data
 
-    from pipeline.io import atomic_dir
-    from pipeline.tasks import addition
-
-    out = Path(args.out)
-    with atomic_dir(out, overwrite=args.overwrite) as tmp:
-        for name, rows in (
-            ("sft", addition.sft_data(args.sft_rows, seed=args.seed)),
-            ("prompts", addition.prompts(args.prompts, seed=args.seed + 1)),
-            ("heldout", addition.heldout(args.heldout, seed=args.seed + 2)),
-        ):
-            pq.write_table(pa.Table.from_pylist(rows), tmp / f"{name}.parquet")
+    out = write_task_data(args.out, args.sft_rows, args.prompts, args.heldout, args.seed,
+                          overwrite=args.overwrite)
     print(
         f"addition data in {out}: sft.parquet ({args.sft_rows} rows), prompts.parquet "
         f"({args.prompts}), heldout.parquet ({args.heldout}; disjoint from the others)"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.io import UserError
 
-_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}
 
 
 def _field_kind(f: dataclasses.Field) -> tuple[str, bool]:
@@ -34,6 +34,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -
             add_dataclass_args(parser, sub, prefix=f"{prefix}{f.name}.")
             continue
         kind, _ = _field_kind(f)
+        if kind == "dict":  # a section of another entry point's config: YAML only
+            continue
         flag = "--" + (prefix + f.name).replace(".", "-").replace("_", "-")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (

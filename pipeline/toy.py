@@ -87,3 +87,28 @@ def init_toy_model(cfg: ToyConfig) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     return Path(cfg.out)
+
+
+def write_task_data(
+    out: str | Path,
+    sft_rows: int = 150_000,
+    prompts: int = 2048,
+    heldout: int = 500,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """The addition task's sft / prompts / heldout Parquet files (held-out split disjoint)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.io import atomic_dir
+    from pipeline.tasks import addition
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        for name, rows in (
+            ("sft", addition.sft_data(sft_rows, seed=seed)),
+            ("prompts", addition.prompts(prompts, seed=seed + 1)),
+            ("heldout", addition.heldout(heldout, seed=seed + 2)),
+        ):
+            pq.write_table(pa.Table.from_pylist(rows), Path(tmp) / f"{name}.parquet")
+    return Path(out)
