@@ -181,3 +181,45 @@ def test_refuses_shards_without_reference_columns(ray_local, policy_dir, tmp_pat
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "odpo reference" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_resume_after_crash_continues_the_same_run(ray_local, cached_run, policy_dir,
+                                                   ref_shards, tmp_path):
+    """Kill `odpo train` (driver, its Ray and workers) after a checkpoint; the same command
+    resumes from it and finishes with the losses of the uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "crash"
+    args = ["train", "--model", policy_dir, "--data", str(ref_shards), "--out", str(out),
+            "--beta", str(BETA), "--alpha", str(ALPHA), "--lr", "5e-4", "--lr-schedule",
+            "constant", "--batch-size", "16", "--log-every", "1", "--epochs", "6",
+            "--max-steps", "24", "--save-every", "4"]
+    # The killed driver joins the session's Ray, so the kill takes its Train controller and
+    # workers down with it (they are owned by the driver) while the cluster stays up.
+    address = ray_local.get_runtime_context().gcs_address
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args, "--address", address],
+                            start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if list((out / "ray" / "dpo").glob("checkpoint_*/trainer_state.pt")):
+                time.sleep(1.0)
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "training finished before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "model").exists()
+
+    assert main(args) == 0
+    resumed = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in resumed] == list(range(24))
+    _, uninterrupted = cached_run
+    for a, b in zip(uninterrupted, resumed, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])

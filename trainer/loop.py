@@ -148,6 +148,14 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line, or None for a line a crash left half-written."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class _Logger:
     """Rank 0's metrics sink: one JSON line per logging step plus TensorBoard scalars."""
 
@@ -161,7 +169,7 @@ class _Logger:
             kept = [
                 line
                 for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] < resume_step
+                if _step_of(line) is not None and _step_of(line) < resume_step
             ]
             self.path.write_text("".join(line + "\n" for line in kept))
         from tensorboardX import SummaryWriter
