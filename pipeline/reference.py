@@ -409,8 +409,9 @@ def _validate(cfg: ReferenceConfig) -> None:
 
 def run_reference(cfg: ReferenceConfig, start_ray: Callable[[], None] | None = None) -> dict:
     """Fill `cfg.out` with reference shards: from `out` or the store when the key is equal
-    (without loading the model), else by computing them. `start_ray` is called only when the
-    model must run. Returns a summary (`cache`: "hit" or "computed")."""
+    (without loading the model), else by computing them. `start_ray` (e.g. `lambda:
+    jobs.runtime.init_ray(address)`) is called only when the model must run; without it Ray
+    must already be up. Returns a summary (`cache`: "hit" or "computed")."""
     t0 = time.perf_counter()
     _validate(cfg)
     pairs = Path(cfg.pairs).absolute()
@@ -473,6 +474,10 @@ def run_reference(cfg: ReferenceConfig, start_ray: Callable[[], None] | None = N
 
     if start_ray is not None:
         start_ray()
+    import ray
+
+    if not ray.is_initialized():  # Ray Data's implicit ray.init() may join a stale cluster
+        raise RuntimeError("run_reference needs Ray: start it first or pass start_ray")
     manifest = _compute(cfg, pairs, pair_files, model_dir, tok_dir, model_config, out, config,
                         inputs, max_length, max_prompt_length,
                         {"cache_key": key, "key_parts": key_parts, "source": "computed"})
