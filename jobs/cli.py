@@ -97,9 +97,64 @@ def _cmd_reference(args) -> None:
     print(line + f", in {s['seconds']:.1f}s (key {s['key'][:16]}) -> {s['out']}")
 
 
+def _dropped(d: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items()) or "none"
+
+
+def _cmd_sample(args) -> None:
+    from jobs.runtime import init_ray
+    from pipeline.sample import SampleConfig, run_sample
+
+    cfg = from_args(SampleConfig, args)
+    s = run_sample(cfg, start_ray=lambda: init_ray(args.address))  # no Ray for a skip
+    line = (f"sample: {s['prompts']} prompts -> {s['samples']} samples ({s['prompts_sampled']} "
+            f"prompts x k={cfg.k}; dropped prompts: {_dropped(s['dropped'])})")
+    if s["skipped"]:
+        line += ", skipped: up to date"
+    else:
+        st = s["stats"]
+        line += (f", {st.get('samples_per_s', 0):.1f} samples/s, "
+                 f"{st.get('response_tokens_per_s', 0):.0f} tokens/s")
+    print(line + f", in {s['seconds']:.1f}s -> {s['out']}")
+
+
+def _cmd_score(args) -> None:
+    from jobs.runtime import init_ray
+    from pipeline.score import ScoreConfig, run_score
+
+    cfg = from_args(ScoreConfig, args)
+    s = run_score(cfg, start_ray=lambda: init_ray(args.address))
+    st = s["stats"]
+    line = (f"score: {s['samples']} samples -> {s['scored']} scored (dropped: "
+            f"{_dropped(s['dropped'])})")
+    if "mean_score" in st and st["mean_score"] is not None:
+        line += f", mean score {st['mean_score']:.4f}"
+    if "share_correct" in st:
+        line += f" (share correct {st['share_correct']:.4f})"
+    if s["skipped"]:
+        line += ", skipped: up to date"
+    print(line + f", in {s['seconds']:.1f}s -> {s['out']}")
+
+
+def _cmd_pair(args) -> None:
+    from jobs.runtime import init_ray
+    from pipeline.pair import PairConfig, run_pair
+
+    cfg = from_args(PairConfig, args)
+    s = run_pair(cfg, start_ray=lambda: init_ray(args.address))
+    line = (f"pair ({cfg.mode}): {s['prompts']} prompts -> {s['pairs']} pairs from "
+            f"{s['prompts_paired']} prompts (dropped prompts: {_dropped(s['dropped'])})")
+    if s["skipped"]:
+        line += ", skipped: up to date"
+    print(line + f", in {s['seconds']:.1f}s -> {s['out']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.evaluate import EvalConfig
+    from pipeline.pair import PairConfig
     from pipeline.reference import ReferenceConfig
+    from pipeline.sample import SampleConfig
+    from pipeline.score import ScoreConfig
     from pipeline.toy import ToyConfig
     from trainer.dpo import DPOConfig
     from trainer.sft import SFTConfig
@@ -129,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", EvalConfig, _cmd_eval, "greedy and sampled task reward on held-out prompts"),
         ("reference", ReferenceConfig, _cmd_reference,
          "tokenize pairs once and compute (or reuse) the reference log-probs"),
+        ("sample", SampleConfig, _cmd_sample, "K responses per prompt from vLLM on Ray Data"),
+        ("score", ScoreConfig, _cmd_score, "score samples: verifier, reward model or function"),
+        ("pair", PairConfig, _cmd_pair, "group scored samples by prompt into preference pairs"),
     ):
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", help="YAML file of config keys (flags override it)")

@@ -121,11 +121,16 @@ def write_stage(
     rows_in: int,
     dropped: dict[str, int],
     extra: dict | None = None,
+    rows_kept: int | None = None,
 ) -> dict:
     """Run `write_shards(tmp_dir)` into a temporary directory, then write the manifest and rename.
 
     `write_shards` writes Parquet files into the directory it is given. Raises if
     rows_in != rows_out + sum(dropped): no stage loses rows silently.
+
+    A stage whose output rows are not one per kept input row (`sample` writes k samples per
+    prompt, `pair` any number of pairs per prompt) passes `rows_kept`, the input rows that
+    produced output; the check is then rows_in == rows_kept + sum(dropped).
     """
     import pyarrow.parquet as pq
 
@@ -141,10 +146,10 @@ def write_stage(
                 }
             )
         rows_out = sum(f["rows"] for f in files)
-        if rows_in != rows_out + sum(dropped.values()):
-            raise RuntimeError(
-                f"{stage}: rows in {rows_in} != rows out {rows_out} + dropped {dropped}"
-            )
+        kept = rows_out if rows_kept is None else rows_kept
+        if rows_in != kept + sum(dropped.values()):
+            what = "rows out" if rows_kept is None else "rows kept"
+            raise RuntimeError(f"{stage}: rows in {rows_in} != {what} {kept} + dropped {dropped}")
         manifest = {
             "stage": stage,
             "config": _jsonable(config),
@@ -152,6 +157,7 @@ def write_stage(
             "code_version": code_version(),
             "rows_in": rows_in,
             "rows_out": rows_out,
+            **({} if rows_kept is None else {"rows_kept": rows_kept}),
             "dropped": dict(sorted(dropped.items())),
             "files": files,
             **(extra or {}),

@@ -60,3 +60,41 @@ def sft_run(ray_local, toy_model_dir, toy_data_dir, tmp_path_factory):
                "--eval-samples", "2"])
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def sample_prompts(toy_data_dir, tmp_path_factory):
+    """16 addition prompts plus one empty, one longer than the toy's 64-token context and one
+    repeat of the first: 19 rows, of which 16 can be sampled."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(toy_data_dir / "prompts.parquet").to_pylist()[:16]
+    rows += [{"prompt": "", "answer": "0"}, {"prompt": "1+" * 40 + "1=", "answer": "41"},
+             dict(rows[0])]
+    path = tmp_path_factory.mktemp("prompts") / "prompts.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sample_run(ray_local, sft_run, sample_prompts, tmp_path_factory):
+    """One real `odpo sample` (vLLM on CPU in a Ray Data actor): 16 prompts x k=4 from the
+    tests' SFT model. Returns the stage directory."""
+    from jobs.cli import main
+
+    out = tmp_path_factory.mktemp("stages") / "samples"
+    assert main(["sample", "--model", str(sft_run / "model"), "--prompts", str(sample_prompts),
+                 "--out", str(out), "--k", "4", "--max-tokens", "8", "--seed", "3"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def score_run(sample_run):
+    """`odpo score` of `sample_run` with the built-in exact-answer verifier."""
+    from jobs.cli import main
+
+    out = sample_run.parent / "scored"
+    assert main(["score", "--samples", str(sample_run), "--out", str(out),
+                 "--scorer", "exact"]) == 0
+    return out

@@ -1,0 +1,302 @@
+"""`odpo pair`: group scored samples by prompt and build (chosen, rejected) preference pairs.
+
+Modes (a keyword and one `if`):
+  best_worst         the highest- and the lowest-scored response of each prompt (ties on score
+                     go to the lower `sample_index`).
+  correct_incorrect  pairs of a correct (score >= correct_threshold) and an incorrect response,
+                     up to `max_pairs_per_prompt` of them, as in Iterative RPO (Pang et al. 2024).
+Within a prompt, responses with the same text count once (the lowest `sample_index` stands for
+them): a repeated pair would only re-weight the data. A pair needs chosen_score - rejected_score
+>= min_margin, and > 0.
+
+Every prompt either yields pairs or is dropped with one reason, counted in the manifest:
+  tie            best_worst: the best and the worst score are equal (all responses scored alike)
+  no_correct     correct_incorrect: no response reaches correct_threshold
+  no_incorrect   correct_incorrect: every response does
+  below_margin   no pair reaches min_margin
+The manifest counts prompts in / kept / dropped (rows_in == rows_kept + dropped) and pairs out.
+
+Output columns (TRL's preference format plus provenance): `prompt_id`, `prompt`, `chosen`,
+`rejected`, `chosen_score`, `rejected_score`, `round`, `chosen_sample_index`,
+`rejected_sample_index`, then the prompt's metadata columns (e.g. `answer`, taken from its
+first sample). Rows are ordered by (prompt_id, chosen_sample_index, rejected_sample_index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.engine import request_seed
+from pipeline.io import UserError, find_user_error, read_ray_dataset, resolve_path
+from pipeline.manifest import input_digest, is_current, read_manifest, verify_shards, write_stage
+
+STAGE = "pair"
+SCORE_STAGE = "score"
+MODES = ("best_worst", "correct_incorrect")
+# A sample's own columns; the others are the prompt's and are carried into its pairs.
+SAMPLE_ONLY = ("response", "sample_index", "finish_reason", "num_response_tokens", "score")
+ROWS_PER_PARTITION = 10_000  # samples per groupby partition: few reduce tasks on small inputs
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    scored: str  # `odpo score` output dir (or Parquet/JSONL with prompt_id, prompt, response,
+    # sample_index, score)
+    out: str  # output stage directory: Parquet shards + manifest.json
+    mode: str = "best_worst"  # best_worst (any scorer) | correct_incorrect (a verifier's 0/1)
+    # correct_incorrect: pairs per prompt, 0 = all; a cap keeps prompts with many distinct
+    # wrong answers from dominating the data
+    max_pairs_per_prompt: int = 4
+    min_margin: float = 0.0  # chosen_score - rejected_score must reach this (and exceed 0)
+    correct_threshold: float = 0.5  # correct_incorrect: score >= this is correct (0/1 verifier)
+    round: int = 0  # iteration number written to every pair (the `round` column)
+    seed: int = 0  # which pairs a capped prompt keeps (per prompt, see engine.request_seed)
+
+
+# ---------------------------------------------------------------- pure function (tested bare)
+
+
+def make_pairs(
+    rows: list[dict],
+    *,
+    mode: str,
+    max_pairs_per_prompt: int = 0,
+    min_margin: float = 0.0,
+    correct_threshold: float = 0.5,
+    seed: int = 0,
+) -> tuple[list[tuple[dict, dict]], str]:
+    """Preference pairs from one prompt's scored samples.
+
+    rows: dicts with `response`, `sample_index`, `score` (finite), all of one prompt.
+    Returns ([(chosen_row, rejected_row), ...] ordered by sample indices, "") or ([], reason).
+    """
+    distinct: dict[str, dict] = {}
+    for r in sorted(rows, key=lambda r: r["sample_index"]):
+        distinct.setdefault(r["response"], r)
+    responses = list(distinct.values())
+    if mode == "best_worst":
+        best = min(responses, key=lambda r: (-r["score"], r["sample_index"]))
+        worst = min(responses, key=lambda r: (r["score"], r["sample_index"]))
+        if best["score"] == worst["score"]:
+            return [], "tie"
+        if best["score"] - worst["score"] < min_margin:
+            return [], "below_margin"
+        return [(best, worst)], ""
+    if mode != "correct_incorrect":
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    correct = [r for r in responses if r["score"] >= correct_threshold]
+    incorrect = [r for r in responses if r["score"] < correct_threshold]
+    if not correct:
+        return [], "no_correct"
+    if not incorrect:
+        return [], "no_incorrect"
+    pairs = [(c, i) for c in correct for i in incorrect if c["score"] - i["score"] >= min_margin]
+    if not pairs:
+        return [], "below_margin"
+    if 0 < max_pairs_per_prompt < len(pairs):
+        key = str(rows[0].get("prompt_id", rows[0].get("prompt")))
+        pairs = random.Random(request_seed(seed, key)).sample(pairs, max_pairs_per_prompt)
+    return sorted(pairs, key=lambda p: (p[0]["sample_index"], p[1]["sample_index"])), ""
+
+
+# ---------------------------------------------------------------- Ray Data stage
+
+
+def output_schema(input_schema):
+    """The pair rows' schema (plus `drop_reason`, removed before writing)."""
+    import pyarrow as pa
+
+    text = input_schema.field("response").type
+    fields = [
+        pa.field("prompt_id", input_schema.field("prompt_id").type),
+        pa.field("prompt", input_schema.field("prompt").type),
+        pa.field("chosen", text),
+        pa.field("rejected", text),
+        pa.field("chosen_score", pa.float64()),
+        pa.field("rejected_score", pa.float64()),
+        pa.field("round", pa.int64()),
+        pa.field("chosen_sample_index", pa.int64()),
+        pa.field("rejected_sample_index", pa.int64()),
+    ]
+    taken = {f.name for f in fields}
+    fields += [f for f in input_schema if f.name not in taken and f.name not in SAMPLE_ONLY]
+    return pa.schema(fields + [pa.field("drop_reason", pa.string())])
+
+
+def pair_group(table, *, cfg: PairConfig, schema):
+    """Ray Data `map_groups`: one prompt's samples -> its pair rows, or one row that carries
+    only its `drop_reason`."""
+    import pyarrow as pa
+
+    rows = table.to_pylist()
+    pairs, reason = make_pairs(
+        rows, mode=cfg.mode, max_pairs_per_prompt=cfg.max_pairs_per_prompt,
+        min_margin=cfg.min_margin, correct_threshold=cfg.correct_threshold, seed=cfg.seed,
+    )
+    first = rows[0]
+    meta = {f.name: first.get(f.name) for f in schema if f.name in first}
+    out = []
+    for chosen, rejected in pairs:
+        out.append({
+            **meta,
+            "chosen": chosen["response"],
+            "rejected": rejected["response"],
+            "chosen_score": chosen["score"],
+            "rejected_score": rejected["score"],
+            "round": cfg.round,
+            "chosen_sample_index": chosen["sample_index"],
+            "rejected_sample_index": rejected["sample_index"],
+            "drop_reason": "",
+        })
+    if not out:
+        out.append({"prompt_id": first["prompt_id"], "drop_reason": reason})
+    return pa.Table.from_pylist(out, schema=schema)
+
+
+def _kept_pairs(table):
+    import pyarrow.compute as pc
+
+    return table.filter(pc.equal(table["drop_reason"], "")).drop_columns(["drop_reason"])
+
+
+def _validate(cfg: PairConfig) -> None:
+    if cfg.mode not in MODES:
+        raise UserError(f"mode must be one of {MODES}, got {cfg.mode!r}")
+    if cfg.max_pairs_per_prompt < 0:
+        raise UserError(f"max_pairs_per_prompt must be >= 0 (0 = all), got "
+                        f"{cfg.max_pairs_per_prompt}")
+    if not math.isfinite(cfg.min_margin) or cfg.min_margin < 0:
+        raise UserError(f"min_margin must be a finite number >= 0, got {cfg.min_margin}")
+
+
+def _read_scored(scored: Path):
+    import ray
+
+    required = ("prompt_id", "prompt", "response", "sample_index", "score")
+    manifest = read_manifest(scored) if scored.is_dir() else None
+    if manifest is None:
+        ds = read_ray_dataset(scored, required=required)
+    else:
+        if manifest.get("stage") != SCORE_STAGE:
+            raise UserError(
+                f"{scored} holds '{manifest.get('stage')}' output; --scored needs the output of "
+                f"`odpo score`"
+            )
+        verify_shards(scored, SCORE_STAGE)
+        if not manifest["files"]:
+            return None
+        ds = ray.data.read_parquet([str(scored / f["name"]) for f in manifest["files"]])
+        missing = [c for c in required if c not in ds.schema().names]
+        if missing:
+            raise UserError(f"{scored}: missing column(s) {missing}")
+    return ds
+
+
+def _check_scores(table):
+    """Ray Data task: a non-finite score cannot be ranked; `odpo score` never writes one."""
+    import pyarrow.compute as pc
+
+    bad = pc.invert(pc.is_finite(table["score"]))
+    if pc.any(bad).as_py():
+        row = table.filter(bad).slice(0, 1).to_pylist()[0]
+        raise UserError(
+            f"score {row['score']} for prompt_id={row['prompt_id']} "
+            f"sample_index={row['sample_index']}: pair needs finite scores (score with "
+            f"--nonfinite drop)"
+        )
+    return table
+
+
+def _pair_dataset(cfg: PairConfig, scored: Path):
+    """(pairs dataset or None, samples in, prompts in, prompts kept, dropped by reason)."""
+    import pyarrow as pa
+
+    ds = _read_scored(scored)
+    samples_in = ds.count() if ds is not None else 0
+    if not samples_in:
+        return None, 0, 0, 0, {}
+    ds = ds.map_batches(_check_scores, batch_format="pyarrow")
+    prompts_in = len(ds.unique("prompt_id"))  # counted apart from the grouping
+    partitions = max(1, min(200, -(-samples_in // ROWS_PER_PARTITION)))
+    ray_schema = ds.schema()
+    schema = output_schema(pa.schema(list(zip(ray_schema.names, ray_schema.types, strict=True))))
+    grouped = ds.groupby("prompt_id", num_partitions=partitions).map_groups(
+        pair_group, batch_format="pyarrow", fn_kwargs={"cfg": cfg, "schema": schema},
+    ).materialize()
+    # One short row per dropped prompt and two columns per pair come to the driver.
+    meta = pa.concat_tables(
+        grouped.select_columns(["prompt_id", "drop_reason"])
+        .iter_batches(batch_format="pyarrow", batch_size=None)
+    )
+    reasons = meta["drop_reason"].to_pylist()
+    dropped = dict(Counter(r for r in reasons if r))
+    ids = meta["prompt_id"].to_pylist()
+    kept = len({i for i, r in zip(ids, reasons, strict=True) if not r})
+    if not kept:
+        return None, samples_in, prompts_in, 0, dropped
+    pairs = grouped.map_batches(_kept_pairs, batch_format="pyarrow").sort(
+        ["prompt_id", "chosen_sample_index", "rejected_sample_index"]
+    )
+    return pairs, samples_in, prompts_in, kept, dropped
+
+
+def run_pair(cfg: PairConfig, start_ray: Callable[[], None] | None = None) -> dict:
+    """Pair the scored samples into `cfg.out` (skipped when already current). Needs Ray:
+    `start_ray` is called once the stage knows it has work."""
+    from pipeline.sample import write_shards
+
+    t0 = time.perf_counter()
+    _validate(cfg)
+    cfg = dataclasses.replace(cfg, scored=resolve_path(cfg.scored),
+                              out=str(Path(cfg.out).absolute()))
+    scored = Path(cfg.scored)
+    if not scored.exists():
+        raise UserError(f"{cfg.scored}: no such file or directory")
+    if scored.resolve() == Path(cfg.out).resolve():
+        raise UserError(f"--out {cfg.out} is the --scored directory; choose another directory")
+    inputs = {"scored": input_digest(scored)}
+    config = dataclasses.asdict(cfg)
+    if is_current(cfg.out, STAGE, config, inputs):
+        return _summary(read_manifest(cfg.out), cfg.out, t0, skipped=True)
+    if start_ray is not None:
+        start_ray()
+
+    try:
+        pairs, samples_in, prompts_in, kept, dropped = _pair_dataset(cfg, scored)
+        stats = {"samples_in": samples_in}
+
+        def write(tmp: Path) -> None:
+            if pairs is not None:
+                write_shards(pairs, tmp)
+            stats["pair_s"] = time.perf_counter() - t0
+
+        manifest = write_stage(
+            cfg.out, STAGE, config, inputs, write, rows_in=prompts_in, dropped=dropped,
+            rows_kept=kept, extra={"units": {"in": "prompts", "out": "pairs"}, "stats": stats},
+        )
+    except Exception as e:
+        user = find_user_error(e)
+        if user is not None:
+            raise UserError(str(user)) from e
+        raise
+    return _summary(manifest, cfg.out, t0, skipped=False)
+
+
+def _summary(manifest: dict, out: str, t0: float, skipped: bool) -> dict:
+    return {
+        "out": out,
+        "skipped": skipped,
+        "prompts": manifest["rows_in"],
+        "prompts_paired": manifest.get("rows_kept", 0),
+        "pairs": manifest["rows_out"],
+        "dropped": manifest["dropped"],
+        "stats": manifest.get("stats", {}),
+        "seconds": time.perf_counter() - t0,
+    }

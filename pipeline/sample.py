@@ -1,0 +1,417 @@
+"""`odpo sample`: K responses per prompt from vLLM engines held by a Ray Data actor pool.
+
+Pipeline: read prompts (Parquet / JSONL / `datasets` dir) -> check each prompt with the model's
+tokenizer (Ray Data tasks) -> drop and count empty, too long and duplicate prompts -> actor pool
+(`map_batches` over a callable class; each actor creates one `vllm.LLM` once) -> Parquet shards.
+
+One request per prompt with `SamplingParams(n=k, seed=request_seed(seed, prompt))`: vLLM returns
+the k samples together (Ray's `ray.data.llm` keeps only the first of n), and a per-prompt seed
+makes the samples independent of batching, replica count and row order. The seed key is the
+prompt text, as in `odpo eval`, so `odpo eval` with the same seed draws the very same samples.
+
+Output rows (one per sample): `prompt_id` (sha256 of the prompt text, 16 hex digits), `prompt`,
+`response`, `sample_index` (0..k-1), `finish_reason` (vLLM's: stop | length),
+`num_prompt_tokens`, `num_response_tokens` (generated tokens, EOS included), then the input's
+other columns unchanged (e.g. `answer` for a verifier).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from pipeline.engine import EngineConfig, actor_options, make_llm, request_seed
+from pipeline.io import UserError, find_user_error, read_ray_dataset, resolve_path
+from pipeline.manifest import input_digest, is_current, read_manifest, write_stage
+
+STAGE = "sample"
+# Columns this stage writes; an input that already has one is probably not a prompts file.
+SAMPLE_COLUMNS = ("response", "sample_index", "finish_reason", "num_response_tokens")
+DROP_REASONS = ("empty_prompt", "prompt_too_long", "duplicate_prompt")
+MIN_ROWS_PER_SHARD = 50_000  # samples per output file (fewer, larger files; Ray may write more)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    model: str  # policy checkpoint (local HF dir) to sample from; no default: it is the choice
+    prompts: str  # Parquet / JSONL / `datasets` dir with `prompt` (+ metadata, kept as is)
+    out: str  # output stage directory: Parquet shards + manifest.json
+    k: int = 8  # samples per prompt: with 8, a 20-80% accurate model gives most prompts both
+    # a correct and an incorrect response to pair
+    temperature: float = 1.0  # 1.0 samples the policy's own distribution (on-policy pairs)
+    top_p: float = 1.0  # nucleus mass; 1.0 keeps the whole distribution
+    max_tokens: int = 256  # response budget in tokens (vLLM also stops at max_model_len)
+    seed: int = 0  # run seed; each prompt's sampling seed derives from it and the prompt text
+    # Prompts per vLLM call (each k sequences): enough to keep the engine's continuous batching
+    # full, few enough that progress shows and a replica's share stays balanced.
+    batch_size: int = 128
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+
+# ---------------------------------------------------------------- pure functions (tested bare)
+
+
+def prompt_id(prompt: str) -> str:
+    """Stable id of a prompt: the first 16 hex digits of sha256 over its UTF-8 text."""
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+def drop_reason(prompt: str | None, num_prompt_tokens: int, max_model_len: int) -> str:
+    """Why a prompt cannot be sampled ("" when it can). vLLM rejects a prompt that leaves no
+    room for one output token, so `num_prompt_tokens` (BOS included) must be < max_model_len."""
+    if prompt is None or not prompt.strip():
+        return "empty_prompt"
+    if num_prompt_tokens >= max_model_len:
+        return "prompt_too_long"
+    return ""
+
+
+def sampling_params_for(prompts: list[str], cfg: dict) -> list:
+    """One `SamplingParams(n=k)` per prompt, seeded by the run seed and the prompt text."""
+    from vllm import SamplingParams
+
+    return [
+        SamplingParams(
+            n=cfg["k"],
+            temperature=cfg["temperature"],
+            top_p=cfg["top_p"],
+            max_tokens=cfg["max_tokens"],
+            seed=request_seed(cfg["seed"], p),
+        )
+        for p in prompts
+    ]
+
+
+def expand_samples(table, outputs, k: int):
+    """Prompt rows + vLLM `RequestOutput`s (same order) -> one row per sample.
+
+    table: pyarrow Table of P prompt rows; outputs: P request outputs with k completions each.
+    Returns a (P * k)-row table: the prompt row's columns repeated, plus the sample columns.
+    """
+    import pyarrow as pa
+
+    if len(outputs) != table.num_rows:
+        raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {table.num_rows} prompts")
+    responses, index, finish, ntok = [], [], [], []
+    for out in outputs:
+        if len(out.outputs) != k:
+            raise RuntimeError(f"vLLM returned {len(out.outputs)} samples, expected {k}")
+        for j, c in enumerate(out.outputs):
+            responses.append(c.text)
+            index.append(j)
+            finish.append(str(c.finish_reason))
+            ntok.append(len(c.token_ids))
+    repeated = table.take(pa.array([i for i in range(table.num_rows) for _ in range(k)],
+                                   type=pa.int64()))
+    head = {
+        "prompt_id": repeated["prompt_id"],
+        "prompt": repeated["prompt"],
+        "response": pa.array(responses, type=pa.string()),
+        "sample_index": pa.array(index, type=pa.int32()),
+        "finish_reason": pa.array(finish, type=pa.string()),
+        "num_prompt_tokens": repeated["num_prompt_tokens"],
+        "num_response_tokens": pa.array(ntok, type=pa.int32()),
+    }
+    rest = {c: repeated[c] for c in repeated.column_names if c not in head}
+    return pa.table({**head, **rest})
+
+
+# ---------------------------------------------------------------- Ray Data stages
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def check_prompts(table, *, model: str, max_model_len: int):
+    """Ray Data task: add `prompt_id`, `num_prompt_tokens` and `drop_reason` to prompt rows.
+
+    Tokenizes as vLLM does (the model's tokenizer, special tokens added)."""
+    import pyarrow as pa
+
+    prompts = table["prompt"].to_pylist()
+    texts = [p if p else "" for p in prompts]
+    counts = [len(ids) for ids in _tokenizer(model)(texts)["input_ids"]] if texts else []
+    table = table.drop_columns([c for c in ("prompt_id",) if c in table.column_names])
+    table = table.add_column(0, "prompt_id", pa.array([prompt_id(t) for t in texts], pa.string()))
+    table = table.append_column("num_prompt_tokens", pa.array(counts, type=pa.int32()))
+    reasons = [drop_reason(p, n, max_model_len) for p, n in zip(prompts, counts, strict=True)]
+    return table.append_column("drop_reason", pa.array(reasons, type=pa.string()))
+
+
+def mark_duplicates(prompt_ids: list[str], reasons: list[str]) -> list[str]:
+    """Drop reasons with all but one copy of a repeated prompt marked `duplicate_prompt`."""
+    seen, out = set(), []
+    for pid, reason in zip(prompt_ids, reasons, strict=True):
+        if not reason and pid in seen:
+            reason = "duplicate_prompt"
+        elif not reason:
+            seen.add(pid)
+        out.append(reason)
+    return out
+
+
+def _select_ids(table, *, ids: list[str], keep: bool):
+    """Ray Data task: the rows whose prompt_id is (keep=True) or is not (False) in `ids`."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    mask = pc.is_in(table["prompt_id"], value_set=pa.array(ids, pa.string()))
+    return table.filter(mask if keep else pc.invert(mask))
+
+
+def _one_copy(table):
+    """Ray Data `map_groups`: one row of a repeated prompt; the same row whatever the input
+    order (the copies may differ in their metadata)."""
+    import json
+
+    rows = table.to_pylist()
+    first = min(range(len(rows)), key=lambda i: json.dumps(rows[i], sort_keys=True, default=str))
+    return table.slice(first, 1)
+
+
+def _keep_valid(table):
+    """Ray Data task: the rows without a drop reason, minus the `drop_reason` column."""
+    import pyarrow.compute as pc
+
+    return table.filter(pc.equal(table["drop_reason"], "")).drop_columns(["drop_reason"])
+
+
+class VLLMSampler:
+    """Ray Data actor: one `vllm.LLM` created once; each call samples k responses per prompt."""
+
+    def __init__(self, model: str, engine: EngineConfig, sampling: dict):
+        try:
+            self.llm = make_llm(model, engine, seed=sampling["seed"])
+        except Exception as e:  # noqa: BLE001 - any start-up failure ends the job, named
+            # Raised as our one-line error: Ray Data does not restart an actor whose
+            # constructor raised (max_consecutive_actor_init_deaths = 0), so the job fails now.
+            msg = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            raise UserError(
+                f"vLLM engine for {model} failed to start ({type(e).__name__}: {msg[:300]}); "
+                f"the engine's log above has the cause; check --engine-gpu-memory-utilization, "
+                f"--engine-max-model-len, --engine-dtype"
+            ) from None
+        self.sampling = sampling
+
+    def __call__(self, table):
+        prompts = table["prompt"].to_pylist()
+        outputs = self.llm.generate(
+            prompts, sampling_params_for(prompts, self.sampling), use_tqdm=False
+        )
+        return expand_samples(table, outputs, self.sampling["k"])
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def write_shards(ds, directory: Path) -> None:
+    """`ds.write_parquet` into an empty (temporary) stage directory with names
+    `part-00000-0.parquet`, ... instead of uuids, so a stage's file list reads the same on every
+    run. OVERWRITE mode is what lets Ray accept names without the write's uuid."""
+    import ray
+    from ray.data.datasource import FilenameProvider
+
+    class PartNames(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{task_index:05d}"
+
+    ds.write_parquet(str(directory), filename_provider=PartNames(),
+                     min_rows_per_file=MIN_ROWS_PER_SHARD, mode=ray.data.SaveMode.OVERWRITE)
+
+
+def model_context(model: str) -> int:
+    """The model's context length from its config (max_position_embeddings or equivalent)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model {model}: cannot load its config ({str(e).splitlines()[0]})") from e
+    config = getattr(config, "text_config", None) or config
+    for k in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(getattr(config, k, None), int):
+            return getattr(config, k)
+    raise UserError(f"model {model}: config names no context length; set --engine-max-model-len")
+
+
+def model_digest(model: str) -> str:
+    """Digest of a local checkpoint's weights, config and tokenizer (what sampling depends on)."""
+    from pipeline.reference import tokenizer_digest, weights_digest
+
+    d = Path(model)
+    return hashlib.sha256(f"{weights_digest(d)}:{tokenizer_digest(d)}".encode()).hexdigest()
+
+
+def _validate(cfg: SampleConfig) -> None:
+    checks = (
+        (cfg.k >= 1, f"k must be >= 1, got {cfg.k}"),
+        (cfg.temperature >= 0, f"temperature must be >= 0, got {cfg.temperature}"),
+        (0 < cfg.top_p <= 1, f"top_p must be in (0, 1], got {cfg.top_p}"),
+        (cfg.max_tokens >= 1, f"max_tokens must be >= 1, got {cfg.max_tokens}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.engine.replicas >= 1, f"engine.replicas must be >= 1, got {cfg.engine.replicas}"),
+        (cfg.engine.max_model_len >= 0, "engine.max_model_len must be >= 0 (0 = model's)"),
+        (0 < cfg.engine.gpu_memory_utilization <= 1,
+         f"engine.gpu_memory_utilization must be in (0, 1], got "
+         f"{cfg.engine.gpu_memory_utilization}"),
+    )
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+
+
+def run_sample(cfg: SampleConfig, start_ray: Callable[[], None] | None = None) -> dict:
+    """Sample `cfg.k` responses per prompt into `cfg.out` (skipped when already current).
+
+    Needs Ray: `start_ray` is called once the stage knows it has work (a skip starts nothing).
+    Returns a summary with the manifest's counts."""
+    import pyarrow as pa
+    import ray
+
+    t0 = time.perf_counter()
+    _validate(cfg)
+    model = resolve_path(cfg.model)
+    if not Path(model).is_dir():
+        raise UserError(f"model {cfg.model}: no such directory (a local HF checkpoint is needed)")
+    cfg = dataclasses.replace(cfg, model=model, prompts=resolve_path(cfg.prompts),
+                              out=str(Path(cfg.out).absolute()))
+    context = model_context(cfg.model)
+    if cfg.engine.max_model_len > context:
+        raise UserError(
+            f"engine.max_model_len {cfg.engine.max_model_len} exceeds the model's context of "
+            f"{context}"
+        )
+    max_model_len = cfg.engine.max_model_len or context
+    if Path(cfg.prompts).exists() and Path(cfg.prompts).resolve() == Path(cfg.out).resolve():
+        raise UserError(f"--out {cfg.out} is the prompts path; choose another directory")
+    inputs = {"prompts": input_digest(cfg.prompts), "model": model_digest(cfg.model)}
+    config = asdict(cfg)
+    if is_current(cfg.out, STAGE, config, inputs):
+        return _summary(read_manifest(cfg.out), cfg.out, t0, skipped=True)
+    if start_ray is not None:
+        start_ray()
+
+    ds = read_ray_dataset(cfg.prompts, required=("prompt",))
+    schema = ds.schema()
+    prompt_type = schema.types[schema.names.index("prompt")]
+    if not (pa.types.is_string(prompt_type) or pa.types.is_large_string(prompt_type)):
+        raise UserError(f"{cfg.prompts}: column `prompt` must hold strings, found {prompt_type}")
+    clash = [c for c in SAMPLE_COLUMNS + ("num_prompt_tokens", "score") if c in schema.names]
+    if clash:
+        raise UserError(
+            f"{cfg.prompts}: already has column(s) {clash}; is it a prompts file? (sample "
+            f"writes these columns itself)"
+        )
+
+    sampling = {k: getattr(cfg, k) for k in ("k", "temperature", "top_p", "max_tokens", "seed")}
+    try:
+        checked = ds.map_batches(
+            check_prompts,
+            batch_format="pyarrow",
+            fn_kwargs={"model": cfg.model, "max_model_len": max_model_len},
+        ).materialize()
+        # Two short columns per prompt come to the driver to count the drops and find the
+        # repeated prompts (a second copy would draw the very same samples).
+        meta = pa.concat_tables(
+            checked.select_columns(["prompt_id", "drop_reason"])
+            .iter_batches(batch_format="pyarrow", batch_size=None)
+        ) if checked.count() else pa.table({"prompt_id": [], "drop_reason": []})
+        ids = meta["prompt_id"].to_pylist()
+        reasons = mark_duplicates(ids, meta["drop_reason"].to_pylist())
+        rows_in = len(reasons)
+        dropped = dict(Counter(r for r in reasons if r))
+        kept = rows_in - sum(dropped.values())
+        valid = checked.map_batches(_keep_valid, batch_format="pyarrow")
+        repeated = sorted({i for i, r in zip(ids, reasons, strict=True)
+                           if r == "duplicate_prompt"})
+        if repeated:
+            # One copy of each repeated prompt, through a group-by of those prompts only; the
+            # other rows keep their order.
+            valid = valid.map_batches(
+                _select_ids, batch_format="pyarrow", fn_kwargs={"ids": repeated, "keep": False}
+            ).union(valid.map_batches(
+                _select_ids, batch_format="pyarrow", fn_kwargs={"ids": repeated, "keep": True}
+            ).groupby("prompt_id").map_groups(_one_copy, batch_format="pyarrow"))
+        samples = valid.map_batches(
+            VLLMSampler,
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=cfg.engine.replicas),
+            fn_constructor_kwargs={"model": cfg.model, "engine": cfg.engine,
+                                   "sampling": sampling},
+            **actor_options(cfg.engine),
+        )
+
+        def write(tmp: Path) -> None:
+            if kept:
+                write_shards(samples, tmp)
+            written = _count_rows(tmp)
+            if written != kept * cfg.k:
+                raise RuntimeError(f"sample: wrote {written} rows for {kept} prompts x k={cfg.k}")
+            stats.update(_stats(tmp, time.perf_counter() - t_sample))
+
+        stats: dict = {}  # filled by `write` once the shards exist, before the manifest
+        t_sample = time.perf_counter()
+        manifest = write_stage(cfg.out, STAGE, config, inputs, write, rows_in=rows_in,
+                               dropped=dropped, rows_kept=kept,
+                               extra={"k": cfg.k, "units": {"in": "prompts", "out": "samples"},
+                                      "stats": stats})
+    except Exception as e:
+        user = find_user_error(e)
+        if user is not None:
+            raise UserError(str(user)) from e
+        raise
+    return _summary(manifest, cfg.out, t0, skipped=False)
+
+
+def _count_rows(directory: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in directory.rglob("*.parquet"))
+
+
+def _stats(directory: Path, seconds: float) -> dict:
+    """Finish reasons and token counts read back from the written shards."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(f, columns=["finish_reason", "num_response_tokens"])
+              for f in sorted(directory.rglob("*.parquet"))]
+    if not tables:
+        return {"sample_s": seconds, "samples_per_s": 0.0, "response_tokens": 0,
+                "finish_reason": {}}
+    t = pa.concat_tables(tables)
+    tokens = int(pc.sum(t["num_response_tokens"]).as_py() or 0)
+    finish = {r["values"]: r["counts"] for r in pc.value_counts(t["finish_reason"]).to_pylist()}
+    return {
+        "sample_s": seconds,
+        "samples_per_s": t.num_rows / seconds if seconds > 0 else 0.0,
+        "response_tokens": tokens,
+        "response_tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+        "mean_response_tokens": tokens / t.num_rows,
+        "finish_reason": dict(sorted(finish.items())),
+    }
+
+
+def _summary(manifest: dict, out: str, t0: float, skipped: bool) -> dict:
+    return {
+        "out": out,
+        "skipped": skipped,
+        "prompts": manifest["rows_in"],
+        "prompts_sampled": manifest.get("rows_kept", manifest["rows_out"]),
+        "samples": manifest["rows_out"],
+        "dropped": manifest["dropped"],
+        "stats": manifest.get("stats", {}),
+        "seconds": time.perf_counter() - t0,
+    }

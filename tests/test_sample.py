@@ -1,0 +1,163 @@
+"""`odpo sample`: real vLLM on CPU inside a Ray Data actor pool, checked against the tokenizer,
+hand-derived counts and a second run with other batching and row order."""
+
+import glob
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from pipeline.sample import drop_reason, mark_duplicates
+
+
+def _table(stage_dir):
+    return pa.concat_tables(
+        [pq.read_table(f) for f in sorted(glob.glob(str(stage_dir / "*.parquet")))]
+    )
+
+
+def test_drop_reason_rules():
+    assert drop_reason(None, 1, 64) == "empty_prompt"
+    assert drop_reason("  \n", 3, 64) == "empty_prompt"
+    assert drop_reason("1+1=", 63, 64) == ""  # room for exactly one output token
+    assert drop_reason("1+1=", 64, 64) == "prompt_too_long"
+
+
+def test_mark_duplicates_marks_all_but_one_copy():
+    assert mark_duplicates(["a", "b", "a", "c", "a", "c"], ["", "", "", "empty_prompt", "", ""]) \
+        == ["", "", "duplicate_prompt", "empty_prompt", "duplicate_prompt", ""]
+
+
+@pytest.mark.slow
+def test_sample_manifest_counts_and_columns(sample_run, sample_prompts, sft_run):
+    from transformers import AutoTokenizer
+
+    m = json.loads((sample_run / "manifest.json").read_text())
+    assert m["stage"] == "sample" and m["complete"]
+    # 19 prompt rows: 16 sampled, 1 empty, 1 too long for the 64-token context, 1 repeat.
+    assert (m["rows_in"], m["rows_kept"], m["rows_out"]) == (19, 16, 64)
+    assert m["dropped"] == {"empty_prompt": 1, "prompt_too_long": 1, "duplicate_prompt": 1}
+    for f in m["files"]:
+        assert hashlib.sha256((sample_run / f["name"]).read_bytes()).hexdigest() == f["sha256"]
+    assert sum(f["rows"] for f in m["files"]) == 64
+
+    t = _table(sample_run)
+    assert t.column_names[:7] == ["prompt_id", "prompt", "response", "sample_index",
+                                  "finish_reason", "num_prompt_tokens", "num_response_tokens"]
+    assert "answer" in t.column_names  # metadata passes through
+    rows = t.to_pylist()
+    given = pq.read_table(sample_prompts).to_pylist()[:16]
+    answers = {r["prompt"]: r["answer"] for r in given}
+    assert sorted({r["prompt"] for r in rows}) == sorted(answers)
+    tok = AutoTokenizer.from_pretrained(sft_run / "model")
+    for r in rows:
+        assert r["prompt_id"] == hashlib.sha256(r["prompt"].encode()).hexdigest()[:16]
+        assert r["answer"] == answers[r["prompt"]]
+        assert r["num_prompt_tokens"] == len(tok(r["prompt"])["input_ids"])
+        # Character tokenizer: the text's tokens, plus the EOS that ended a "stop".
+        n = len(tok(r["response"], add_special_tokens=False)["input_ids"])
+        assert r["num_response_tokens"] == n + (r["finish_reason"] == "stop")
+        assert r["finish_reason"] in ("stop", "length")
+        assert r["num_response_tokens"] <= 8
+    for prompt in answers:
+        assert sorted(r["sample_index"] for r in rows if r["prompt"] == prompt) == [0, 1, 2, 3]
+    assert len({r["response"] for r in rows}) > 16  # sampled, not greedy
+
+
+@pytest.mark.slow
+def test_same_seed_same_samples_whatever_batching_and_order(sample_run, sample_prompts, sft_run,
+                                                            tmp_path):
+    rows = pq.read_table(sample_prompts).to_pylist()
+    shuffled = tmp_path / "shuffled.jsonl"  # another format, reversed row order
+    shuffled.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
+    out = tmp_path / "again"
+    assert main(["sample", "--model", str(sft_run / "model"), "--prompts", str(shuffled),
+                 "--out", str(out), "--k", "4", "--max-tokens", "8", "--seed", "3",
+                 "--batch-size", "3"]) == 0
+
+    def samples(d):
+        return {(r["prompt_id"], r["sample_index"]): r["response"] for r in _table(d).to_pylist()}
+
+    first, second = samples(sample_run), samples(out)
+    assert first == second
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["dropped"] == {"empty_prompt": 1, "prompt_too_long": 1, "duplicate_prompt": 1}
+
+
+@pytest.mark.slow
+def test_rerun_is_skipped(sample_run, sample_prompts, sft_run, capsys):
+    mtime = (sample_run / "manifest.json").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    assert main(["sample", "--model", str(sft_run / "model"), "--prompts", str(sample_prompts),
+                 "--out", str(sample_run), "--k", "4", "--max-tokens", "8", "--seed", "3"]) == 0
+    assert time.perf_counter() - t0 < 20  # no engine started
+    assert "skipped: up to date" in capsys.readouterr().out
+    assert (sample_run / "manifest.json").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_bad_prompts_are_one_line_errors(ray_local, sft_run, toy_data_dir, sample_run, tmp_path,
+                                         capsys):
+    model = str(sft_run / "model")
+
+    def run(prompts, out="out", *extra):
+        return main(["sample", "--model", model, "--prompts", str(prompts), "--out",
+                     str(tmp_path / out), "--k", "2", "--max-tokens", "4", *extra])
+
+    pq.write_table(pa.Table.from_pylist([{"question": "1+1="}]), tmp_path / "noprompt.parquet")
+    assert run(tmp_path / "noprompt.parquet") == 2
+    assert "missing column(s) ['prompt']" in capsys.readouterr().err
+
+    (tmp_path / "garbage.parquet").write_bytes(b"not parquet at all")
+    assert run(tmp_path / "garbage.parquet") == 2
+    assert "cannot read" in capsys.readouterr().err
+
+    pq.write_table(pa.Table.from_pylist([{"prompt": 5}]), tmp_path / "ints.parquet")
+    assert run(tmp_path / "ints.parquet") == 2
+    assert "must hold strings" in capsys.readouterr().err
+
+    assert run(tmp_path / "missing.parquet") == 2
+    assert "no such file" in capsys.readouterr().err
+
+    # An output directory that holds another stage's data is refused and left intact.
+    scored = tmp_path / "holds_score"
+    scored.mkdir()
+    (scored / "manifest.json").write_text(json.dumps({"stage": "score", "complete": True}))
+    assert run(toy_data_dir / "prompts.parquet", "holds_score") == 2
+    assert "refusing to overwrite" in capsys.readouterr().err
+    assert json.loads((scored / "manifest.json").read_text())["stage"] == "score"
+
+    assert run(toy_data_dir / "prompts.parquet", "x", "--engine-max-model-len", "65") == 2
+    assert "exceeds the model's context of 64" in capsys.readouterr().err
+
+    # Samples are not prompts: their sample columns give it away.
+    assert run(sample_run, "y") == 2
+    assert "already has column(s)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_engine_start_failure_fails_fast(sft_run, toy_data_dir, tmp_path):
+    """A vLLM constructor that raises inside the Ray Data actor (memory budget too small to hold
+    a KV cache) ends the job with its error instead of restarting the actor forever. Run as a
+    separate process so that a hang would fail the test instead of blocking the suite."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "sample", "--model", str(sft_run / "model"),
+         "--prompts", str(toy_data_dir / "prompts.parquet"), "--out", str(tmp_path / "out"),
+         "--k", "2", "--max-tokens", "4", "--engine-gpu-memory-utilization", "0.0001"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("odpo sample: error: vLLM engine for"), last
+    assert "failed to start" in last
+    assert not (tmp_path / "out").exists()  # nothing half-written
+    assert time.perf_counter() - t0 < 300
