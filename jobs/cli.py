@@ -149,8 +149,39 @@ def _cmd_pair(args) -> None:
     print(line + f", in {s['seconds']:.1f}s -> {s['out']}")
 
 
+def _cmd_import(args) -> None:
+    from pipeline.importer import ImportConfig, run_import
+
+    cfg = from_args(ImportConfig, args)
+    s = run_import(cfg)  # no Ray: one pass over the rows in this process
+    dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "none"
+    line = (f"import ({s['form']}, prompt from {s['prompt_source']}): {s['rows']} rows -> "
+            f"{s['pairs']} pairs (dropped: {dropped})")
+    if s["prompt_extraction"]:
+        e = s["prompt_extraction"]
+        line += f"; common-prefix prompt found in {e['extracted']} rows, failed in {e['failed']}"
+    if s["skipped"]:
+        line += ", skipped: up to date"
+    print(line + f", in {s['seconds']:.1f}s -> {s['out']}")
+
+
+def _cmd_byod(args) -> None:
+    from jobs.byod import BYODConfig, run_byod
+    from jobs.config import build, load_yaml
+    from jobs.runtime import init_ray
+
+    values = load_yaml(args.config)
+    if args.run_dir:
+        values["run_dir"] = args.run_dir
+    s = run_byod(build(BYODConfig, values, args.config), start_ray=lambda: init_ray(args.address))
+    print(f"byod: {s['import']['pairs']} pairs, SFT-on-chosen {s['sft']['steps']} steps, "
+          f"reference {s['reference']['cache']}, DPO {s['train']['steps']} steps in "
+          f"{s['wall_s']:.0f}s -> {s['train']['model']}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline.evaluate import EvalConfig
+    from pipeline.importer import ImportConfig
     from pipeline.pair import PairConfig
     from pipeline.reference import ReferenceConfig
     from pipeline.sample import SampleConfig
@@ -178,12 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=_cmd_toy_data)
 
+    p = sub.add_parser("byod", help="your preference data: import -> SFT on chosen -> reference "
+                       "-> train, from one config")
+    p.add_argument("--config", required=True, help="byod YAML (jobs/configs/byod_toy.yaml)")
+    p.add_argument("--run-dir", help="override the config's run_dir")
+    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    p.set_defaults(func=_cmd_byod)
+
     for name, cls, func, help_ in (
         ("sft", SFTConfig, _cmd_sft, "supervised fine-tuning on (prompt, response) with Ray Train"),
         ("train", DPOConfig, _cmd_train, "DPO / DPO+NLL on reference shards with Ray Train"),
         ("eval", EvalConfig, _cmd_eval, "greedy and sampled task reward on held-out prompts"),
         ("reference", ReferenceConfig, _cmd_reference,
          "tokenize pairs once and compute (or reuse) the reference log-probs"),
+        ("import", ImportConfig, _cmd_import,
+         "preference data (TRL standard or conversational form) -> pairs shards"),
         ("sample", SampleConfig, _cmd_sample, "K responses per prompt from vLLM on Ray Data"),
         ("score", ScoreConfig, _cmd_score, "score samples: verifier, reward model or function"),
         ("pair", PairConfig, _cmd_pair, "group scored samples by prompt into preference pairs"),

@@ -16,8 +16,12 @@ from trainer.collate import tokenize_completions
 @dataclass(frozen=True)
 class SFTConfig:
     model: str  # HF checkpoint (local path or hub id) to fine-tune; chosen on purpose
-    data: str  # Parquet / JSONL / `datasets` dir with `prompt` and `response` columns
     out: str  # run directory: model/, metrics.jsonl, tensorboard/, eval.json, ray/
+    # Exactly one of data / from_pairs: what to train on is chosen on purpose.
+    data: str | None = None  # Parquet / JSONL / `datasets` dir with `prompt` and `response`
+    # pairs stage dir (`odpo import` / `odpo pair`): SFT on (prompt, chosen), each distinct pair
+    # once; the DPO paper's reference for preference data that did not come from this model
+    from_pairs: str | None = None
     # Defaults make the toy's *weak* SFT model: 25.6% greedy on held-out addition, measured.
     max_steps: int = 600  # optimizer steps; the toy is at 53% by 750 and 82% by 1,050: stop early
     epochs: int = 1  # passes over the data (training stops at max_steps first if set)
@@ -76,11 +80,39 @@ def model_context_length(model: str) -> int:
     return int(AutoConfig.from_pretrained(model).max_position_embeddings)
 
 
+def chosen_table(pairs: str):
+    """(prompt, response) from a pairs stage dir: each distinct (prompt, chosen) once, in first-
+    seen order (a pair stage repeats a chosen response across its pairs)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.manifest import read_manifest, verify_shards
+
+    manifest = read_manifest(pairs) if Path(pairs).is_dir() else None
+    if manifest is None or manifest.get("stage") not in ("import", "pair"):
+        found = f"'{manifest.get('stage')}' output" if manifest else "no manifest.json"
+        raise UserError(f"--from-pairs {pairs}: holds {found}; give the output of `odpo import` "
+                        f"or `odpo pair`")
+    verify_shards(pairs)
+    tables = [pq.read_table(Path(pairs) / f["name"], columns=["prompt", "chosen"])
+              for f in manifest["files"]]
+    rows = {}
+    for t in tables:
+        for p, c in zip(t["prompt"].to_pylist(), t["chosen"].to_pylist(), strict=True):
+            rows.setdefault((p, c), None)
+    return pa.table({"prompt": pa.array([p for p, _ in rows], type=pa.string()),
+                     "response": pa.array([c for _, c in rows], type=pa.string())})
+
+
 def run_sft(cfg: SFTConfig) -> dict:
     """Train, write `out/model`, evaluate it if `eval_prompts` is set; return a summary."""
+    import ray
 
+    from pipeline.manifest import input_digest
     from trainer.launch import fit
 
+    if (cfg.data is None) == (cfg.from_pairs is None):
+        raise UserError("set exactly one of --data (prompt, response) and --from-pairs PAIRS_DIR")
     if cfg.batch_size % (cfg.num_workers * cfg.grad_accum):
         raise UserError(
             f"batch_size {cfg.batch_size} is not divisible by num_workers x grad_accum "
@@ -90,15 +122,22 @@ def run_sft(cfg: SFTConfig) -> dict:
         cfg,
         model=resolve_path(cfg.model),
         data=resolve_path(cfg.data),
+        from_pairs=resolve_path(cfg.from_pairs),
         out=str(Path(cfg.out).absolute()),
         eval_prompts=resolve_path(cfg.eval_prompts),
     )
     t0 = time.perf_counter()
     max_length = cfg.max_length or model_context_length(cfg.model)
-    ds = read_ray_dataset(cfg.data, required=("prompt", "response"))
+    source = cfg.data or cfg.from_pairs
+    if cfg.from_pairs:
+        table = chosen_table(cfg.from_pairs)  # blocks of 10k rows tokenize in parallel
+        ds = ray.data.from_arrow([table.slice(i, 10_000)
+                                  for i in range(0, max(table.num_rows, 1), 10_000)])
+    else:
+        ds = read_ray_dataset(cfg.data, required=("prompt", "response"))
     ds = ds.select_columns(["prompt", "response"]).map_batches(
         tokenize_sft_batch,
-        fn_kwargs={"model": cfg.model, "max_length": max_length, "source": cfg.data},
+        fn_kwargs={"model": cfg.model, "max_length": max_length, "source": source},
         batch_format="numpy",
     )
     try:
@@ -110,7 +149,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         raise
     rows = ds.count()
     if rows < cfg.batch_size:
-        raise UserError(f"{cfg.data}: {rows} rows, fewer than one batch of {cfg.batch_size}")
+        raise UserError(f"{source}: {rows} rows, fewer than one batch of {cfg.batch_size}")
     steps_per_epoch = rows // cfg.batch_size
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps > 0:
@@ -133,6 +172,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     )
     train_s = time.perf_counter() - t0
     summary = {"model": str(model_dir), "rows": rows, "steps": total_steps, "train_s": train_s}
+    if cfg.from_pairs:  # lets a pipeline tell a stale SFT from a current one
+        summary["from_pairs_digest"] = input_digest(cfg.from_pairs)
     if cfg.eval_prompts:
         from pipeline.evaluate import EvalConfig, run_eval
 

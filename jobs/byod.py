@@ -1,0 +1,164 @@
+"""`odpo byod --config FILE`: bring your own preference data, one config for the whole path:
+
+    import -> SFT on the chosen responses -> reference (the SFT model) -> DPO train
+
+Per the DPO paper (Rafailov et al. 2023, section 4): when the preference data did not come from
+the model being trained, π_ref is unknown; fine-tuning on the chosen responses first and using
+that model as the reference shrinks the distribution shift. The SFT model is also the policy that
+DPO starts from, so the step-0 loss is ln 2.
+
+Layout of a run directory:
+
+    RUN/toy/          the toy model (only with `toy_model:`)
+    RUN/pairs/        `odpo import` output
+    RUN/sft/          `odpo sft --from-pairs RUN/pairs`: model/, metrics.jsonl, sft_summary.json
+    RUN/reference/    `odpo reference --pairs RUN/pairs --model RUN/sft/model`
+    RUN/train/        `odpo train --model RUN/sft/model --data RUN/reference`
+    RUN/byod_state.json   what SFT and train last ran on, so a re-run skips what is current
+
+Re-running the same command skips every stage whose inputs and config are unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jobs.config import build
+from pipeline.io import UserError, resolve_path, write_json
+
+
+@dataclass(frozen=True)
+class BYODConfig:
+    run_dir: str  # where the stages' directories go (layout in the module docstring)
+    data: str  # preference data: Parquet / JSONL / `datasets` dir, TRL standard or chat form
+    # Model to SFT on chosen and then DPO-train; its tokenizer renders conversational rows.
+    # No default: it is the choice. Leave it out only with `toy_model:`.
+    model: str | None = None
+    toy_model: dict | None = None  # ToyConfig fields: make the toy model from nothing (demo)
+    import_stage: dict = field(default_factory=dict)  # ImportConfig fields (tokenizer: model's)
+    sft: dict = field(default_factory=dict)  # SFTConfig fields for the SFT on chosen
+    reference_stage: dict = field(default_factory=dict)  # ReferenceConfig fields
+    train: dict = field(default_factory=dict)  # DPOConfig fields (beta is required)
+
+
+def _log(msg: str) -> None:
+    print(f"[byod {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _section(cls, cfg: BYODConfig, name: str, fixed: dict, defaults: dict | None = None):
+    """A stage config from its YAML section, the path's defaults and the values fixed here."""
+    values = dict(getattr(cfg, name))
+    clash = sorted(set(values) & set(fixed))
+    if clash:
+        raise UserError(f"{name}: {clash} are set by byod itself; remove them from the config")
+    return build(cls, {**(defaults or {}), **values, **fixed}, f"byod config section '{name}'")
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _current(state: dict, state_path: Path, name: str, key: str, out: Path) -> bool:
+    """True when training stage `name` already ran to the end with this `key`. Otherwise `out`
+    is made ready: a half-done run with this key is kept (Ray Train resumes it); one with another
+    key is removed, since Ray Train would resume its checkpoints as if they were this run's."""
+    entry = state.get(name) or {}
+    if entry.get("key") == key:
+        return bool(entry.get("done")) and (out / "model" / "config.json").exists()
+    if out.exists():
+        if not entry:
+            raise UserError(f"{out} exists but {state_path.name} does not record it; remove it "
+                            f"or choose another run_dir")
+        _log(f"{name}: {out} was trained on other inputs or settings; removing it")
+        shutil.rmtree(out)
+    state[name] = {"key": key, "done": False}
+    write_json(state_path, state)
+    return False
+
+
+def _finished(state: dict, state_path: Path, name: str) -> None:
+    state[name]["done"] = True
+    write_json(state_path, state)
+
+
+def run_byod(cfg: BYODConfig, start_ray: Callable[[], None]) -> dict:
+    """Run (or skip, when current) each stage; `start_ray` is called before the first stage that
+    needs Ray. Returns each stage's summary."""
+    from pipeline.importer import ImportConfig, run_import
+    from pipeline.manifest import input_digest, read_manifest
+    from pipeline.reference import ReferenceConfig, run_reference
+    from trainer.dpo import DPOConfig, run_dpo
+    from trainer.sft import SFTConfig, run_sft
+
+    t0 = time.perf_counter()
+    run = Path(cfg.run_dir).absolute()
+    run.mkdir(parents=True, exist_ok=True)
+    model = resolve_path(cfg.model)
+    if cfg.toy_model is not None:
+        from pipeline.toy import ToyConfig, init_toy_model
+
+        if model is not None:
+            raise UserError("set either `model:` or `toy_model:`, not both")
+        model = str(run / "toy")
+        if not (run / "toy" / "config.json").exists():
+            init_toy_model(build(ToyConfig, {**cfg.toy_model, "out": model}, "toy_model"))
+            _log(f"toy model -> {model}")
+    if model is None:
+        raise UserError("set `model:` (the model to SFT on chosen and train) or `toy_model:`")
+    state_path = run / "byod_state.json"
+    state = json.loads(state_path.read_text()) if state_path.exists() else {}
+    pairs, sft_dir = run / "pairs", run / "sft"
+    sft_model, ref_dir, train_dir = sft_dir / "model", run / "reference", run / "train"
+
+    imp = run_import(_section(ImportConfig, cfg, "import_stage",
+                              {"data": resolve_path(cfg.data), "out": str(pairs)},
+                              {"tokenizer": model}))
+    _log(f"import: {imp['rows']} rows -> {imp['pairs']} pairs ({imp['form']}; dropped: "
+         f"{imp['dropped'] or 'none'}){', skipped: up to date' if imp['skipped'] else ''}")
+
+    sft_cfg = _section(SFTConfig, cfg, "sft",
+                       {"model": model, "from_pairs": str(pairs), "out": str(sft_dir)})
+    key = _fingerprint(dataclasses.asdict(sft_cfg), input_digest(pairs))
+    started = False
+    if _current(state, state_path, "sft", key, sft_dir):
+        sft = json.loads((sft_dir / "sft_summary.json").read_text())
+        _log("sft on chosen: skipped, up to date")
+    else:
+        start_ray()
+        started = True
+        sft = run_sft(sft_cfg)
+        _finished(state, state_path, "sft")
+        _log(f"sft on chosen: {sft['steps']} steps on {sft['rows']} rows -> {sft['model']}")
+
+    def ray_once() -> None:
+        nonlocal started
+        if not started:
+            start_ray()
+            started = True
+
+    ref = run_reference(_section(ReferenceConfig, cfg, "reference_stage", {
+        "pairs": str(pairs), "model": str(sft_model), "out": str(ref_dir)}), start_ray=ray_once)
+    _log(f"reference: {ref['pairs']} pairs, cache {ref['cache']}")
+
+    train_cfg = _section(DPOConfig, cfg, "train",
+                         {"model": str(sft_model), "data": str(ref_dir), "out": str(train_dir)})
+    key = _fingerprint(dataclasses.asdict(train_cfg), read_manifest(ref_dir)["cache_key"])
+    if _current(state, state_path, "train", key, train_dir):
+        train = json.loads((train_dir / "train_summary.json").read_text())
+        _log("train: skipped, up to date")
+    else:
+        ray_once()
+        train = run_dpo(train_cfg)
+        _finished(state, state_path, "train")
+        _log(f"train: {train['steps']} steps on {train['pairs']} pairs -> {train['model']}")
+    summary = {"run_dir": str(run), "import": imp, "sft": sft, "reference": ref,
+               "train": train, "wall_s": time.perf_counter() - t0}
+    write_json(run / "byod_summary.json", summary)
+    return summary

@@ -1,0 +1,413 @@
+"""`odpo import`: someone else's preference data -> this project's pairs shards + manifest.
+
+Input: Parquet / JSONL / a `datasets` dir (`save_to_disk`) in one of TRL's preference forms,
+told apart by the Arrow types of `chosen` / `rejected`:
+  standard         `prompt`, `chosen`, `rejected` are strings; stored as they are.
+  conversational   they are lists of `{role, content}` messages. The prompt is rendered with the
+                   tokenizer's chat template and the generation prompt; a completion is what the
+                   rendering of prompt + completion adds after it (TRL's `maybe_apply_chat_template`
+                   rule). The rendering is what is stored, so the SFT, the reference and the
+                   trainer all tokenize the same text and need no template of their own.
+Without a prompt column (or with `prompt_column: ""`) the prompt is the longest common prefix of
+chosen and rejected (TRL's implicit prompt: characters for strings, with a space before the split
+left to the completions; whole messages for conversations). The rows where that fails (no common
+prefix, or one side is a prefix of the other) are counted in the manifest and dropped.
+
+The rendered text is made to tokenize exactly as `apply_chat_template(..., tokenize=True)`: every
+stage encodes prompts with the tokenizer's BOS and appends EOS to completions
+(`trainer.collate.tokenize_completions`), so a BOS the template writes at the start of the prompt
+and an EOS it writes at the end of a completion (plus whitespace after it) are removed from the
+text, and counted.
+
+Bad rows are dropped and counted by reason (`bad_rows: drop`), or stop the import with one
+clear error naming the first such row (`bad_rows: error`); see `REASONS`.
+
+Output columns: `prompt_id`, `prompt`, `chosen`, `rejected`, `chosen_score`, `rejected_score`
+(float64: the dataset's `chosen_score`/`rejected_score` or `score_chosen`/`score_rejected`, else
+null), `round` (0), for conversational data `prompt_messages`, `chosen_messages`,
+`rejected_messages` (the split messages as JSON), then the input's other columns unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.io import UserError, read_table, resolve_path, sha256_file
+from pipeline.manifest import input_digest, is_current, read_manifest, write_stage
+
+STAGE = "import"
+BAD_ROWS = ("drop", "error")
+ROWS_PER_SHARD = 50_000  # pairs per output file: several files let Ray read in parallel
+# Why a row is dropped (counted in the manifest under these names).
+REASONS = {
+    "empty_prompt": "the prompt is null or empty",
+    "empty_chosen": "chosen is null or empty",
+    "empty_rejected": "rejected is null or empty",
+    "identical": "chosen == rejected",
+    "malformed_message": "a message is not a {role, content} mapping with a string role",
+    "non_string_content": "a message's content is not a string",
+    "final_not_assistant": "the final message of chosen or rejected is not the assistant's",
+    "mismatched_roles": "chosen and rejected completions have different roles, or a completion "
+                        "does not start with an assistant turn after a non-assistant one",
+    "no_common_prefix": "no prompt: chosen and rejected share no prefix, or one is a prefix of "
+                        "the other",
+    "template_mismatch": "the chat template's rendering of the prompt is not a prefix of its "
+                         "rendering of prompt + completion",
+}
+SCORE_COLUMNS = (("chosen_score", "rejected_score"), ("score_chosen", "score_rejected"))
+OUT_COLUMNS = ("prompt_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score",
+               "round", "prompt_messages", "chosen_messages", "rejected_messages")
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    data: str  # Parquet / JSONL / `datasets` dir in TRL's standard or conversational form
+    out: str  # output stage directory: pairs shards + manifest.json
+    # Tokenizer dir (usually the model you will SFT) whose chat template renders conversational
+    # rows; not needed for the standard form
+    tokenizer: str | None = None
+    # Jinja file used instead of the tokenizer's own template (base and toy models have none)
+    chat_template: str | None = None
+    # Column holding the prompt; without it in the data the prompt is extracted (TRL's implicit
+    # prompt). "" forces extraction, e.g. for a string prompt beside message-list completions.
+    prompt_column: str = "prompt"
+    bad_rows: str = "drop"  # drop: count by reason in the manifest | error: stop at the first
+
+
+# ---------------------------------------------------------------- pure functions (tested bare)
+
+
+def common_prefix_split(chosen, rejected):
+    """TRL's implicit prompt: (prompt, chosen, rejected) split at the longest common prefix, or
+    None when it fails (empty prefix, or an empty / blank completion).
+
+    Works on strings (a space just before the split goes to the completions, as in TRL's
+    `extract_prompt`) and on message lists (whole messages compared)."""
+    n = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        n += 1
+    if isinstance(chosen, str) and n > 0 and chosen[n - 1] == " ":
+        n -= 1
+    prompt, c, r = chosen[:n], chosen[n:], rejected[n:]
+    if isinstance(chosen, str):
+        ok = prompt.strip() and c.strip() and r.strip()
+    else:
+        ok = prompt and c and r
+    return (prompt, c, r) if ok else None
+
+
+def _blank(x) -> bool:
+    return x is None or (isinstance(x, str) and not x.strip()) or (isinstance(x, list) and not x)
+
+
+def check_messages(prompt: list | None, chosen: list, rejected: list) -> str | None:
+    """The drop reason of a conversational row (messages already split), or None if it is fine.
+    `prompt` None means it is still to be extracted; only the message shapes are checked then."""
+    for msgs in (prompt or [], chosen, rejected):
+        for m in msgs:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
+                return "malformed_message"
+    for msgs in (prompt or [], chosen, rejected):
+        if any(not isinstance(m.get("content"), str) for m in msgs):
+            return "non_string_content"
+    if prompt is None:
+        return None
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        return "final_not_assistant"
+    roles = [m["role"] for m in chosen]
+    if (roles != [m["role"] for m in rejected] or roles[0] != "assistant"
+            or prompt[-1]["role"] == "assistant"):
+        return "mismatched_roles"
+    if not chosen[-1]["content"].strip():
+        return "empty_chosen"
+    if not rejected[-1]["content"].strip():
+        return "empty_rejected"
+    return None
+
+
+def render_conversation(
+    render: Callable[[list, bool], str],
+    prompt: list,
+    chosen: list,
+    rejected: list,
+    *,
+    bos_token: str | None,
+    eos_token: str | None,
+) -> tuple[str, str, str, dict] | str:
+    """(prompt text, chosen text, rejected text, {"bos_stripped", "eos_stripped"}) or a drop
+    reason. `render(messages, add_generation_prompt)` is the chat template as text.
+
+    `bos_token`: the BOS text to remove from the start of the prompt (pass it only when the
+    tokenizer adds BOS itself); `eos_token`: the EOS text to remove from the end of a completion
+    (with whitespace after it), since EOS is appended at tokenization."""
+    prompt_text = render(prompt, True)
+    counts = {"bos_stripped": 0, "eos_stripped": 0}
+    completions = []
+    for completion in (chosen, rejected):
+        full = render(prompt + completion, False)
+        if not full.startswith(prompt_text):
+            return "template_mismatch"
+        text = full[len(prompt_text):]
+        if eos_token and text.rstrip().endswith(eos_token):
+            text = text.rstrip()[: -len(eos_token)]
+            counts["eos_stripped"] += 1
+        completions.append(text)
+    if bos_token and prompt_text.startswith(bos_token):
+        prompt_text = prompt_text[len(bos_token):]
+        counts["bos_stripped"] += 1
+    if not completions[0].strip():
+        return "empty_chosen"
+    if not completions[1].strip():
+        return "empty_rejected"
+    if completions[0] == completions[1]:
+        return "identical"
+    return prompt_text, completions[0], completions[1], counts
+
+
+def convert_row(
+    prompt, chosen, rejected, *, conversational: bool, extract: bool = False, render=None,
+    bos_token=None, eos_token=None,
+) -> tuple[dict, dict] | str:
+    """One input row -> ({prompt, chosen, rejected[, *_messages]}, counts) or a drop reason.
+    `extract`: the dataset has no prompt; it is the common prefix (TRL's implicit prompt)."""
+    if _blank(chosen):
+        return "empty_chosen"
+    if _blank(rejected):
+        return "empty_rejected"
+    if not extract and _blank(prompt):
+        return "empty_prompt"
+    if conversational:
+        reason = check_messages(None if extract else prompt, chosen, rejected)
+        if reason:
+            return reason
+    if chosen == rejected:
+        return "identical"
+    counts = {"prompt_extracted": 0}
+    if extract:
+        split = common_prefix_split(chosen, rejected)
+        if split is None:
+            return "no_common_prefix"
+        prompt, chosen, rejected = split
+        counts["prompt_extracted"] = 1
+        if conversational:
+            reason = check_messages(prompt, chosen, rejected)
+            if reason:
+                return reason
+    if not conversational:
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, counts
+    rendered = render_conversation(render, prompt, chosen, rejected, bos_token=bos_token,
+                                   eos_token=eos_token)
+    if isinstance(rendered, str):
+        return rendered
+    p, c, r, stripped = rendered
+    row = {"prompt": p, "chosen": c, "rejected": r}
+    for name, msgs in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        row[f"{name}_messages"] = json.dumps(msgs, ensure_ascii=False)
+    return row, {**counts, **stripped}
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _form(table, prompt_column: str | None, source: str) -> bool:
+    """True for the conversational form, False for the standard form; one error if mixed."""
+    import pyarrow as pa
+
+    def kind(name: str) -> str:
+        t = table.schema.field(name).type
+        if pa.types.is_string(t) or pa.types.is_large_string(t):
+            return "text"
+        if (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
+            pa.types.is_struct(t.value_type) or pa.types.is_null(t.value_type)
+        ):
+            return "messages"
+        if pa.types.is_null(t):
+            return "null"
+        raise UserError(
+            f"{source}: column `{name}` is {t}; expected strings (TRL's standard form) or lists "
+            f"of {{role, content}} messages (conversational form)"
+        )
+
+    kinds = {c: kind(c) for c in ("chosen", "rejected") + ((prompt_column,) if prompt_column
+                                                            else ())}
+    found = set(kinds.values()) - {"null"}
+    if len(found) > 1:
+        hint = (" (set prompt_column to \"\" to take the prompt from the messages)"
+                if kinds.get(prompt_column) == "text" else "")
+        raise UserError(f"{source}: mixed forms {kinds}: all must be strings or all message "
+                        f"lists{hint}")
+    if not found:
+        raise UserError(f"{source}: chosen and rejected are null in every row")
+    return found == {"messages"}
+
+
+def _scores(table, n: int) -> tuple[list, list, list[str]]:
+    import pyarrow as pa
+
+    for c, r in SCORE_COLUMNS:
+        if c in table.column_names and r in table.column_names:
+            try:
+                return (table[c].cast(pa.float64()).to_pylist(),
+                        table[r].cast(pa.float64()).to_pylist(), [c, r])
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise UserError(f"score columns {c}, {r} are not numbers: "
+                                f"{str(e).splitlines()[0]}") from e
+    return [None] * n, [None] * n, []
+
+
+def _tokenizer(cfg: ImportConfig):
+    from transformers import AutoTokenizer
+
+    if not cfg.tokenizer:
+        raise UserError("conversational data needs --tokenizer (the dir of the model you will "
+                        "train, whose chat template renders the messages)")
+    path = Path(cfg.tokenizer)
+    if not path.is_dir():
+        raise UserError(f"{cfg.tokenizer}: tokenizer directory not found")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if cfg.chat_template:
+        tok.chat_template = Path(cfg.chat_template).read_text()
+    if not tok.chat_template:
+        raise UserError(f"{cfg.tokenizer}: the tokenizer has no chat template; pass "
+                        f"--chat-template FILE.jinja or use the standard (string) form")
+    return tok
+
+
+def _renderer(tok, source: str):
+    from jinja2 import TemplateError
+
+    def render(messages: list, add_generation_prompt: bool) -> str:
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt)
+        except TemplateError as e:
+            raise UserError(f"{source}: chat template failed: {str(e).splitlines()[0]}") from e
+        return text
+
+    adds_bos = (tok.bos_token_id is not None
+                and tok("a", add_special_tokens=True)["input_ids"][:1] == [tok.bos_token_id])
+    return render, (tok.bos_token if adds_bos else None), tok.eos_token
+
+
+def _validate(cfg: ImportConfig) -> None:
+    if cfg.bad_rows not in BAD_ROWS:
+        raise UserError(f"bad_rows must be one of {BAD_ROWS}, got {cfg.bad_rows!r}")
+    if cfg.chat_template and not Path(cfg.chat_template).is_file():
+        raise UserError(f"{cfg.chat_template}: chat template file not found")
+
+
+def run_import(cfg: ImportConfig) -> dict:
+    """Convert `cfg.data` into pairs shards in `cfg.out` (skipped when already current); no Ray.
+    Returns a summary: rows in / pairs out, dropped by reason, form, prompt extraction."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.reference import tokenizer_digest
+    from pipeline.sample import prompt_id
+
+    t0 = time.perf_counter()
+    _validate(cfg)
+    data = resolve_path(cfg.data)
+    if not Path(data).exists():
+        raise UserError(f"{cfg.data}: no such file or directory")
+    out = Path(cfg.out).absolute()
+    if out.resolve() == Path(data).resolve():
+        raise UserError(f"--out {cfg.out} is the --data path; choose another directory")
+    cfg_abs = ImportConfig(**{**asdict(cfg), "data": data, "out": str(out),
+                              "tokenizer": resolve_path(cfg.tokenizer),
+                              "chat_template": resolve_path(cfg.chat_template)})
+    table = read_table(data, required=("chosen", "rejected"))
+    if cfg.prompt_column not in ("", "prompt", *table.column_names):
+        raise UserError(f"{cfg.data}: no column `{cfg.prompt_column}` (prompt_column); found "
+                        f"{table.column_names}")
+    prompt_column = cfg.prompt_column if cfg.prompt_column in table.column_names else None
+    conversational = _form(table, prompt_column, cfg.data)
+    inputs = {"data": input_digest(data)}
+    render = bos = eos = None
+    if conversational:
+        tok = _tokenizer(cfg_abs)
+        render, bos, eos = _renderer(tok, cfg.data)
+        inputs["tokenizer"] = tokenizer_digest(Path(cfg_abs.tokenizer))
+        if cfg.chat_template:
+            inputs["chat_template"] = sha256_file(cfg_abs.chat_template)
+    config = asdict(cfg_abs)
+    if is_current(out, STAGE, config, inputs):
+        return _summary(read_manifest(out), out, t0, skipped=True)
+
+    n = table.num_rows
+    prompts = table[prompt_column].to_pylist() if prompt_column else [None] * n
+    chosen, rejected = table["chosen"].to_pylist(), table["rejected"].to_pylist()
+    chosen_scores, rejected_scores, score_columns = _scores(table, n)
+    rows, kept, dropped, counts = [], [], Counter(), Counter()
+    for i in range(n):
+        result = convert_row(prompts[i], chosen[i], rejected[i], conversational=conversational,
+                             extract=prompt_column is None, render=render, bos_token=bos,
+                             eos_token=eos)
+        if isinstance(result, str):
+            if cfg.bad_rows == "error":
+                raise UserError(f"{cfg.data}: row {i}: {REASONS[result]} ({result}); "
+                                f"--bad-rows drop drops and counts such rows instead")
+            dropped[result] += 1
+            continue
+        row, c = result
+        counts.update(c)
+        row["prompt_id"] = prompt_id(row["prompt"])
+        row["chosen_score"], row["rejected_score"] = chosen_scores[i], rejected_scores[i]
+        row["round"] = 0
+        rows.append(row)
+        kept.append(i)
+
+    used = {prompt_column, "chosen", "rejected", *score_columns, *OUT_COLUMNS}
+    names = OUT_COLUMNS if conversational else OUT_COLUMNS[:7]
+    columns = {name: [r[name] for r in rows] for name in names}
+    types = {"chosen_score": pa.float64(), "rejected_score": pa.float64(), "round": pa.int64()}
+    result = pa.table({name: pa.array(v, type=types.get(name, pa.string()))
+                       for name, v in columns.items()})
+    rest = table.select([c for c in table.column_names if c not in used])
+    rest = rest.take(pa.array(kept, type=pa.int64()))
+    for name in rest.column_names:
+        result = result.append_column(name, rest[name])
+
+    def write(tmp: Path) -> None:
+        for s, start in enumerate(range(0, max(result.num_rows, 1), ROWS_PER_SHARD)):
+            pq.write_table(result.slice(start, ROWS_PER_SHARD), tmp / f"part-{s:05d}.parquet")
+
+    extra = {
+        "form": "conversational" if conversational else "standard",
+        "prompt_source": "column" if prompt_column else "extracted",
+        "prompt_extraction": _extraction(prompt_column, counts, dropped),
+        "score_columns": score_columns,
+        "rendering": {k: counts[k] for k in ("bos_stripped", "eos_stripped")}
+        if conversational else None,
+        "stats": {"import_s": time.perf_counter() - t0},
+    }
+    manifest = write_stage(out, STAGE, config, inputs, write, n, dict(dropped), extra)
+    return _summary(manifest, out, t0, skipped=False)
+
+
+def _extraction(prompt_column, counts, dropped) -> dict | None:
+    """Rows whose prompt was extracted and rows where TRL's rule found none."""
+    if prompt_column is not None:
+        return None
+    return {"extracted": counts["prompt_extracted"], "failed": dropped["no_common_prefix"]}
+
+
+def _summary(manifest: dict, out: Path, t0: float, skipped: bool) -> dict:
+    return {
+        "out": str(out),
+        "skipped": skipped,
+        "rows": manifest["rows_in"],
+        "pairs": manifest["rows_out"],
+        "dropped": manifest["dropped"],
+        "form": manifest["form"],
+        "prompt_source": manifest["prompt_source"],
+        "prompt_extraction": manifest["prompt_extraction"],
+        "seconds": time.perf_counter() - t0,
+    }

@@ -1,0 +1,458 @@
+"""`odpo import`, `odpo sft --from-pairs` and `odpo byod`: someone else's preference data into the
+same reference + train path. Trusted values: hand-derived splits and counts, a copy of TRL's
+prompt-extraction rule, the tokenizer's own `apply_chat_template(tokenize=True)`, `datasets`, and
+log-probs from a plain `transformers` forward written here."""
+
+import hashlib
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from jobs.cli import main
+from pipeline.importer import common_prefix_split
+from pipeline.io import UserError
+from pipeline.manifest import read_manifest
+
+TEMPLATE = Path(__file__).parents[1] / "jobs" / "configs" / "toy_chat_template.jinja"
+
+
+def user(c):
+    return {"role": "user", "content": c}
+
+
+def assistant(c):
+    return {"role": "assistant", "content": c}
+
+
+def _pairs(out) -> list[dict]:
+    files = [Path(out) / f["name"] for f in read_manifest(out)["files"]]
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist()
+
+
+def _write_jsonl(path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@pytest.fixture(scope="module")
+def chat_toy(toy_model_dir, tmp_path_factory):
+    """A copy of the toy model whose tokenizer carries a chat template (saved with the model)."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("chat_toy") / "model"
+    shutil.copytree(toy_model_dir, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.chat_template = TEMPLATE.read_text()
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_tok(chat_toy):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(chat_toy)
+
+
+def _template_ids(tok, prompt, completion) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) as the tokenizer's own chat template tokenizes them."""
+    p = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)["input_ids"]
+    full = tok.apply_chat_template(prompt + completion, tokenize=True)["input_ids"]
+    assert full[:len(p)] == p
+    return list(p), list(full[len(p):])
+
+
+# ---------------------------------------------------------------- prompt extraction (no Ray)
+
+
+def trl_extract_prompt(chosen, rejected):
+    """TRL's `_extract_prompt` (trl/data_utils.py), copied as the reference rule."""
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if chosen[idx - 1] == " ":  # remove space before the prompt
+                idx -= 1
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def test_common_prefix_hand_derived():
+    assert common_prefix_split("Q: hi A: yes", "Q: hi A: no") == ("Q: hi A:", " yes", " no")
+    assert common_prefix_split("12+3=15", "12+3=16") == ("12+3=1", "5", "6")
+    assert common_prefix_split("abc", "xbc") is None  # no common prefix
+    assert common_prefix_split("ab", "abcd") is None  # chosen is a prefix of rejected
+    conv_c = [user("1+1="), assistant("2"), user("and 2+2?"), assistant("4")]
+    conv_r = [user("1+1="), assistant("2"), user("and 2+2?"), assistant("5")]
+    assert common_prefix_split(conv_c, conv_r) == (conv_c[:3], [conv_c[3]], [conv_r[3]])
+    assert common_prefix_split([user("a"), assistant("b")], [user("c"), assistant("b")]) is None
+
+
+def test_common_prefix_agrees_with_trl_rule():
+    rng = random.Random(0)
+    agreed = 0
+    for _ in range(3000):
+        c = "".join(rng.choice("ab ") for _ in range(rng.randint(1, 8)))
+        r = "".join(rng.choice("ab ") for _ in range(rng.randint(1, 8)))
+        if c == r:
+            continue
+        ours = common_prefix_split(c, r)
+        trl = trl_extract_prompt(c, r)
+        n = next((i for i, (x, y) in enumerate(zip(c, r, strict=False)) if x != y), None)
+        if ours is None:  # TRL's rule gives an empty prompt or completion there
+            assert n in (None, 0) or not all(s.strip() for s in trl)
+        else:
+            assert ours == trl
+            agreed += 1
+    assert agreed > 300  # both rules ran on enough real splits
+
+
+# ---------------------------------------------------------------- the import stage (no Ray)
+
+
+def test_conversational_rows_tokenize_exactly_like_apply_chat_template(chat_toy, chat_tok,
+                                                                        tmp_path):
+    from trainer.collate import tokenize_completions
+
+    rows = [
+        {"prompt": [user("12+34=")], "chosen": [assistant("46")], "rejected": [assistant("47")]},
+        {"prompt": [{"role": "system", "content": "add"}, user("1+1=")],
+         "chosen": [assistant("2")], "rejected": [assistant("3")]},
+        {"prompt": [user("1+1="), assistant("2"), user("2+2=")],
+         "chosen": [assistant("4")], "rejected": [assistant("5")]},
+        {"prompt": [user("9+9=")], "chosen": [assistant("18"), user("ok?"), assistant("yes")],
+         "rejected": [assistant("17"), user("ok?"), assistant("no")]},
+    ]
+    data = _write_jsonl(tmp_path / "prefs.jsonl", rows)
+    out = tmp_path / "pairs"
+    assert main(["import", "--data", str(data), "--tokenizer", str(chat_toy),
+                 "--out", str(out)]) == 0
+    pairs = _pairs(out)
+    assert len(pairs) == len(rows)
+    for row, pair in zip(rows, pairs, strict=True):
+        p_ids, c_ids = tokenize_completions(chat_tok, [pair["prompt"]], [pair["chosen"]])
+        _, r_ids = tokenize_completions(chat_tok, [pair["prompt"]], [pair["rejected"]])
+        assert (p_ids[0], c_ids[0]) == _template_ids(chat_tok, row["prompt"], row["chosen"])
+        assert r_ids[0] == _template_ids(chat_tok, row["prompt"], row["rejected"])[1]
+        assert pair["prompt_id"] == _digest(pair["prompt"])
+        assert (pair["chosen_score"], pair["rejected_score"], pair["round"]) == (None, None, 0)
+        assert json.loads(pair["prompt_messages"]) == row["prompt"]
+        assert json.loads(pair["chosen_messages"]) == row["chosen"]
+    # Hand-derived text for the first row: BOS and EOS are added at tokenization, not stored.
+    assert (pairs[0]["prompt"], pairs[0]["chosen"]) == ("Q:12+34= A:", "46")
+    m = read_manifest(out)
+    assert (m["stage"], m["form"], m["rows_in"], m["rows_out"]) == ("import", "conversational",
+                                                                    4, 4)
+    assert m["rendering"] == {"bos_stripped": 4, "eos_stripped": 8}
+
+    # The same template given as a file to a tokenizer without one: the same shards.
+    plain = tmp_path / "plain_toy"
+    shutil.copytree(chat_toy, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    for f in plain.glob("chat_template.*"):
+        f.unlink()
+    assert main(["import", "--data", str(data), "--tokenizer", str(plain),
+                 "--out", str(tmp_path / "bare")]) == 2
+    assert main(["import", "--data", str(data), "--tokenizer", str(plain), "--chat-template",
+                 str(TEMPLATE), "--out", str(tmp_path / "from_file")]) == 0
+    strip = ("prompt", "chosen", "rejected")
+    assert ([{k: p[k] for k in strip} for p in _pairs(tmp_path / "from_file")]
+            == [{k: p[k] for k in strip} for p in pairs])
+
+
+def test_implicit_prompt_is_the_common_prefix_and_failures_are_counted(chat_toy, chat_tok,
+                                                                        tmp_path, capsys):
+    import datasets
+
+    rows = [  # no prompt column: TRL's implicit-prompt conversational form
+        {"chosen": [user("3+4="), assistant("7")], "rejected": [user("3+4="), assistant("8")]},
+        {"chosen": [user("1+1="), assistant("2"), user("2+2="), assistant("4")],
+         "rejected": [user("1+1="), assistant("2"), user("2+2="), assistant("5")]},
+        {"chosen": [user("5+5="), assistant("10")], "rejected": [user("5+6="), assistant("11")]},
+        {"chosen": [user("6+6=")], "rejected": [user("6+6="), assistant("12")]},
+    ]
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "prefs")
+    out = tmp_path / "pairs"
+    assert main(["import", "--data", str(tmp_path / "prefs"), "--tokenizer", str(chat_toy),
+                 "--out", str(out)]) == 0
+    assert "common-prefix prompt found in 2 rows, failed in 2" in capsys.readouterr().out
+    m = read_manifest(out)
+    assert m["prompt_source"] == "extracted"
+    assert m["prompt_extraction"] == {"extracted": 2, "failed": 2}
+    assert m["dropped"] == {"no_common_prefix": 2}
+    pairs = _pairs(out)
+    assert json.loads(pairs[1]["prompt_messages"]) == rows[1]["chosen"][:3]
+    from trainer.collate import tokenize_completions
+
+    p_ids, c_ids = tokenize_completions(chat_tok, [pairs[1]["prompt"]], [pairs[1]["chosen"]])
+    assert (p_ids[0], c_ids[0]) == _template_ids(chat_tok, rows[1]["chosen"][:3],
+                                                 rows[1]["chosen"][3:])
+
+
+def test_standard_form_from_parquet_and_datasets(tmp_path):
+    import datasets
+
+    table = pa.table({
+        "prompt": ["What is 2+2?", "Name a colour."],
+        "chosen": [" 4", " Blue"],
+        "rejected": [" 5", " Blue"],  # identical: dropped
+        "score_chosen": [9.0, 7.5],
+        "score_rejected": [2.0, 7.5],
+        "source": ["math", "misc"],
+    })
+    pq.write_table(table, tmp_path / "prefs.parquet")
+    out = tmp_path / "pairs"
+    assert main(["import", "--data", str(tmp_path / "prefs.parquet"), "--out", str(out)]) == 0
+    [pair] = _pairs(out)
+    assert pair == {"prompt_id": _digest("What is 2+2?"), "prompt": "What is 2+2?",
+                    "chosen": " 4", "rejected": " 5", "chosen_score": 9.0,
+                    "rejected_score": 2.0, "round": 0, "source": "math"}
+    m = read_manifest(out)
+    assert (m["form"], m["dropped"], m["score_columns"]) == (
+        "standard", {"identical": 1}, ["score_chosen", "score_rejected"])
+    # TRL / `datasets` read the shards as they are (DESIGN.md, data contracts).
+    loaded = datasets.load_dataset("parquet", data_files=str(out / "*.parquet"), split="train")
+    assert loaded[0]["chosen"] == " 4" and loaded.column_names[:4] == [
+        "prompt_id", "prompt", "chosen", "rejected"]
+
+    # Implicit prompt from strings, in a `datasets` directory.
+    datasets.Dataset.from_dict({
+        "chosen": ["Human: 2+2? Assistant: 4", "abc", "same start"],
+        "rejected": ["Human: 2+2? Assistant: 5", "xbc", "same start and more"],
+    }).save_to_disk(tmp_path / "implicit")
+    out = tmp_path / "implicit_pairs"
+    assert main(["import", "--data", str(tmp_path / "implicit"), "--out", str(out)]) == 0
+    [pair] = _pairs(out)
+    assert (pair["prompt"], pair["chosen"], pair["rejected"]) == (
+        "Human: 2+2? Assistant:", " 4", " 5")
+    assert read_manifest(out)["prompt_extraction"] == {"extracted": 1, "failed": 2}
+
+
+BAD_ROWS = [  # (row, reason it is dropped for); every reason once
+    ({"prompt": [user("1+1=")], "chosen": [assistant("2")], "rejected": [assistant("3")]}, None),
+    ({"prompt": [user("1+2=")], "chosen": [], "rejected": [assistant("4")]}, "empty_chosen"),
+    ({"prompt": [user("1+3=")], "chosen": [assistant("4")], "rejected": [assistant(" ")]},
+     "empty_rejected"),
+    ({"prompt": [], "chosen": [assistant("4")], "rejected": [assistant("5")]}, "empty_prompt"),
+    ({"prompt": [user("1+4=")], "chosen": [assistant("5")], "rejected": [assistant("5")]},
+     "identical"),
+    ({"prompt": [user("1+5=")], "chosen": [assistant("6")],
+      "rejected": [user("hm"), assistant("7")]}, "mismatched_roles"),
+    ({"prompt": [user("1+6="), assistant("?")], "chosen": [assistant("7")],
+      "rejected": [assistant("8")]}, "mismatched_roles"),
+    ({"prompt": [user("1+7=")], "chosen": [user("8")], "rejected": [assistant("9")]},
+     "final_not_assistant"),
+    ({"prompt": [user("1+8=")], "chosen": [assistant(None)], "rejected": [assistant("9")]},
+     "non_string_content"),
+    ({"prompt": [{"role": None, "content": "1+9="}], "chosen": [assistant("10")],
+      "rejected": [assistant("11")]}, "malformed_message"),
+    ({"prompt": [user("2+2=")], "chosen": [assistant("4")], "rejected": [assistant("5")]}, None),
+]
+
+
+def test_bad_rows_are_dropped_by_reason_or_stop_with_one_line(chat_toy, tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "bad.jsonl", [r for r, _ in BAD_ROWS])
+    out = tmp_path / "pairs"
+    assert main(["import", "--data", str(data), "--tokenizer", str(chat_toy),
+                 "--out", str(out)]) == 0
+    expected: dict[str, int] = {}
+    for _, reason in BAD_ROWS:
+        if reason:
+            expected[reason] = expected.get(reason, 0) + 1
+    m = read_manifest(out)
+    assert m["dropped"] == expected
+    assert (m["rows_in"], m["rows_out"]) == (len(BAD_ROWS), 2)
+    assert [p["prompt"] for p in _pairs(out)] == ["Q:1+1= A:", "Q:2+2= A:"]
+
+    capsys.readouterr()
+    assert main(["import", "--data", str(data), "--tokenizer", str(chat_toy), "--out",
+                 str(tmp_path / "strict"), "--bad-rows", "error"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "row 1:" in err and "empty_chosen" in err
+    assert not (tmp_path / "strict").exists()
+
+
+def test_schema_problems_are_one_line_errors(chat_toy, toy_model_dir, tmp_path, capsys):
+    mixed = _write_jsonl(tmp_path / "mixed.jsonl", [
+        {"prompt": "1+1=", "chosen": [assistant("2")], "rejected": [assistant("3")]}])
+    cases = [
+        (["--data", str(mixed), "--tokenizer", str(chat_toy)], "prompt_column"),
+        (["--data", str(_write_jsonl(tmp_path / "c.jsonl", [
+            {"prompt": [user("1+1=")], "chosen": [assistant("2")],
+             "rejected": [assistant("3")]}]))], "needs --tokenizer"),
+        (["--data", str(_write_jsonl(tmp_path / "n.jsonl", [
+            {"prompt": "a", "chosen": 1, "rejected": 2}]))], "expected strings"),
+        (["--data", str(_write_jsonl(tmp_path / "m.jsonl", [{"prompt": "a", "chosen": "b"}]))],
+         "missing column"),
+        (["--data", str(mixed), "--bad-rows", "maybe"], "bad_rows must be"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        capsys.readouterr()
+        assert main(["import", *args, "--out", str(tmp_path / f"out{i}")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    # A string prompt beside message lists: `--prompt-column ""` takes the prompt from the
+    # messages instead (here they share none: the row is counted as such).
+    assert main(["import", "--data", str(mixed), "--tokenizer", str(chat_toy), "--prompt-column",
+                 "", "--out", str(tmp_path / "ok")]) == 0
+    assert read_manifest(tmp_path / "ok")["dropped"] == {"no_common_prefix": 1}
+
+
+def test_import_is_skipped_when_current(chat_toy, tmp_path, capsys):
+    data = _write_jsonl(tmp_path / "p.jsonl", [r for r, reason in BAD_ROWS if reason is None])
+    args = ["import", "--data", str(data), "--tokenizer", str(chat_toy), "--out",
+            str(tmp_path / "pairs")]
+    assert main(args) == 0
+    before = (tmp_path / "pairs" / "manifest.json").read_text()
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "skipped: up to date" in capsys.readouterr().out
+    assert (tmp_path / "pairs" / "manifest.json").read_text() == before
+
+
+def test_sft_needs_exactly_one_data_source(toy_model_dir, tmp_path):
+    from trainer.sft import SFTConfig, run_sft
+
+    for extra in ({}, {"data": "d.parquet", "from_pairs": "pairs"}):
+        with pytest.raises(UserError, match="exactly one of --data"):
+            run_sft(SFTConfig(model=toy_model_dir, out=str(tmp_path / "o"), **extra))
+
+
+def test_byod_retrains_from_scratch_when_a_stage_input_changes(tmp_path):
+    """Ray Train resumes whatever checkpoints a run dir holds, so a training stage whose key
+    changed must start from an empty dir; a half-done run with the same key must be kept."""
+    from jobs.byod import _current
+
+    state_path, out = tmp_path / "byod_state.json", tmp_path / "sft"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="does not record it"):
+        _current({}, state_path, "sft", "k1", out)  # not byod's own: never removed
+    assert out.exists()
+    state = {"sft": {"key": "k1", "done": True}}
+    assert _current(state, state_path, "sft", "k1", out)  # current: skip
+    assert not _current(state, state_path, "sft", "k2", out)  # another key: removed
+    assert not out.exists()
+    assert json.loads(state_path.read_text()) == {"sft": {"key": "k2", "done": False}}
+    (out / "ray").mkdir(parents=True)  # a half-done run of k2 (checkpoints to resume)
+    assert not _current(state, state_path, "sft", "k2", out)
+    assert (out / "ray").exists()
+
+
+# ---------------------------------------------------------------- the whole path (Ray)
+
+
+def _addition_prefs(n: int, seed: int) -> list[dict]:
+    """Conversational addition preferences "made by another model": chosen the right sum,
+    rejected a near miss; some prompts carry a system turn."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        prompt = [user(f"{a}+{b}=")]
+        if i % 4 == 0:
+            prompt = [{"role": "system", "content": "add"}, *prompt]
+        wrong = a + b + rng.choice([-10, -1, 1, 10])
+        rows.append({"prompt": prompt, "chosen": [assistant(str(a + b))],
+                     "rejected": [assistant(str(wrong))]})
+    return rows
+
+
+def _chosen_logps(model_dir, tok, rows) -> list[float]:
+    """Summed log-prob of each chosen completion: a plain forward on the template's ids."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    with torch.inference_mode():
+        for r in rows:
+            p, c = _template_ids(tok, r["prompt"], r["chosen"])
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0].float(),
+                                         -1)
+            out.append(float(sum(logprobs[len(p) + j - 1, t] for j, t in enumerate(c))))
+    return out
+
+
+@pytest.mark.slow
+def test_import_sft_on_chosen_reference_train(ray_local, chat_toy, chat_tok, tmp_path, capsys):
+    rows = _addition_prefs(256, seed=0)
+    rows.append({"prompt": [user("1+1=")], "chosen": [assistant("2")],
+                 "rejected": [assistant("2")]})  # identical: dropped and counted
+    data = _write_jsonl(tmp_path / "prefs.jsonl", rows)
+    pairs, sft, ref, train = (tmp_path / n for n in ("pairs", "sft", "reference", "train"))
+    assert main(["import", "--data", str(data), "--tokenizer", str(chat_toy),
+                 "--out", str(pairs)]) == 0
+    assert read_manifest(pairs)["dropped"] == {"identical": 1}
+    assert main(["sft", "--model", str(chat_toy), "--from-pairs", str(pairs), "--out", str(sft),
+                 "--max-steps", "40", "--batch-size", "32", "--warmup-steps", "5",
+                 "--log-every", "10"]) == 0
+    assert main(["reference", "--pairs", str(pairs), "--model", str(sft / "model"),
+                 "--out", str(ref), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert main(["train", "--model", str(sft / "model"), "--data", str(ref), "--out", str(train),
+                 "--beta", "0.1", "--lr", "5e-4", "--epochs", "1", "--batch-size", "32",
+                 "--log-every", "1"]) == 0
+    print(capsys.readouterr().out)
+
+    kept = rows[:256]
+    shards = _pairs(ref)
+    assert len(shards) == 256
+    # The stage's reference log-probs are the SFT model's, on the template's exact tokens.
+    sft_logps = _chosen_logps(sft / "model", chat_tok, kept)
+    assert [s["ref_chosen_logps"] for s in shards] == pytest.approx(sft_logps, abs=1e-4)
+    # SFT on chosen raised the chosen responses' log-prob (the point of the step).
+    base_logps = _chosen_logps(chat_toy, chat_tok, kept)
+    rise = sum(sft_logps) / len(kept) - sum(base_logps) / len(kept)
+    print(f"mean chosen log-prob: base {sum(base_logps) / len(kept):.3f}, after SFT on chosen "
+          f"{sum(sft_logps) / len(kept):.3f} (rise {rise:.3f} nats)")
+    assert rise > 1.0
+    assert sum(s > b for s, b in zip(sft_logps, base_logps, strict=True)) > 0.9 * len(kept)
+    # The policy starts at the reference: the step-0 DPO loss is ln 2.
+    metrics = [json.loads(x) for x in (train / "metrics.jsonl").read_text().splitlines()]
+    print(f"step-0 dpo_loss {metrics[0]['dpo_loss']:.8f} (ln 2 = {math.log(2):.8f})")
+    assert metrics[0]["step"] == 0
+    assert abs(metrics[0]["dpo_loss"] - math.log(2)) < 1e-5
+    assert json.loads((train / "train_summary.json").read_text())["steps"] == 256 // 32
+
+
+@pytest.mark.slow
+def test_byod_one_config_runs_the_whole_path_and_skips_when_current(ray_local, chat_toy,
+                                                                     tmp_path, capsys):
+    import yaml
+
+    data = _write_jsonl(tmp_path / "prefs.jsonl", _addition_prefs(64, seed=1))
+    config = {
+        "run_dir": str(tmp_path / "run"), "data": str(data), "model": str(chat_toy),
+        "sft": {"max_steps": 4, "batch_size": 16, "warmup_steps": 0},
+        "reference_stage": {"cache_dir": str(tmp_path / "cache")},
+        "train": {"beta": 0.1, "lr": 5e-4, "batch_size": 32, "log_every": 1},
+    }
+    path = tmp_path / "byod.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["byod", "--config", str(path)]) == 0
+    run = tmp_path / "run"
+    assert [read_manifest(run / d)["stage"] for d in ("pairs", "reference")] == [
+        "import", "reference"]
+    assert read_manifest(run / "reference")["config"]["model"] == str(run / "sft" / "model")
+    metrics = [json.loads(x) for x in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(metrics[0]["dpo_loss"] - math.log(2)) < 1e-5
+    first = (run / "train" / "model" / "model.safetensors").read_bytes()
+
+    capsys.readouterr()
+    assert main(["byod", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "import:" in out and "skipped: up to date" in out
+    assert "sft on chosen: skipped" in out and "train: skipped" in out
+    assert "cache hit" in out
+    assert (run / "train" / "model" / "model.safetensors").read_bytes() == first
