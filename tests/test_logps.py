@@ -28,8 +28,8 @@ def test_matches_explicit_loop_with_masking():
     labels[1, 5:] = IGNORE_INDEX  # padding
     labels[2, :] = IGNORE_INDEX  # nothing counts
     got = sequence_logps(logits, labels)
-    assert got.dtype == torch.float32 and got.shape == (3,)
-    torch.testing.assert_close(got, _loop_logps(logits, labels).float(), atol=1e-5, rtol=0)
+    assert got.dtype == torch.float64 and got.shape == (3,)
+    torch.testing.assert_close(got, _loop_logps(logits, labels).double(), atol=1e-5, rtol=0)
     assert got[2] == 0
 
 
@@ -38,8 +38,8 @@ def test_bf16_logits_are_normalised_in_float32():
     logits = (torch.randn(2, 5, 50, generator=g) * 4).bfloat16()
     labels = torch.randint(0, 50, (2, 5), generator=g)
     got = sequence_logps(logits, labels)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got, _loop_logps(logits.float(), labels).float(), atol=1e-5,
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, _loop_logps(logits.float(), labels).double(), atol=1e-5,
                                rtol=0)
 
 
@@ -67,4 +67,4 @@ def test_matches_transformers_causal_lm_loss(toy_model_dir):
                     labels=batch["labels"])
     ours = sequence_logps(out.logits, batch["labels"])
     n_tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-    torch.testing.assert_close(-ours.sum() / n_tokens, out.loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close((-ours.sum() / n_tokens).float(), out.loss, atol=1e-5, rtol=0)

@@ -42,10 +42,12 @@ def per_token_logps(
 def sequence_logps(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
-    """Summed completion log-prob per sequence: (B, T, V), (B, T) -> (B,) float32.
+    """Summed completion log-prob per sequence: (B, T, V), (B, T) -> (B,) float64.
 
     labels are aligned with the input ids (this function shifts by one); positions whose label is
-    `ignore_index` (prompt, padding) are left out of the sum.
+    `ignore_index` (prompt, padding) are left out of the sum. The float32 token log-probs are
+    summed in float64: a float32 sum near -140 is off by ~1e-5 and its rounding depends on the
+    padded width, which would break policy/reference agreement at that tolerance.
     """
     token_logps, _ = per_token_logps(logits, labels, ignore_index)
-    return token_logps.sum(dim=-1)
+    return token_logps.double().sum(dim=-1)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from trainer.collate import collate
-from trainer.logps import per_token_logps
+from trainer.logps import per_token_logps, sequence_logps
 from trainer.loss import dpo_loss, nll_loss
 
 STATE_FILE = "trainer_state.pt"
@@ -52,8 +52,7 @@ def _pair_logps(model, batch: dict, pad_token_id: int) -> tuple[torch.Tensor, to
     logits = model(
         input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device)
     ).logits
-    token_logps, _ = per_token_logps(logits, t["labels"].to(device))
-    logps = token_logps.sum(-1)
+    logps = sequence_logps(logits, t["labels"].to(device))
     return logps[:n], logps[n:], t
 
 
@@ -69,9 +68,10 @@ def dpo_step_loss(
     n = chosen_logps.shape[0]
     device = chosen_logps.device
     if reference_model is None:
-        ref_chosen = torch.as_tensor(np.asarray(batch["ref_chosen_logps"]), device=device)
-        ref_rejected = torch.as_tensor(np.asarray(batch["ref_rejected_logps"]), device=device)
-        ref_chosen, ref_rejected = ref_chosen.float(), ref_rejected.float()
+        ref_chosen = torch.tensor(np.array(batch["ref_chosen_logps"]), dtype=torch.float64,
+                                  device=device)
+        ref_rejected = torch.tensor(np.array(batch["ref_rejected_logps"]), dtype=torch.float64,
+                                    device=device)
     else:
         with torch.inference_mode():
             ref_chosen, ref_rejected, _ = _pair_logps(reference_model, batch, pad_token_id)
@@ -309,9 +309,10 @@ def train_loop_per_worker(cfg: dict) -> None:
                 logger.log(step, avg)
                 window, t_window = [], time.perf_counter()
             step += 1
-            if bar is not None:
-                bar.update(1)
             done = step >= total_steps
+            # ~100 bar updates a run: each one is a log line when stdout is not a terminal
+            if bar is not None and (step % max(1, total_steps // 100) == 0 or done):
+                bar.update(step - bar.n)
             save_now = cfg["save_every"] > 0 and step % cfg["save_every"] == 0
             if done or save_now:
                 _report(model, tokenizer, optimizer, scheduler, step, epoch, rank, {"step": step})
