@@ -19,7 +19,9 @@ BUILTIN_SCORERS = {
 
 
 def load_scorer(spec: str) -> Callable:
-    """A scorer from `module:function`, or a built-in task name (`addition`)."""
+    """A scorer from `module:function`, `path/to/file.py:function`, or a built-in task name."""
+    if spec.rsplit(":", 1)[0].endswith(".py"):
+        return load_scorer_file(spec)
     target = BUILTIN_SCORERS.get(spec, spec)
     if ":" not in target:
         raise UserError(
