@@ -149,6 +149,32 @@ def _cmd_pair(args) -> None:
     print(line + f", in {s['seconds']:.1f}s -> {s['out']}")
 
 
+def _cmd_iterate(args) -> None:
+    from jobs.config import build, load_yaml
+    from jobs.iterate import IterateConfig, run_iterate
+    from jobs.runtime import init_ray
+
+    values = load_yaml(args.config)
+    if args.run_dir:
+        values["run_dir"] = args.run_dir
+    if args.rounds is not None:
+        values["rounds"] = args.rounds
+    cfg = build(IterateConfig, values, args.config)
+    init_ray(args.address)
+    s = run_iterate(cfg)
+    for r in s["rounds"]:
+        print(f"round {r['round']}: greedy {r['greedy_reward']:.3f}, "
+              f"sampled {r['sampled_reward']:.3f}  ({r['policy']})")
+    print(f"iterate: {len(s['rounds']) - 1} rounds in {s['wall_s']:.0f}s; report: {s['report']}")
+
+
+def _cmd_report(args) -> None:
+    from pipeline.report import write_report
+
+    path = write_report(args.run_dir, compare=args.compare, beta=args.beta)
+    print(f"report: {path}")
+
+
 def _cmd_import(args) -> None:
     from pipeline.importer import ImportConfig, run_import
 
@@ -215,6 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="override the config's run_dir")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     p.set_defaults(func=_cmd_byod)
+
+    p = sub.add_parser("iterate", help="rounds of sample/score/pair/reference/train/eval")
+    p.add_argument("--config", required=True, help="iterate YAML (jobs/configs/*.yaml)")
+    p.add_argument("--run-dir", help="override the config's run_dir")
+    p.add_argument("--rounds", type=int, help="override the config's number of rounds")
+    p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
+    p.set_defaults(func=_cmd_iterate)
+    p = sub.add_parser("report", help="Markdown + PNG report of an iterate run")
+    p.add_argument("run_dir", help="an `odpo iterate` run directory")
+    p.add_argument("--compare", action="append", help="another run to overlay (repeatable)")
+    p.add_argument("--beta", type=float, default=0.1, help="beta of the loss-landscape plot")
+    p.set_defaults(func=_cmd_report)
 
     for name, cls, func, help_ in (
         ("sft", SFTConfig, _cmd_sft, "supervised fine-tuning on (prompt, response) with Ray Train"),

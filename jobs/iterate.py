@@ -1,0 +1,190 @@
+"""`odpo iterate --config FILE`: rounds of sample -> score -> pair -> reference -> train -> eval.
+
+Layout of a run directory:
+
+    RUN/toy/                 the toy model (only with `toy_model:`)
+    RUN/data/                the toy task data (only with `toy_data:`)
+    RUN/sft/                 SFT run (only with `sft_data` or `toy_data:`): model/, eval.json
+    RUN/round_0/eval.json    the initial policy's held-out reward
+    RUN/round_k/{samples,scored,pairs,reference,train}/, RUN/round_k/eval.json   (k = 1..rounds)
+    RUN/report/report.md     written at the end (also `odpo report RUN`)
+
+Round k samples with policy k-1 (the SFT model for k = 1) and trains policy k. Every stage skips
+itself when its manifest / summary says it is done with the same inputs, so re-running the same
+command after an interruption resumes: finished stages are skipped, a half-done one is redone
+(a half-done training resumes from its last Ray Train checkpoint).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jobs.config import build
+from pipeline.io import UserError, resolve_path, write_json
+
+
+@dataclass(frozen=True)
+class IterateConfig:
+    run_dir: str  # where every round's stages, models and the report go
+    rounds: int = 2  # DPO rounds after the initial policy
+    policy: str | None = None  # initial policy (HF dir / hub id); None: the toy model (+ SFT)
+    prompts: str | None = None  # training prompts (`prompt` + scorer metadata); toy: data/
+    eval_prompts: str | None = None  # held-out prompts for the task reward; toy: data/
+    sft_data: str | None = None  # (prompt, response) to SFT the initial policy on first
+    scorer: str = "addition"  # `module:function` or a built-in task name
+    reference: str = "policy"  # policy: round k's reference is policy k-1 | initial: the SFT one
+    seed: int = 0  # base seed; round k samples with seed + k
+    toy_model: dict | None = None  # ToyConfig fields: make the toy model from nothing
+    toy_data: dict | None = None  # `odpo toy data` options: sft_rows, prompts, heldout, seed
+    sft: dict = field(default_factory=dict)  # SFTConfig fields for the initial SFT
+    sample: dict = field(default_factory=dict)  # SampleConfig fields
+    score: dict = field(default_factory=dict)  # ScoreConfig fields
+    pair: dict = field(default_factory=dict)  # PairConfig fields
+    reference_stage: dict = field(default_factory=dict)  # ReferenceConfig fields
+    train: dict = field(default_factory=dict)  # DPOConfig fields (beta is required)
+    eval: dict = field(default_factory=dict)  # EvalConfig fields (samples, temperature, ...)
+
+
+def _log(msg: str) -> None:
+    print(f"[iterate {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _section(cls, cfg: IterateConfig, name: str, fixed: dict):
+    """Build a stage config from its YAML section plus the values iterate fixes itself."""
+    values = dict(getattr(cfg, name))
+    clash = sorted(set(values) & set(fixed))
+    if clash:
+        raise UserError(f"{name}: {clash} are set by iterate itself; remove them from the config")
+    return build(cls, {**values, **fixed}, f"iterate config section '{name}'")
+
+
+def _toy(cfg: IterateConfig, run: Path) -> tuple[str | None, dict]:
+    """Make the toy model and data when asked; return (initial policy, data paths)."""
+    paths = {}
+    policy = cfg.policy
+    if cfg.toy_model is not None:
+        from pipeline.toy import ToyConfig, init_toy_model
+
+        toy_dir = run / "toy"
+        if not (toy_dir / "config.json").exists():
+            init_toy_model(build(ToyConfig, {**cfg.toy_model, "out": str(toy_dir)}, "toy_model"))
+            _log(f"toy model -> {toy_dir}")
+        policy = str(toy_dir)
+    if cfg.toy_data is not None:
+        from pipeline.toy import write_task_data
+
+        data_dir = run / "data"
+        opts = {"sft_rows": 150_000, "prompts": 2048, "heldout": 500, "seed": 0, **cfg.toy_data}
+        unknown = sorted(set(opts) - {"sft_rows", "prompts", "heldout", "seed"})
+        if unknown:
+            raise UserError(f"toy_data: unknown key(s) {unknown}")
+        if not (data_dir / "heldout.parquet").exists():
+            write_task_data(data_dir, **opts)
+            _log(f"toy addition data -> {data_dir}")
+        paths = {k: str(data_dir / f"{k}.parquet") for k in ("sft", "prompts", "heldout")}
+    return policy, paths
+
+
+def _evaluate(model: str, cfg: IterateConfig, eval_prompts: str, out: Path) -> dict:
+    from pipeline.evaluate import EvalConfig, run_eval
+
+    if out.exists():
+        result = json.loads(out.read_text())
+        if result.get("model") == model and result.get("prompts") == eval_prompts:
+            return result
+    result = run_eval(_section(EvalConfig, cfg, "eval", {
+        "model": model, "prompts": eval_prompts, "scorer": cfg.scorer}))
+    write_json(out, result)
+    return result
+
+
+def _done(summary: Path, model: Path) -> bool:
+    return summary.exists() and (model / "config.json").exists()
+
+
+def run_iterate(cfg: IterateConfig) -> dict:
+    from pipeline.pair import PairConfig, run_pair
+    from pipeline.reference import ReferenceConfig, run_reference
+    from pipeline.sample import SampleConfig, run_sample
+    from pipeline.score import ScoreConfig, run_score
+    from trainer.dpo import DPOConfig, run_dpo
+    from trainer.sft import SFTConfig, run_sft
+
+    if cfg.reference not in ("policy", "initial"):
+        raise UserError(f"reference must be policy or initial, got {cfg.reference!r}")
+    if cfg.rounds < 1:
+        raise UserError(f"rounds must be >= 1, got {cfg.rounds}")
+    t0 = time.perf_counter()
+    run = Path(cfg.run_dir).absolute()
+    run.mkdir(parents=True, exist_ok=True)
+    write_json(run / "iterate_config.json", dataclasses.asdict(cfg))
+    policy, toy_paths = _toy(cfg, run)
+    prompts = resolve_path(cfg.prompts or toy_paths.get("prompts"))
+    eval_prompts = resolve_path(cfg.eval_prompts or toy_paths.get("heldout"))
+    sft_data = resolve_path(cfg.sft_data or toy_paths.get("sft"))
+    if policy is None:
+        raise UserError("set `policy:` (an SFT model) or `toy_model:` in the config")
+    if prompts is None or eval_prompts is None:
+        raise UserError("set `prompts:` and `eval_prompts:` (or `toy_data:`) in the config")
+    policy = resolve_path(policy)
+    head, _, fn = cfg.scorer.rpartition(":")
+    if head.endswith(".py"):  # a scorer file: absolute, since Ray actors run elsewhere
+        cfg = dataclasses.replace(cfg, scorer=f"{Path(head).resolve()}:{fn}")
+
+    if sft_data:
+        sft_dir = run / "sft"
+        if not _done(sft_dir / "sft_summary.json", sft_dir / "model"):
+            _log(f"SFT of {policy} on {sft_data}")
+            run_sft(_section(SFTConfig, cfg, "sft", {
+                "model": policy, "data": sft_data, "out": str(sft_dir)}))
+        policy = str(sft_dir / "model")
+    initial = policy
+    history = [{"round": 0, "policy": policy,
+                **_rewards(_evaluate(policy, cfg, eval_prompts, run / "round_0" / "eval.json"))}]
+    _log(f"round 0 (initial policy): {_fmt(history[-1])}")
+
+    for k in range(1, cfg.rounds + 1):
+        rdir = run / f"round_{k}"
+        seed = cfg.seed + k
+        _log(f"round {k}: sampling with {policy}")
+        run_sample(_section(SampleConfig, cfg, "sample", {
+            "model": policy, "prompts": prompts, "out": str(rdir / "samples"), "seed": seed}))
+        run_score(_section(ScoreConfig, cfg, "score", {
+            "samples": str(rdir / "samples"), "out": str(rdir / "scored"),
+            "scorer": cfg.scorer}))
+        run_pair(_section(PairConfig, cfg, "pair", {
+            "scored": str(rdir / "scored"), "out": str(rdir / "pairs"), "round": k}))
+        reference = policy if cfg.reference == "policy" else initial
+        ref = run_reference(_section(ReferenceConfig, cfg, "reference_stage", {
+            "pairs": str(rdir / "pairs"), "model": reference, "out": str(rdir / "reference")}))
+        _log(f"round {k}: reference log-probs {ref['cache']} ({ref['pairs']} pairs)")
+        train_dir = rdir / "train"
+        if not _done(train_dir / "train_summary.json", train_dir / "model"):
+            run_dpo(_section(DPOConfig, cfg, "train", {
+                "model": policy, "data": str(rdir / "reference"), "out": str(train_dir),
+                "seed": seed}))
+        policy = str(train_dir / "model")
+        history.append({"round": k, "policy": policy, "pairs": ref["pairs"],
+                        **_rewards(_evaluate(policy, cfg, eval_prompts, rdir / "eval.json"))})
+        _log(f"round {k}: {_fmt(history[-1])}")
+
+    from pipeline.report import write_report
+
+    beta = float(cfg.train.get("beta", 0.1))
+    report = write_report(run, beta=beta)
+    summary = {"run_dir": str(run), "rounds": history, "report": str(report),
+               "wall_s": time.perf_counter() - t0}
+    write_json(run / "iterate_summary.json", summary)
+    return summary
+
+
+def _rewards(result: dict) -> dict:
+    return {"greedy_reward": result["greedy_reward"], "sampled_reward": result["sampled_reward"]}
+
+
+def _fmt(h: dict) -> str:
+    return f"greedy {h['greedy_reward']:.3f}, sampled {h['sampled_reward']:.3f}"
