@@ -219,10 +219,13 @@ def _pair_dataset(cfg: PairConfig, scored: Path):
     import pyarrow as pa
 
     ds = _read_scored(scored)
-    samples_in = ds.count() if ds is not None else 0
+    if ds is None:
+        return None, 0, 0, 0, {}
+    # Read and checked once; the counts, the schema and the grouping reuse it.
+    ds = ds.map_batches(_check_scores, batch_format="pyarrow").materialize()
+    samples_in = ds.count()
     if not samples_in:
         return None, 0, 0, 0, {}
-    ds = ds.map_batches(_check_scores, batch_format="pyarrow")
     prompts_in = len(ds.unique("prompt_id"))  # counted apart from the grouping
     partitions = max(1, min(200, -(-samples_in // ROWS_PER_PARTITION)))
     ray_schema = ds.schema()

@@ -12,7 +12,9 @@ prompt text, as in `odpo eval`, so `odpo eval` with the same seed draws the very
 Output rows (one per sample): `prompt_id` (sha256 of the prompt text, 16 hex digits), `prompt`,
 `response`, `sample_index` (0..k-1), `finish_reason` (vLLM's: stop | length),
 `num_prompt_tokens`, `num_response_tokens` (generated tokens, EOS included), then the input's
-other columns unchanged (e.g. `answer` for a verifier).
+other columns unchanged (e.g. `answer` for a verifier). Rows keep the prompts' order as Ray Data
+delivers it (with `preserve_order`, as `jobs.runtime.init_ray` sets); readers should key rows by
+(prompt_id, sample_index), not by position.
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ from pipeline.io import UserError
 from pipeline.score import exact_answer, score_rows
 
 
+def _by_key(rows):
+    """Rows by (prompt_id, sample_index): Ray Data does not promise row order."""
+    return {(r["prompt_id"], r["sample_index"]): r for r in rows}
+
+
 def _table(stage_dir):
     return pa.concat_tables(
         [pq.read_table(f) for f in sorted(glob.glob(str(stage_dir / "*.parquet")))]
@@ -56,11 +61,12 @@ def test_score_rows_names_the_failing_row_and_checks_the_answer():
 def test_verifier_scores(score_run, sample_run):
     m = json.loads((score_run / "manifest.json").read_text())
     assert m["stage"] == "score" and (m["rows_in"], m["rows_out"], m["dropped"]) == (64, 64, {})
-    rows = _table(score_run).to_pylist()
-    samples = _table(sample_run).to_pylist()
-    assert [{k: v for k, v in r.items() if k != "score"} for r in rows] == samples
-    expect = [1.0 if r["response"].strip() == r["answer"] else 0.0 for r in samples]
-    assert [r["score"] for r in rows] == expect
+    rows = _by_key(_table(score_run).to_pylist())
+    samples = _by_key(_table(sample_run).to_pylist())
+    assert {k: {c: v for c, v in r.items() if c != "score"} for k, r in rows.items()} == samples
+    expect = {k: 1.0 if r["response"].strip() == r["answer"] else 0.0 for k, r in samples.items()}
+    assert {k: r["score"] for k, r in rows.items()} == expect
+    expect = list(expect.values())
     assert pq.read_schema(sorted(glob.glob(str(score_run / "*.parquet")))[0]).field(
         "score").type == pa.float64()
     assert m["stats"]["mean_score"] == pytest.approx(sum(expect) / len(expect))
@@ -93,8 +99,8 @@ def test_user_function_scorers(sample_run, tmp_path, capsys):
     out = tmp_path / "len"
     assert main(["score", "--samples", str(sample_run), "--out", str(out),
                  "--scorer", f"{scorer}:length"]) == 0
-    assert [r["score"] for r in _table(out).to_pylist()] == [
-        float(len(r["response"])) for r in samples]
+    assert {k: r["score"] for k, r in _by_key(_table(out).to_pylist()).items()} == {
+        k: float(len(r["response"])) for k, r in _by_key(samples).items()}
 
     # Non-finite: an error naming the row by default, dropped and counted on request.
     assert main(["score", "--samples", str(sample_run), "--out", str(tmp_path / "nan"),
@@ -191,14 +197,15 @@ def _reference_rewards(path, texts, keep_last=None):
 
 @pytest.mark.slow
 def test_reward_model_scorer(sample_run, tiny_reward_model, tmp_path, capsys):
-    samples = _table(sample_run).to_pylist()
-    texts = [r["prompt"] + r["response"] for r in samples]
+    samples = _by_key(_table(sample_run).to_pylist())
+    keys = sorted(samples)
+    texts = [samples[k]["prompt"] + samples[k]["response"] for k in keys]
     out = tmp_path / "rm"
     # Small batches: padding and batching must not change a score.
     assert main(["score", "--samples", str(sample_run), "--out", str(out), "--scorer",
                  "reward_model", "--reward-model", str(tiny_reward_model), "--batch-size", "24",
                  "--rm-batch-size", "5"]) == 0
-    got = [r["score"] for r in _table(out).to_pylist()]
+    got = [_by_key(_table(out).to_pylist())[k]["score"] for k in keys]
     want = _reference_rewards(tiny_reward_model, texts)
     assert got == pytest.approx(want, abs=1e-4)
     assert max(want) - min(want) > 0.1  # a test that could fail
@@ -208,7 +215,7 @@ def test_reward_model_scorer(sample_run, tiny_reward_model, tmp_path, capsys):
     assert main(["score", "--samples", str(sample_run), "--out", str(out), "--scorer",
                  "reward_model", "--reward-model", str(tiny_reward_model),
                  "--rm-max-length", "6"]) == 0
-    got = [r["score"] for r in _table(out).to_pylist()]
+    got = [_by_key(_table(out).to_pylist())[k]["score"] for k in keys]
     assert got == pytest.approx(_reference_rewards(tiny_reward_model, texts, keep_last=5),
                                 abs=1e-4)
 
