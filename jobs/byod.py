@@ -120,8 +120,9 @@ def run_byod(cfg: BYODConfig, start_ray: Callable[[], None]) -> dict:
     imp = run_import(_section(ImportConfig, cfg, "import_stage",
                               {"data": resolve_path(cfg.data), "out": str(pairs)},
                               {"tokenizer": model}))
+    dropped = ", ".join(f"{k} {v}" for k, v in imp["dropped"].items()) or "none"
     _log(f"import: {imp['rows']} rows -> {imp['pairs']} pairs ({imp['form']}; dropped: "
-         f"{imp['dropped'] or 'none'}){', skipped: up to date' if imp['skipped'] else ''}")
+         f"{dropped}){', skipped: up to date' if imp['skipped'] else ''}")
 
     sft_cfg = _section(SFTConfig, cfg, "sft",
                        {"model": model, "from_pairs": str(pairs), "out": str(sft_dir)})
