@@ -113,6 +113,9 @@ def run_dpo(cfg: DPOConfig) -> dict:
     ds = ray.data.read_parquet(files).select_columns(list(REFERENCE_COLUMNS))
     if cfg.shuffle:
         ds = ds.random_shuffle(seed=cfg.seed)
+    # Token ids and two floats per pair: small enough to hold once in the object store, so
+    # each epoch does not re-read and re-shuffle the shards.
+    ds = ds.materialize()
     rows = manifest["rows_out"]
     if rows < cfg.batch_size:
         raise UserError(f"{cfg.data}: {rows} pairs, fewer than one batch of {cfg.batch_size}")
