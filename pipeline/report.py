@@ -73,6 +73,7 @@ def plot_reward(runs: list[dict], path: Path) -> None:
         ax.plot(ks, [r["evals"][k]["sampled_reward"] for k in ks], "s--", color=color,
                 alpha=0.7, label=f"{r['name']} sampled")
     ax.set_xlabel("round (0 = initial policy)")
+    ax.set_xticks(sorted({k for r in runs for k in r["evals"]}))
     ax.set_ylabel("held-out task reward")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
