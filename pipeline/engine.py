@@ -12,9 +12,10 @@ class EngineConfig:
     dtype: str = "float32"  # vLLM dtype; "auto" on CPU turns float32 weights into bf16
     max_model_len: int = 0  # tokens of context; 0 uses the model's max_position_embeddings
     tensor_parallel_size: int = 1  # GPUs per engine (1 on CPU)
-    # Share of accelerator memory for weights + KV cache; on CPU the share of NUMA node 0's
-    # memory (0.05 gave vLLM a negative KV budget here, 0.3 worked).
-    gpu_memory_utilization: float = 0.3
+    # Share of accelerator memory for weights + KV cache. On CPU it is the share of NUMA node
+    # 0's memory that vLLM reserves up front (0.3 took 7 GiB and failed when two engines or
+    # other jobs shared the machine; 0.1 = 2.4 GiB serves the toy). On a GPU set ~0.85.
+    gpu_memory_utilization: float = 0.1
     replicas: int = 1  # engines (Ray actors) running in parallel
     cpus_per_replica: float = 1.0  # Ray CPUs reserved per engine actor
     enforce_eager: bool = True  # skip graph capture/compile: start-up dominates on small runs

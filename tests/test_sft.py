@@ -79,9 +79,13 @@ def test_one_step_matches_plain_pytorch(ray_local, toy_model_dir, toy_data_dir, 
 
 
 def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
+    """The error is one line of our own, with no traceback (Ray may forward worker log lines
+    to the driver's stderr as well; those are not the error)."""
+    err = capsys.readouterr().err
+    ours = [line for line in err.splitlines() if line.startswith("odpo sft: error: ")]
+    assert len(ours) == 1, err
+    assert "Traceback" not in err, err
+    return ours[0]
 
 
 @pytest.mark.parametrize(

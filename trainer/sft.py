@@ -52,7 +52,11 @@ class SFTConfig:
 def _tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    # Lengths are checked against max_length below, with a message naming the row; the
+    # tokenizer's own "sequence length is longer than..." warning would only add noise.
+    tokenizer.model_max_length = int(1e30)
+    return tokenizer
 
 
 def tokenize_sft_batch(batch: dict, *, model: str, max_length: int, source: str) -> dict:
