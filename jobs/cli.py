@@ -152,7 +152,7 @@ def _cmd_pair(args) -> None:
 def _cmd_iterate(args) -> None:
     from jobs.config import build, load_yaml
     from jobs.iterate import IterateConfig, run_iterate
-    from jobs.runtime import init_ray
+    from jobs.runtime import check_shared_storage, init_ray
 
     values = load_yaml(args.config)
     if args.run_dir:
@@ -161,6 +161,7 @@ def _cmd_iterate(args) -> None:
         values["rounds"] = args.rounds
     cfg = build(IterateConfig, values, args.config)
     init_ray(args.address)
+    check_shared_storage(cfg.run_dir, "run_dir")
     s = run_iterate(cfg)
     for r in s["rounds"]:
         print(f"round {r['round']}: greedy {r['greedy_reward']:.3f}, "

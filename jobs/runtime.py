@@ -22,6 +22,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     env = {"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "VLLM_LOGGING_LEVEL": "WARNING",
                         "TOKENIZERS_PARALLELISM": "false"}}
     if address:
+        _defer_to_job_env(env)
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         ray.init(
@@ -33,3 +34,51 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         )
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs -> same row order in every stage
+
+
+# --- Cluster runs (issue 8) -------------------------------------------------------------------
+
+
+def _defer_to_job_env(env: dict) -> None:
+    """Under `ray job submit`, Ray refuses a driver runtime env that sets an env var the job's
+    runtime env (--runtime-env) already sets: leave those to the job's values."""
+    import json
+
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")  # set for job drivers
+    taken = set((job.get("runtime_env") or {}).get("env_vars") or {})
+    for key in taken:
+        env["env_vars"].pop(key, None)
+
+# Environment every job driver and worker gets on a cluster (also in jobs/runtime_env.yaml, which
+# `ray job submit --runtime-env` reads).
+CLUSTER_ENV_VARS = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "VLLM_LOGGING_LEVEL": "WARNING",
+                    "TOKENIZERS_PARALLELISM": "false"}
+
+
+def is_uri(path: str) -> bool:
+    """True for an fsspec/pyarrow URI such as s3://bucket/x or gs://b/x (not file://)."""
+    scheme, sep, _ = str(path).partition("://")
+    return bool(sep) and scheme.lower() not in ("", "file")
+
+
+def check_shared_storage(path: str, what: str, num_nodes: int | None = None) -> None:
+    """Reject a plain local `path` when the job runs on a cluster of more than one node: shards,
+    manifests and checkpoints written on one node must be readable on the others.
+
+    `num_nodes` defaults to the alive nodes of the connected Ray cluster (1 when Ray is not
+    running). A shared mount (NFS, ...) that looks like a local path is accepted with
+    ODPO_SHARED_STORAGE=1 in the environment.
+    """
+    from pipeline.io import UserError
+
+    if is_uri(path) or os.environ.get("ODPO_SHARED_STORAGE", "") not in ("", "0"):
+        return
+    if num_nodes is None:
+        import ray
+
+        num_nodes = len([n for n in ray.nodes() if n.get("Alive")]) if ray.is_initialized() else 1
+    if num_nodes > 1:
+        raise UserError(
+            f"{what} {path!r} is a local path but the Ray cluster has {num_nodes} nodes: use "
+            "shared storage (a URI such as s3://bucket/run, or a shared mount with "
+            "ODPO_SHARED_STORAGE=1)")
