@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.engine import EngineConfig, actor_options, make_llm, request_seed
+from pipeline.engine import EngineConfig, actor_options, make_llm
 from pipeline.io import read_table
 from pipeline.score import load_scorer
 
@@ -25,22 +25,15 @@ class EvalConfig:
 def _generate(model: str, engine: EngineConfig, prompts: list[str], cfg: dict) -> dict:
     from vllm import SamplingParams
 
+    from pipeline.sample import sampling_params_for
+
     llm = make_llm(model, engine, seed=cfg["seed"])
     greedy = llm.generate(
         prompts, SamplingParams(temperature=0.0, max_tokens=cfg["max_tokens"]), use_tqdm=False
     )
     sampled = llm.generate(
         prompts,
-        [
-            SamplingParams(
-                n=cfg["samples"],
-                temperature=cfg["temperature"],
-                top_p=cfg["top_p"],
-                max_tokens=cfg["max_tokens"],
-                seed=request_seed(cfg["seed"], p),
-            )
-            for p in prompts
-        ],
+        sampling_params_for(prompts, {**cfg, "k": cfg["samples"]}),
         use_tqdm=False,
     )
     return {

@@ -87,7 +87,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     """Train the policy on reference shards; write `out/model` and a summary."""
     import ray
 
-    from trainer.launch import fit
+    from trainer.launch import fit, plan_steps
 
     if cfg.loss_type not in LOSS_TYPES:
         raise UserError(f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}")
@@ -117,18 +117,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
     # each epoch does not re-read and re-shuffle the shards.
     ds = ds.materialize()
     rows = manifest["rows_out"]
-    if rows < cfg.batch_size:
-        raise UserError(f"{cfg.data}: {rows} pairs, fewer than one batch of {cfg.batch_size}")
-    steps_per_epoch = rows // cfg.batch_size
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps > 0:
-        total_steps = min(total_steps, cfg.max_steps)
-    loop_cfg = {
-        **asdict(cfg),
-        "objective": "dpo",
-        "total_steps": total_steps,
-        "steps_per_epoch": steps_per_epoch,
-    }
+    steps = plan_steps(rows, cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.data, "pairs")
+    loop_cfg = {**asdict(cfg), "objective": "dpo", **steps}
     model_dir = fit(
         loop_cfg,
         ds,
@@ -141,7 +131,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     summary = {
         "model": str(model_dir),
         "pairs": rows,
-        "steps": total_steps,
+        "steps": steps["total_steps"],
         "reference": cfg.reference,
         "train_s": time.perf_counter() - t0,
     }

@@ -113,7 +113,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     import ray
 
     from pipeline.manifest import input_digest
-    from trainer.launch import fit
+    from trainer.launch import fit, plan_steps
 
     if (cfg.data is None) == (cfg.from_pairs is None):
         raise UserError("set exactly one of --data (prompt, response) and --from-pairs PAIRS_DIR")
@@ -152,18 +152,8 @@ def run_sft(cfg: SFTConfig) -> dict:
             raise UserError(str(user)) from e
         raise
     rows = ds.count()
-    if rows < cfg.batch_size:
-        raise UserError(f"{source}: {rows} rows, fewer than one batch of {cfg.batch_size}")
-    steps_per_epoch = rows // cfg.batch_size
-    total_steps = steps_per_epoch * cfg.epochs
-    if cfg.max_steps > 0:
-        total_steps = min(total_steps, cfg.max_steps)
-    loop_cfg = {
-        **asdict(cfg),
-        "objective": "sft",
-        "total_steps": total_steps,
-        "steps_per_epoch": steps_per_epoch,
-    }
+    steps = plan_steps(rows, cfg.batch_size, cfg.epochs, cfg.max_steps, source)
+    loop_cfg = {**asdict(cfg), "objective": "sft", **steps}
     out = Path(cfg.out)
     model_dir = fit(
         loop_cfg,
@@ -175,7 +165,9 @@ def run_sft(cfg: SFTConfig) -> dict:
         max_failures=cfg.max_failures,
     )
     train_s = time.perf_counter() - t0
-    summary = {"model": str(model_dir), "rows": rows, "steps": total_steps, "train_s": train_s}
+    summary = {
+        "model": str(model_dir), "rows": rows, "steps": steps["total_steps"], "train_s": train_s
+    }
     if cfg.from_pairs:  # lets a pipeline tell a stale SFT from a current one
         summary["from_pairs_digest"] = input_digest(cfg.from_pairs)
     if cfg.eval_prompts:
