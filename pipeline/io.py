@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -39,6 +40,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     A crash leaves `out` as it was (absent or the previous complete version), never half-written.
     """
     out = Path(out)
+    clear_stale(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} already exists and is not empty; choose another path or remove it")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -59,10 +61,45 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         tmp.rename(out)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clear_stale(out: str | os.PathLike) -> list[Path]:
+    """Remove what a killed writer of `out` left beside it: `.NAME.tmp-PID` directories of dead
+    processes. A `.NAME.old-PID` (killed between the two renames of `atomic_dir`) is the previous
+    complete version: it is put back when `out` is missing, else removed. Returns what was removed.
+    """
+    out = Path(out)
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
+        kind, _, pid = p.name[len(out.name) + 2:].rpartition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if kind == "old" and not out.exists():
+            p.rename(out)
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` through a temporary file and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clear_stale(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     tmp.write_text(text)
     tmp.replace(path)
@@ -100,6 +137,41 @@ def dataset_format(path: str | os.PathLike) -> str:
     raise UserError(f"{p}: unknown format (expected .parquet, .jsonl or a `datasets` dir)")
 
 
+def _check_not_empty(path: str | os.PathLike) -> None:
+    """A 0-byte file is no dataset: say so (readers would say "no files found" or worse)."""
+    p = Path(path)
+    if p.is_file() and p.stat().st_size == 0:
+        raise UserError(f"{p}: empty file (0 bytes)")
+
+
+def check_utf8(table, source: str):
+    """`table`, or a one-line `UserError` naming the first text value that is not UTF-8 (its
+    row and first bytes).
+
+    pyarrow's JSON reader keeps invalid bytes in string columns; they would surface later as a
+    `UnicodeDecodeError` deep inside a stage."""
+    import pyarrow as pa
+
+    for name in table.column_names:
+        start = 0
+        for chunk in table[name].chunks:
+            try:
+                chunk.validate(full=True)
+            except pa.ArrowInvalid as e:
+                where, match = "", re.search(r"string index (\d+)", str(e))
+                if match and (pa.types.is_string(chunk.type)
+                              or pa.types.is_large_string(chunk.type)):
+                    i = int(match.group(1))
+                    raw = chunk.view(pa.binary() if pa.types.is_string(chunk.type)
+                                     else pa.large_binary())[i].as_py()
+                    where = f" (row {start + i}: {raw[:40]!r})"
+                raise UserError(
+                    f"{source}: column `{name}` holds text that is not valid UTF-8{where}"
+                ) from e
+            start += len(chunk)
+    return table
+
+
 def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()):
     """Read a whole dataset into a `pyarrow.Table`, with one-line errors for bad files."""
     import pyarrow as pa
@@ -107,6 +179,7 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()):
     import pyarrow.json as pajson
 
     fmt = dataset_format(path)
+    _check_not_empty(path)
     try:
         if fmt == "parquet":
             table = pads.dataset(str(path), format="parquet").to_table()
@@ -115,7 +188,7 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()):
             tables = [pajson.read_json(str(f)) for f in files if f.stat().st_size > 0]
             if not tables:
                 raise UserError(f"{path}: empty file")
-            table = pa.concat_tables(tables, promote_options="default")
+            table = check_utf8(pa.concat_tables(tables, promote_options="default"), str(path))
         else:
             import datasets
 
@@ -135,19 +208,30 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()):
 def read_ray_dataset(path: str | os.PathLike, required: tuple[str, ...] = ()):
     """The same dataset as a `ray.data.Dataset` (Ray's own readers; HF via `from_huggingface`)."""
     import pyarrow as pa
+    import pyarrow.json as pajson
     import ray
 
     fmt = dataset_format(path)
+    _check_not_empty(path)
     try:
         if fmt == "parquet":
             ds = ray.data.read_parquet(str(path))
         elif fmt == "json":
             ds = ray.data.read_json(str(path))
+            # Checked here, a file at a time, before any Ray task: a task failing on it would
+            # have Ray cancel its siblings, and one cancelled while importing torch was seen to
+            # leave its worker unable to import torch again.
+            files = [Path(path)] if Path(path).is_file() else sorted(Path(path).rglob("*.json*"))
+            for f in files:
+                if f.stat().st_size:
+                    check_utf8(pajson.read_json(str(f)), str(f))
         else:
             import datasets
 
             ds = ray.data.from_huggingface(datasets.load_from_disk(str(path)))
         schema = ds.schema()
+    except UserError:
+        raise
     except (pa.ArrowInvalid, OSError, ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read as {fmt}: {str(e).splitlines()[0]}") from e
     except Exception as e:  # Ray wraps reader errors raised in its tasks
@@ -171,3 +255,33 @@ def resolve_path(p: str | None) -> str | None:
         return p
     path = Path(p)
     return str(path.resolve()) if path.exists() else p
+
+
+def check_checkpoint(path: str | os.PathLike, what: str = "model") -> None:
+    """One-line errors, before any work starts, for a local checkpoint that loading would have
+    to run or unpickle: weights only as pickle (`*.bin`; unpickling runs code, so every load
+    here passes `use_safetensors=True`), or a config that needs the checkpoint's own Python
+    code (`auto_map`; every load passes `trust_remote_code=False`). Anything not a local
+    directory is left to the loader."""
+    p = Path(path)
+    if not p.is_dir():
+        return
+    names = sorted(f.name for f in p.iterdir() if f.is_file())
+    if not any(n.endswith(".safetensors") for n in names):
+        pickled = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        found = f"only pickled weights {pickled}" if pickled else "no *.safetensors weights"
+        raise UserError(
+            f"{what} {p}: {found}; weights are loaded from safetensors only (re-save with "
+            f"save_pretrained(..., safe_serialization=True))"
+        )
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(str(p), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise UserError(
+                f"{what} {p}: its config.json needs the checkpoint's own Python code (auto_map "
+                f"to an unknown model_type); custom code is never run (trust_remote_code off)"
+            ) from e
+        raise UserError(f"{what} {p}: cannot load its config ({str(e).splitlines()[0]})") from e

@@ -223,3 +223,42 @@ def test_resume_after_crash_continues_the_same_run(ray_local, cached_run, policy
     _, uninterrupted = cached_run
     for a, b in zip(uninterrupted, resumed, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
+
+
+def test_train_worker_killed_restarts_from_checkpoint(ray_local, cached_run, policy_dir,
+                                                      ref_shards, tmp_path):
+    """SIGKILL a Ray Train worker after a checkpoint: `FailureConfig(max_failures)` restarts the
+    worker group from the last checkpoint and the run finishes with the uninterrupted losses."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    out = tmp_path / "worker"
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def killer():
+        while not stop.is_set() and not killed:
+            if list((out / "ray" / "dpo").glob("checkpoint_*/trainer_state.pt")):
+                for p in psutil.process_iter(["cmdline"]):
+                    if any("RayTrainWorker" in c for c in p.info["cmdline"] or []):
+                        p.send_signal(signal.SIGKILL)
+                        killed.append(p.pid)
+                        break
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        metrics = _train(policy_dir, ref_shards, out, "--epochs", "6", "--max-steps", "24",
+                         "--save-every", "4", "--max-failures", "2")
+    finally:
+        stop.set()
+        thread.join()
+    assert killed, "no train worker was killed"
+    assert [m["step"] for m in metrics] == list(range(24))
+    _, uninterrupted = cached_run
+    for a, b in zip(uninterrupted, metrics, strict=True):
+        assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])

@@ -55,24 +55,50 @@ def test_layout_and_rewards(iterate_run):
     assert (run / "round_1" / "train" / "model" / "model.safetensors").exists()
 
 
-def test_every_stage_accounts_for_every_row(iterate_run):
+def _shard_rows(stage_dir):
+    """Rows read back from the stage's shards, not from its manifest's counts."""
+    import pyarrow.parquet as pq
+
+    return [r for f in sorted(stage_dir.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+def test_every_stage_accounts_for_every_row(iterate_run, toy_data_dir):
+    """rows in = rows out (or kept) + dropped by reason in every manifest, each count equal to
+    the rows actually in the shards, and each stage's input the previous stage's output."""
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
     run, _ = iterate_run
     m = {s: json.loads((run / "round_1" / s / "manifest.json").read_text())
          for s in ("samples", "scored", "pairs", "reference")}
+    rows = {s: _shard_rows(run / "round_1" / s) for s in m}
+    for s in m:
+        assert m[s]["rows_out"] == len(rows[s]), s
+        kept = m[s].get("rows_kept", m[s]["rows_out"])
+        assert m[s]["rows_in"] == kept + sum(m[s]["dropped"].values()), s
     # sample: prompts in = prompts sampled + prompts dropped; k samples each
-    assert m["samples"]["rows_in"] == 64
-    assert m["samples"]["rows_in"] == m["samples"]["rows_kept"] + sum(
-        m["samples"]["dropped"].values())
-    assert m["samples"]["rows_out"] == 4 * m["samples"]["rows_kept"]
-    # score: one row per sample
-    assert m["scored"]["rows_in"] == m["samples"]["rows_out"]
-    assert m["scored"]["rows_in"] == m["scored"]["rows_out"] + sum(m["scored"]["dropped"].values())
+    prompts = pq.read_table(toy_data_dir / "prompts.parquet")
+    assert m["samples"]["rows_in"] == prompts.num_rows == 64
+    per_prompt = Counter(r["prompt_id"] for r in rows["samples"])
+    assert len(per_prompt) == m["samples"]["rows_kept"] and set(per_prompt.values()) == {4}
+    # score: one row per sample, the same samples
+    key = lambda r: (r["prompt_id"], r["sample_index"])  # noqa: E731
+    assert m["scored"]["rows_in"] == len(rows["samples"])
+    dropped_scores = sum(m["scored"]["dropped"].values())
+    assert {key(r) for r in rows["scored"]} <= {key(r) for r in rows["samples"]}
+    assert len({key(r) for r in rows["scored"]}) == len(rows["samples"]) - dropped_scores
     # pair: prompts in = prompts with pairs + prompts dropped by reason
-    assert m["pairs"]["rows_in"] == m["pairs"]["rows_kept"] + sum(m["pairs"]["dropped"].values())
-    # reference: one row per pair
-    assert m["reference"]["rows_in"] == m["pairs"]["rows_out"]
-    assert m["reference"]["rows_in"] == m["reference"]["rows_out"] + sum(
-        m["reference"]["dropped"].values())
+    assert m["pairs"]["rows_in"] == len({r["prompt_id"] for r in rows["scored"]})
+    assert m["pairs"]["rows_kept"] == len({r["prompt_id"] for r in rows["pairs"]})
+    # reference: one row per pair, the same pairs
+    pair = lambda r: (r["prompt_id"], r["chosen"], r["rejected"])  # noqa: E731
+    stored, source = Counter(map(pair, rows["reference"])), Counter(map(pair, rows["pairs"]))
+    assert not stored - source  # no pair invented or repeated
+    assert source.total() - stored.total() == sum(m["reference"]["dropped"].values())
+    # train: every reference row is a training pair
+    summary = json.loads((run / "round_1" / "train" / "train_summary.json").read_text())
+    assert summary["pairs"] == m["reference"]["rows_out"]
 
 
 def test_report_has_plots(iterate_run):

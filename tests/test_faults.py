@@ -1,0 +1,259 @@
+"""Faults on real Ray and real vLLM: a sampling actor killed mid-stage, a driver killed
+mid-stage and re-run, shards truncated or corrupted after they were written, a writer killed
+between its writes. The output must be complete and equal to an undisturbed run's."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.cli import main
+from pipeline.io import atomic_dir, clear_stale
+from pipeline.manifest import write_stage
+
+pytestmark = pytest.mark.slow
+
+SAMPLER = "MapBatches(VLLMSampler)"  # in the process title of Ray Data's vLLM actor
+
+
+@pytest.fixture(scope="module")
+def many_prompts(tmp_path_factory):
+    """512 addition prompts: the untrained toy model writes all 16 tokens of every sample, so a
+    stage has enough batches to be killed in the middle of."""
+    from pipeline.toy import write_task_data
+
+    out = tmp_path_factory.mktemp("faults") / "data"
+    write_task_data(out, sft_rows=1, prompts=512, heldout=1, seed=5)
+    return out / "prompts.parquet"
+
+
+def _sample_args(model, prompts, out):
+    return ["sample", "--model", model, "--prompts", str(prompts), "--out", str(out), "--k", "4",
+            "--max-tokens", "16", "--batch-size", "32", "--seed", "11"]
+
+
+def _rows(stage_dir):
+    """The stage's rows in a canonical order (shard boundaries may differ between runs)."""
+    rows = [r for f in sorted(stage_dir.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
+    return sorted(rows, key=lambda r: (r["prompt_id"], r["sample_index"]))
+
+
+def _samplers() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(SAMPLER in part for part in p.info["cmdline"] or []):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _busy(p: psutil.Process) -> bool:
+    """The vLLM actor is inside a batch: Ray titles the process `...VLLMSampler)).submit`
+    (`__init__` while the engine starts, no method when idle)."""
+    try:
+        return any(".submit" in part for part in p.cmdline())
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants (the actor's vLLM EngineCore and workers)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_local, toy_model_dir, many_prompts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults") / "samples"
+    assert main(_sample_args(toy_model_dir, many_prompts, out)) == 0
+    return out
+
+
+def test_sampling_actor_killed_mid_stage_is_retried(ray_local, toy_model_dir, many_prompts,
+                                                    baseline, tmp_path):
+    """SIGKILL the vLLM actor (and its engine processes) while it samples a batch: Ray Data
+    restarts the actor and retries the batch; the stage output equals the undisturbed run's."""
+    out = tmp_path / "samples"
+    killed: list[int] = []
+    busy: set[int] = set()  # actors seen inside a batch
+    stop = threading.Event()
+
+    def killer():
+        while not stop.is_set():
+            for p in _samplers():
+                if _busy(p):
+                    busy.add(p.pid)
+                    if not killed:
+                        _kill_tree(p.pid)
+                        killed.append(p.pid)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        assert main(_sample_args(toy_model_dir, many_prompts, out)) == 0
+    finally:
+        stop.set()
+        thread.join()
+    assert killed, "the sampling actor was never caught inside a batch"
+    assert busy - set(killed), "no replacement actor took over the batches"
+    assert _rows(out) == _rows(baseline)
+    assert not list(tmp_path.glob(".samples.*"))
+
+
+def test_driver_killed_mid_stage_then_rerun(ray_local, toy_model_dir, many_prompts, baseline,
+                                            tmp_path):
+    """SIGKILL `odpo sample` (the driver) while its actor samples: nothing appears at --out
+    (only a hidden temporary directory); the same command re-run clears it and writes the
+    complete output, equal to the undisturbed run's: no duplicate or missing row."""
+    out = tmp_path / "samples"
+    address = ray_local.get_runtime_context().gcs_address
+    args = _sample_args(toy_model_dir, many_prompts, out)
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args, "--address", address],
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    actors: set[int] = set()
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            busy = [p for p in _samplers() if _busy(p)]
+            if busy:
+                actors.update(p.pid for p in busy)
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the stage finished before its driver could be killed"
+        assert actors, "the sampling actor never started a batch"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for pid in actors:  # Ray reaps a dead driver's actors; their vLLM children go with them
+        _kill_tree(pid)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == [f".samples.tmp-{proc.pid}"]
+
+    assert main(args) == 0
+    assert _rows(out) == _rows(baseline)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples"]
+
+
+# --------------------------------------------------------------------------- integrity
+
+
+def _stage(tmp_path, name="pairs"):
+    import pyarrow as pa
+
+    table = pa.table({"prompt_id": [f"p{i}" for i in range(40)],
+                      "prompt": [f"{i}+1=" for i in range(40)],
+                      "chosen": [str(i + 1) for i in range(40)],
+                      "rejected": [str(i + 2) for i in range(40)],
+                      "chosen_score": [1.0] * 40, "rejected_score": [0.0] * 40,
+                      "round": [0] * 40})
+
+    def write(d):
+        pq.write_table(table.slice(0, 20), d / "part-00000.parquet")
+        pq.write_table(table.slice(20), d / "part-00001.parquet")
+
+    out = tmp_path / name
+    write_stage(out, "pair", {}, {}, write, rows_in=40, dropped={}, rows_kept=40)
+    return out
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_byte], ids=["truncated", "corrupted"])
+@pytest.mark.parametrize("command", ["reference", "sft"])
+def test_damaged_shard_is_named_before_use(ray_local, toy_model_dir, tmp_path, capsys, damage,
+                                          command):
+    """A shard changed after its manifest was written is refused, by name, before any model
+    or Ray work, and nothing is written."""
+    pairs = _stage(tmp_path)
+    damage(pairs / "part-00001.parquet")
+    out = tmp_path / "out"
+    args = {
+        "reference": ["reference", "--pairs", str(pairs), "--model", toy_model_dir, "--out",
+                      str(out), "--cache-dir", str(tmp_path / "cache")],
+        "sft": ["sft", "--from-pairs", str(pairs), "--model", toy_model_dir, "--out", str(out)],
+    }[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert str(pairs / "part-00001.parquet") in err and "sha256 differs" in err
+    assert not out.exists()
+
+
+def test_missing_shard_is_named(tmp_path, capsys, toy_model_dir):
+    pairs = _stage(tmp_path)
+    (pairs / "part-00000.parquet").unlink()
+    assert main(["reference", "--pairs", str(pairs), "--model", toy_model_dir, "--out",
+                 str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "part-00000.parquet: listed in manifest.json but missing" in err
+
+
+def test_failed_write_leaves_the_previous_output(tmp_path):
+    """`write_stage` writes into a hidden temporary directory and renames it only when the
+    shards and the manifest are complete: a failure halfway leaves the previous version."""
+    out = _stage(tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def half(d):
+        pq.write_table(pq.read_table(out / "part-00000.parquet"), d / "part-00000.parquet")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_stage(out, "pair", {}, {}, half, rows_in=40, dropped={}, rows_kept=40)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]
+
+
+def test_stale_temporary_of_a_dead_writer_is_cleared(tmp_path):
+    """A writer killed before its rename leaves `.NAME.tmp-PID`; one killed between the two
+    renames leaves the previous version as `.NAME.old-PID`. The next write clears the first and
+    puts the second back; a live writer's temporary is left alone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    out = _stage(tmp_path)
+    good = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / f".pairs.tmp-{dead}").mkdir()
+    (tmp_path / f".pairs.tmp-{dead}" / "part-00000.parquet").write_bytes(b"half")
+    live = tmp_path / f".pairs.tmp-{os.getppid()}"
+    live.mkdir()
+    out.rename(tmp_path / f".pairs.old-{dead}")  # killed between the renames: no `pairs`
+
+    removed = clear_stale(out)
+    assert [p.name for p in removed] == [f".pairs.tmp-{dead}"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == good
+    assert live.exists()
+    shutil.rmtree(live)
+
+    (tmp_path / f".pairs.tmp-{dead}").mkdir()
+    with atomic_dir(tmp_path / "pairs", overwrite=True) as tmp:
+        (tmp / "x").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]
