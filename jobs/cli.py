@@ -33,11 +33,11 @@ def _cmd_toy_data(args) -> None:
 
 
 def _cmd_sft(args) -> None:
-    from jobs.runtime import init_ray
+    from jobs.runtime import stage_ray
     from trainer.sft import SFTConfig, run_sft
 
     cfg = from_args(SFTConfig, args)
-    init_ray(args.address)
+    stage_ray(args.address, cfg.out)()
     summary = run_sft(cfg)
     line = f"sft: {summary['steps']} steps on {summary['rows']} rows in {summary['train_s']:.0f}s"
     if "eval" in summary:
@@ -50,11 +50,11 @@ def _cmd_sft(args) -> None:
 
 
 def _cmd_train(args) -> None:
-    from jobs.runtime import init_ray
+    from jobs.runtime import stage_ray
     from trainer.dpo import DPOConfig, run_dpo
 
     cfg = from_args(DPOConfig, args)
-    init_ray(args.address)
+    stage_ray(args.address, cfg.out)()
     s = run_dpo(cfg)
     print(
         f"train: {s['steps']} steps on {s['pairs']} pairs ({s['reference']} reference) in "
@@ -63,12 +63,12 @@ def _cmd_train(args) -> None:
 
 
 def _cmd_eval(args) -> None:
-    from jobs.runtime import init_ray
+    from jobs.runtime import stage_ray
     from pipeline.evaluate import EvalConfig, run_eval
     from pipeline.io import write_json
 
     cfg = from_args(EvalConfig, args)
-    init_ray(args.address)
+    stage_ray(args.address, args.out)()
     result = run_eval(cfg)
     if args.out:
         write_json(args.out, result)
@@ -79,11 +79,11 @@ def _cmd_eval(args) -> None:
 
 
 def _cmd_reference(args) -> None:
-    from jobs.runtime import init_ray
+    from jobs.runtime import stage_ray
     from pipeline.reference import ReferenceConfig, run_reference
 
     cfg = from_args(ReferenceConfig, args)
-    s = run_reference(cfg, start_ray=lambda: init_ray(args.address))  # Ray only on a miss
+    s = run_reference(cfg, start_ray=stage_ray(args.address, cfg.out))  # Ray only on a miss
     dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "none"
     line = f"reference: {s['pairs']} pairs (dropped: {dropped}), cache {s['cache']}"
     if s["cache"] == "hit":
@@ -102,11 +102,11 @@ def _dropped(d: dict) -> str:
 
 
 def _cmd_sample(args) -> None:
-    from jobs.runtime import init_ray
+    from jobs.runtime import stage_ray
     from pipeline.sample import SampleConfig, run_sample
 
     cfg = from_args(SampleConfig, args)
-    s = run_sample(cfg, start_ray=lambda: init_ray(args.address))  # no Ray for a skip
+    s = run_sample(cfg, start_ray=stage_ray(args.address, cfg.out))  # no Ray for a skip
     line = (f"sample: {s['prompts']} prompts -> {s['samples']} samples ({s['prompts_sampled']} "
             f"prompts x k={cfg.k}; dropped prompts: {_dropped(s['dropped'])})")
     if s["skipped"]:
@@ -119,11 +119,11 @@ def _cmd_sample(args) -> None:
 
 
 def _cmd_score(args) -> None:
-    from jobs.runtime import init_ray
+    from jobs.runtime import stage_ray
     from pipeline.score import ScoreConfig, run_score
 
     cfg = from_args(ScoreConfig, args)
-    s = run_score(cfg, start_ray=lambda: init_ray(args.address))
+    s = run_score(cfg, start_ray=stage_ray(args.address, cfg.out))
     st = s["stats"]
     line = (f"score: {s['samples']} samples -> {s['scored']} scored (dropped: "
             f"{_dropped(s['dropped'])})")
@@ -137,11 +137,11 @@ def _cmd_score(args) -> None:
 
 
 def _cmd_pair(args) -> None:
-    from jobs.runtime import init_ray
+    from jobs.runtime import stage_ray
     from pipeline.pair import PairConfig, run_pair
 
     cfg = from_args(PairConfig, args)
-    s = run_pair(cfg, start_ray=lambda: init_ray(args.address))
+    s = run_pair(cfg, start_ray=stage_ray(args.address, cfg.out))
     line = (f"pair ({cfg.mode}): {s['prompts']} prompts -> {s['pairs']} pairs from "
             f"{s['prompts_paired']} prompts (dropped prompts: {_dropped(s['dropped'])})")
     if s["skipped"]:
@@ -152,7 +152,7 @@ def _cmd_pair(args) -> None:
 def _cmd_iterate(args) -> None:
     from jobs.config import build, load_yaml
     from jobs.iterate import IterateConfig, run_iterate
-    from jobs.runtime import check_shared_storage, init_ray
+    from jobs.runtime import stage_ray
 
     values = load_yaml(args.config)
     if args.run_dir:
@@ -160,8 +160,7 @@ def _cmd_iterate(args) -> None:
     if args.rounds is not None:
         values["rounds"] = args.rounds
     cfg = build(IterateConfig, values, args.config)
-    init_ray(args.address)
-    check_shared_storage(cfg.run_dir, "run_dir")
+    stage_ray(args.address, cfg.run_dir, "run_dir")()
     s = run_iterate(cfg)
     for r in s["rounds"]:
         print(f"round {r['round']}: greedy {r['greedy_reward']:.3f}, "
@@ -177,9 +176,11 @@ def _cmd_report(args) -> None:
 
 
 def _cmd_import(args) -> None:
+    from jobs.runtime import stage_ray
     from pipeline.importer import ImportConfig, run_import
 
     cfg = from_args(ImportConfig, args)
+    stage_ray(args.address, cfg.out)  # joins only a named cluster, for its storage check
     s = run_import(cfg)  # no Ray: one pass over the rows in this process
     dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "none"
     line = (f"import ({s['form']}, prompt from {s['prompt_source']}): {s['rows']} rows -> "
@@ -195,18 +196,33 @@ def _cmd_import(args) -> None:
 def _cmd_byod(args) -> None:
     from jobs.byod import BYODConfig, run_byod
     from jobs.config import build, load_yaml
-    from jobs.runtime import init_ray
+    from jobs.runtime import stage_ray
 
     values = load_yaml(args.config)
     if args.run_dir:
         values["run_dir"] = args.run_dir
-    s = run_byod(build(BYODConfig, values, args.config), start_ray=lambda: init_ray(args.address))
+    cfg = build(BYODConfig, values, args.config)
+    s = run_byod(cfg, start_ray=stage_ray(args.address, cfg.run_dir, "run_dir"))
     print(f"byod: {s['import']['pairs']} pairs, SFT-on-chosen {s['sft']['steps']} steps, "
           f"reference {s['reference']['cache']}, DPO {s['train']['steps']} steps in "
           f"{s['wall_s']:.0f}s -> {s['train']['model']}")
 
 
+def _cmd_submit(args) -> int:
+    import shlex
+
+    from jobs.submit import SubmitConfig, run_submit
+
+    argv = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    if argv:
+        if hasattr(args, "entrypoint"):
+            raise UserError("give the command either after `--` or as --entrypoint, not both")
+        args.entrypoint = shlex.join(argv)
+    return run_submit(from_args(SubmitConfig, args))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from jobs.submit import SubmitConfig
     from pipeline.evaluate import EvalConfig
     from pipeline.importer import ImportConfig
     from pipeline.pair import PairConfig
@@ -249,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="override the config's number of rounds")
     p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
     p.set_defaults(func=_cmd_iterate)
+    p = sub.add_parser("submit", help="run a command on a Ray cluster as a job (ray job submit), "
+                       "follow its log, exit 0 if it SUCCEEDED, 1 if it FAILED or was STOPPED")
+    add_dataclass_args(p, SubmitConfig)
+    p.add_argument("command_line", nargs=argparse.REMAINDER,
+                   help="the job's command, after `--`: -- odpo iterate --config FILE")
+    p.set_defaults(func=_cmd_submit)
     p = sub.add_parser("report", help="Markdown + PNG report of an iterate run")
     p.add_argument("run_dir", help="an `odpo iterate` run directory")
     p.add_argument("--compare", action="append", help="another run to overlay (repeatable)")
@@ -281,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
-        args.func(args)
+        rc = args.func(args)
     except UserError as e:
         print(f"odpo {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -290,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if os.environ.get("ODPO_TIMING"):
         print(json.dumps({"command": args.command, "seconds": time.perf_counter() - t0}))
-    return 0
+    return rc or 0  # commands return None, or an exit code (submit: the job's outcome)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -82,3 +83,21 @@ def check_shared_storage(path: str, what: str, num_nodes: int | None = None) -> 
             f"{what} {path!r} is a local path but the Ray cluster has {num_nodes} nodes: use "
             "shared storage (a URI such as s3://bucket/run, or a shared mount with "
             "ODPO_SHARED_STORAGE=1)")
+
+
+def stage_ray(address: str | None, out: str | None, what: str = "out") -> Callable[[], None]:
+    """The `start_ray` of a command that writes `out`: it starts or joins Ray (init_ray), then
+    refuses a local `out` on a multi-node cluster (check_shared_storage) before the stage writes.
+
+    A named cluster (`address`, or RAY_ADDRESS as under `ray job submit`) is joined and checked
+    here and now, before any work (a skip or a cache hit writes too); the embedded local Ray is one
+    node, so it still starts only when the stage calls `start_ray`.
+    """
+    def start() -> None:
+        init_ray(address)
+        if out:
+            check_shared_storage(out, what)
+
+    if address or os.environ.get("RAY_ADDRESS"):
+        start()
+    return start

@@ -5,6 +5,7 @@ multi-node clusters."""
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -228,3 +229,211 @@ def test_two_nodes_sample_and_train_on_both(sft_run, toy_data_dir, tmp_path):
     assert any(sorted(v) == result["nodes"] for v in engines), result
     e = json.loads((tmp_path / "run" / "round_1" / "eval.json").read_text())
     assert e["num_prompts"] == 64
+
+
+# --- odpo submit ------------------------------------------------------------------------------
+
+
+def _readme_submit(head: dict, entrypoint: list[str]) -> list[str]:
+    """README's `odpo submit` line as written (continuation lines joined), pointed at this test's
+    head, with `entrypoint` after its `--` in place of the README's iterate command."""
+    lines = (REPO / "README.md").read_text().split("## Run on a cluster", 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("odpo submit "))
+    text = ""
+    for line in lines[start:]:
+        text += line.rstrip().removesuffix("\\") + " "
+        if not line.rstrip().endswith("\\"):
+            break
+    argv = shlex.split(text)
+    argv[argv.index("--address") + 1] = head["address"]
+    return argv[: argv.index("--") + 1] + entrypoint
+
+
+def _odpo_submit(head: dict, entrypoint: list[str]) -> subprocess.CompletedProcess:
+    for _ in range(10):  # the head's job agent registers a few seconds after `ray start`
+        out = subprocess.run(_readme_submit(head, entrypoint), cwd=REPO, env=_env(),
+                             capture_output=True, text=True, timeout=300)
+        if "No available agent" not in out.stdout + out.stderr:
+            return out
+        time.sleep(3)
+    return out
+
+
+@pytest.mark.slow
+def test_odpo_submit_succeeds_and_fails(head, tmp_path):
+    data = tmp_path / "data"
+    out = _odpo_submit(head, ["odpo", "toy", "data", "--out", str(data), "--sft-rows", "64",
+                              "--prompts", "8", "--heldout", "8"])
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    job_id = log.split("odpo submit: job ", 1)[1].split()[0]
+    assert job_id.startswith("raysubmit_"), log
+    assert f"odpo submit: job {job_id} SUCCEEDED" in out.stdout, log
+    assert f"addition data in {data}" in out.stdout  # the job's own output, streamed back
+    assert (data / "prompts.parquet").exists() and (data / "heldout.parquet").exists()
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"no_such_key": 1}))
+    out = _odpo_submit(head, ["odpo", "iterate", "--config", str(bad)])
+    log = out.stdout + out.stderr
+    assert out.returncode == 1, log[-4000:]
+    assert "odpo iterate: error:" in out.stdout and "no_such_key" in out.stdout, log  # streamed
+    failed = [line for line in out.stderr.splitlines() if " FAILED: " in line]
+    assert len(failed) == 1 and "unknown key(s) ['no_such_key']" in failed[0], log
+
+
+@pytest.mark.slow
+def test_odpo_submit_ctrl_c_leaves_the_job_running(head):
+    sleeper = ["python", "-c", "import time; print('tick', flush=True); time.sleep(90)"]
+    proc = subprocess.Popen(_readme_submit(head, sleeper), cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = ""
+        for line in proc.stdout:  # the job's log, streamed: interrupt once it is running
+            seen += line
+            if line.startswith("tick"):
+                break
+        proc.send_signal(signal.SIGINT)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, seen + rest + err
+    job_id = seen.split("odpo submit: job ", 1)[1].split()[0]
+    assert f"job {job_id} keeps running on the cluster" in err, err
+    status = subprocess.run(["ray", "job", "status", "--address", head["address"], job_id],
+                            env=_env(), capture_output=True, text=True, timeout=60)
+    assert "RUNNING" in status.stdout + status.stderr, status.stdout + status.stderr
+    stop = shlex.split(err.split("Stop it with `", 1)[1].split("`", 1)[0])  # the printed command
+    assert stop[:3] == ["ray", "job", "stop"], err
+    out = subprocess.run(stop, env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    status = subprocess.run(["ray", "job", "status", "--address", head["address"], job_id],
+                            env=_env(), capture_output=True, text=True, timeout=60)
+    assert f"Job '{job_id}' was stopped" in status.stdout + status.stderr, status.stdout
+
+
+# --- every writing command checks its storage; GPU requests on a fake-GPU node ---------------
+
+
+FAKE_GPU = r"""
+import json, os, sys
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.state import list_actors
+from jobs.cli import main
+
+model, data, pairs, work, temp_dir = sys.argv[1:6]
+c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "temp_dir": temp_dir})
+c.add_node(num_cpus=2, num_gpus=1)  # a fake GPU: Ray counts it, nothing uses CUDA
+c.wait_for_nodes()
+A = ["--address", c.address]
+rc = {}
+try:
+    # A local --out on a two-node cluster: refused before any work (no paths need to exist).
+    out = f"{work}/refused"
+    rc["refused"] = {
+        "sample": main(["sample", *A, "--model", model, "--prompts", data, "--out", out]),
+        "score": main(["score", *A, "--samples", data, "--scorer", "addition", "--out", out]),
+        "pair": main(["pair", *A, "--scored", data, "--out", out]),
+        "reference": main(["reference", *A, "--pairs", pairs, "--model", model, "--out", out]),
+        "train": main(["train", *A, "--model", model, "--data", data, "--beta", "0.1",
+                       "--out", out]),
+        "sft": main(["sft", *A, "--model", model, "--data", data, "--out", out]),
+        "eval": main(["eval", *A, "--model", model, "--prompts", data, "--out", out]),
+        "import": main(["import", *A, "--data", pairs, "--out", out]),
+    }
+    rc["refused_wrote"] = os.path.exists(out)
+    os.environ["ODPO_SHARED_STORAGE"] = "1"  # one machine: both nodes share its disk
+    # With use_gpu each stage asks Ray for the GPU; the stage then fails on this CPU-only torch /
+    # vLLM (no CUDA), after Ray has placed it.
+    rc["reference"] = main(["reference", *A, "--pairs", pairs, "--model", model, "--out",
+                            f"{work}/ref", "--use-gpu", "--cpus-per-replica", "0.5",
+                            "--cache-dir", ""])
+    rc["sample"] = main(["sample", *A, "--model", model, "--prompts", f"{data}/prompts.parquet",
+                         "--out", f"{work}/samples", "--engine-use-gpu",
+                         "--engine-cpus-per-replica", "0.5", "--engine-dtype", "no-such-dtype"])
+    try:
+        rc["sft"] = main(["sft", *A, "--model", model, "--data", f"{data}/sft.parquet",
+                          "--out", f"{work}/sft", "--use-gpu", "--cpus-per-worker", "0.5",
+                          "--max-steps", "1", "--batch-size", "4"])
+    except Exception as e:  # noqa: BLE001 - a CUDA/NCCL failure is the expected end here
+        rc["sft"] = type(e).__name__
+    gpu_node = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")][0]
+    placed = [{"cls": a.class_name, "node_gpu": a.node_id == gpu_node,
+               "resources": a.required_resources}
+              for a in list_actors(detail=True, limit=1000)]
+    print("RESULT " + json.dumps({"rc": rc, "placed": placed}))
+finally:
+    ray.shutdown()
+    c.shutdown()
+"""
+
+
+def _placed(result: dict, name: str) -> list[dict]:
+    """The actors of class `name`, with placement-group resource names (GPU_group_0_<pg>, as Ray
+    Train's workers have) read as the plain resource (GPU)."""
+    actors = [dict(a) for a in result["placed"] if name in a["cls"]]
+    for a in actors:
+        a["resources"] = {k.split("_group_")[0]: v for k, v in a["resources"].items()
+                          if not k.startswith("bundle_group")}
+    return actors
+
+
+@pytest.mark.slow
+def test_storage_check_and_gpu_requests_on_cluster(toy_model_dir, toy_data_dir, tmp_path):
+    """Two nodes, one with a fake GPU. Every command that writes refuses a local --out with one
+    line and writes nothing; with ODPO_SHARED_STORAGE=1, `reference --use-gpu`, `sample
+    --engine-use-gpu` and `sft --use-gpu` put their actors / workers on the GPU node, each
+    requesting one GPU and the fractional CPUs asked for."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pairs = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"prompt": ["1+2=", "3+4="], "chosen": ["3", "7"],
+                             "rejected": ["4", "8"]}), pairs)
+    work = tmp_path / "work"
+    work.mkdir()
+    temp_dir = tempfile.mkdtemp(prefix="odpogpu", dir="/tmp")  # Ray's socket paths must be short
+    env = _env()
+    env.pop("ODPO_SHARED_STORAGE", None)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", FAKE_GPU, toy_model_dir, str(toy_data_dir),
+             str(pairs), str(work), temp_dir],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
+    finally:
+        for pid in _our_pids(temp_dir):  # only if the driver died before c.shutdown()
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0 and "RESULT " in log, log[-4000:]
+    result = json.loads(log.split("RESULT ", 1)[1].splitlines()[0])
+    print(json.dumps({"rc": result["rc"], **{k: _placed(result, k) for k in (
+        "ReferenceForward", "VLLMSampler", "RayTrainWorker")}}, indent=1))
+
+    refused = result["rc"]["refused"]
+    assert refused == dict.fromkeys(refused, 2) and len(refused) == 8, log[-4000:]
+    local = f"{work}/refused"
+    for cmd in refused:
+        line = (f"odpo {cmd}: error: out {local!r} is a local path but the Ray cluster has 2 "
+                "nodes: use shared storage (a URI such as s3://bucket/run, or a shared mount "
+                "with ODPO_SHARED_STORAGE=1)")
+        assert log.count(line) == 1, (cmd, log[-4000:])
+    assert not result["rc"]["refused_wrote"]
+
+    assert result["rc"]["reference"] == 2 and "CUDA" in log  # no CUDA here: fails once placed
+    refs = _placed(result, "ReferenceForward")
+    assert refs and all(a["node_gpu"] and a["resources"] == {"GPU": 1.0, "CPU": 0.5}
+                        for a in refs), refs
+    assert result["rc"]["sample"] == 2
+    engines = _placed(result, "VLLMSampler")
+    assert engines and all(a["node_gpu"] and a["resources"] == {"GPU": 1.0, "CPU": 0.5}
+                           for a in engines), engines
+    assert result["rc"]["sft"] != 0
+    workers = _placed(result, "RayTrainWorker")
+    assert workers and all(a["node_gpu"] and a["resources"] == {"GPU": 1.0, "CPU": 0.5}
+                           for a in workers), workers
