@@ -98,6 +98,16 @@ def run_byod(cfg: BYODConfig, start_ray: Callable[[], None]) -> dict:
     from trainer.sft import SFTConfig, run_sft
 
     t0 = time.perf_counter()
+    # Every section's keys and types before any work: a typo in `train:` would otherwise
+    # surface only after the SFT (placeholders for what byod sets itself).
+    p = "<set by byod>"
+    for cls, name, fixed in (
+        (ImportConfig, "import_stage", {"data": p, "out": p}),
+        (SFTConfig, "sft", {"model": p, "from_pairs": p, "out": p}),
+        (ReferenceConfig, "reference_stage", {"pairs": p, "model": p, "out": p}),
+        (DPOConfig, "train", {"model": p, "data": p, "out": p}),
+    ):
+        _section(cls, cfg, name, fixed)
     run = Path(cfg.run_dir).absolute()
     run.mkdir(parents=True, exist_ok=True)
     model = resolve_path(cfg.model)

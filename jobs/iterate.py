@@ -107,6 +107,7 @@ def _done(summary: Path, model: Path) -> bool:
 
 
 def run_iterate(cfg: IterateConfig) -> dict:
+    from pipeline.evaluate import EvalConfig
     from pipeline.pair import PairConfig, run_pair
     from pipeline.reference import ReferenceConfig, run_reference
     from pipeline.sample import SampleConfig, run_sample
@@ -118,6 +119,19 @@ def run_iterate(cfg: IterateConfig) -> dict:
         raise UserError(f"reference must be policy or initial, got {cfg.reference!r}")
     if cfg.rounds < 1:
         raise UserError(f"rounds must be >= 1, got {cfg.rounds}")
+    # Every section's keys and types before any work: a typo in `train:` would otherwise
+    # surface only after a round's sampling (placeholders for what iterate sets itself).
+    p = "<set by iterate>"
+    for cls, name, fixed in (
+        (SFTConfig, "sft", {"model": p, "data": p, "out": p}),
+        (SampleConfig, "sample", {"model": p, "prompts": p, "out": p, "seed": 0}),
+        (ScoreConfig, "score", {"samples": p, "out": p, "scorer": p}),
+        (PairConfig, "pair", {"scored": p, "out": p, "round": 1}),
+        (ReferenceConfig, "reference_stage", {"pairs": p, "model": p, "out": p}),
+        (DPOConfig, "train", {"model": p, "data": p, "out": p, "seed": 0}),
+        (EvalConfig, "eval", {"model": p, "prompts": p, "scorer": p}),
+    ):
+        _section(cls, cfg, name, fixed)
     t0 = time.perf_counter()
     run = Path(cfg.run_dir).absolute()
     run.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.engine import EngineConfig, actor_options, make_llm
-from pipeline.io import read_table
+from pipeline.io import check_checkpoint, read_table
 from pipeline.score import load_scorer
 
 
@@ -46,6 +46,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     """Greedy and sampled mean task reward of `cfg.model` on `cfg.prompts` (a Ray task)."""
     import ray
 
+    check_checkpoint(cfg.model)
     table = read_table(cfg.prompts, required=("prompt",))
     rows = table.to_pylist()
     prompts = [r["prompt"] for r in rows]

@@ -271,7 +271,11 @@ def _tokenizer(cfg: ImportConfig):
     path = Path(cfg.tokenizer)
     if not path.is_dir():
         raise UserError(f"{cfg.tokenizer}: tokenizer directory not found")
-    tok = AutoTokenizer.from_pretrained(str(path))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{cfg.tokenizer}: cannot load the tokenizer "
+                        f"({str(e).splitlines()[0]})") from e
     if cfg.chat_template:
         tok.chat_template = Path(cfg.chat_template).read_text()
     if not tok.chat_template:

@@ -38,7 +38,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.io import UserError, atomic_dir, find_user_error, read_table, sha256_file
+from pipeline.io import (
+    UserError,
+    atomic_dir,
+    check_checkpoint,
+    find_user_error,
+    read_table,
+    sha256_file,
+)
 from pipeline.manifest import input_digest, read_manifest, verify_shards, write_stage
 
 STAGE = "reference"
@@ -52,7 +59,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 CACHE_MODES = ("auto", "require", "recompute")
 TRUNCATION_MODES = ("truncate", "drop")
 ROWS_PER_SHARD = 50_000  # pairs per output file: several files let Ray Train read in parallel
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
+WEIGHT_SUFFIXES = (".safetensors",)  # the only weights loaded (io.check_checkpoint)
 TOKENIZER_PREFIXES = (
     "tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "chat_template",
 )
@@ -210,7 +217,9 @@ class ReferenceForward:
 
             if torch_threads > 0:
                 torch.set_num_threads(torch_threads)
-            m = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype))
+            m = AutoModelForCausalLM.from_pretrained(
+                model, dtype=getattr(torch, dtype), trust_remote_code=False, use_safetensors=True
+            )
             m.eval().requires_grad_(False)
             disable_dropout(m)
             self.model = m.to("cuda" if use_gpu else "cpu")
@@ -264,7 +273,7 @@ def weights_digest(model_dir: Path) -> str:
              or f.name.endswith(".index.json"))
     )
     if not any(f.suffix in WEIGHT_SUFFIXES for f in files):
-        raise UserError(f"{model_dir}: no *.safetensors or *.bin weights in this directory")
+        raise UserError(f"{model_dir}: no *.safetensors weights in this directory")
     return _files_digest(model_dir, files)
 
 
@@ -420,6 +429,7 @@ def run_reference(cfg: ReferenceConfig, start_ray: Callable[[], None] | None = N
     out = Path(cfg.out).absolute()
     _check_out(out, pairs)
     model_dir = _local_dir(cfg.model, "model")
+    check_checkpoint(model_dir)
     tok_dir = _local_dir(cfg.tokenizer or cfg.model, "tokenizer")
     model_config = _model_config(model_dir)
     context = _context_length(model_config)
@@ -498,7 +508,7 @@ def _compute(cfg, pairs, pair_files, model_dir, tok_dir, model_config, out, conf
     from transformers import AutoTokenizer
 
     table = _read_pairs(pairs, pair_files)
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=False)
     keep, p_ids, c_ids, r_ids, dropped, truncated = tokenize_pairs(
         tokenizer, table["prompt"].to_pylist(), table["chosen"].to_pylist(),
         table["rejected"].to_pylist(), max_length=max_length,

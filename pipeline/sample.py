@@ -29,7 +29,13 @@ from functools import lru_cache
 from pathlib import Path
 
 from pipeline.engine import EngineConfig, actor_options, make_llm, request_seed
-from pipeline.io import UserError, find_user_error, read_ray_dataset, resolve_path
+from pipeline.io import (
+    UserError,
+    check_checkpoint,
+    find_user_error,
+    read_ray_dataset,
+    resolve_path,
+)
 from pipeline.manifest import input_digest, is_current, read_manifest, write_stage
 
 STAGE = "sample"
@@ -131,7 +137,7 @@ def expand_samples(table, outputs, k: int):
 def _tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
 
 
 def check_prompts(table, *, model: str, max_model_len: int):
@@ -236,7 +242,7 @@ def model_context(model: str) -> int:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model)
+        config = AutoConfig.from_pretrained(model, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise UserError(f"model {model}: cannot load its config ({str(e).splitlines()[0]})") from e
     config = getattr(config, "text_config", None) or config
@@ -285,6 +291,7 @@ def run_sample(cfg: SampleConfig, start_ray: Callable[[], None] | None = None) -
     model = resolve_path(cfg.model)
     if not Path(model).is_dir():
         raise UserError(f"model {cfg.model}: no such directory (a local HF checkpoint is needed)")
+    check_checkpoint(model)
     cfg = dataclasses.replace(cfg, model=model, prompts=resolve_path(cfg.prompts),
                               out=str(Path(cfg.out).absolute()))
     context = model_context(cfg.model)

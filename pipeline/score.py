@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.io import UserError
+from pipeline.io import UserError, check_checkpoint
 
 BUILTIN_SCORERS = {
     "addition": "pipeline.tasks.addition:verify",
@@ -114,9 +114,9 @@ class RewardModelScorer:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=getattr(torch, dtype)
+                path, dtype=getattr(torch, dtype), trust_remote_code=False, use_safetensors=True
             )
         except (OSError, ValueError) as e:
             raise UserError(f"reward model {path}: cannot load ({str(e).splitlines()[0]})") from e
@@ -268,6 +268,7 @@ def _validate(cfg: ScoreConfig) -> None:
             raise UserError("scorer reward_model needs --reward-model PATH (a local HF dir)")
         if not Path(cfg.reward_model).is_dir():
             raise UserError(f"reward model {cfg.reward_model}: no such directory")
+        check_checkpoint(cfg.reward_model, "reward model")
     elif cfg.reward_model:
         raise UserError(f"--reward-model is set but scorer is {cfg.scorer!r}; use "
                         f"--scorer reward_model")
@@ -387,9 +388,9 @@ def run_score(cfg: ScoreConfig, start_ray: Callable[[], None] | None = None) -> 
         stats.update(_score_stats(tmp, time.perf_counter() - t_score))
 
     dropped: dict[str, int] = {}
-    rows_in = ds.count() if ds is not None else 0
     t_score = time.perf_counter()
     try:
+        rows_in = ds.count() if ds is not None else 0  # reads the input: its errors are named
         manifest = write_stage(cfg.out, STAGE, config, inputs, write, rows_in=rows_in,
                                dropped=dropped, extra={"stats": stats})
     except Exception as e:

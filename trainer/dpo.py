@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.io import UserError, resolve_path, write_json
+from pipeline.io import UserError, check_checkpoint, resolve_path, write_json
 from trainer.loss import LOSS_TYPES
 
 REFERENCE_COLUMNS = (
@@ -107,6 +107,9 @@ def run_dpo(cfg: DPOConfig) -> dict:
         out=str(Path(cfg.out).absolute()),
         reference_model=resolve_path(cfg.reference_model or cfg.model),
     )
+    check_checkpoint(cfg.model)
+    if cfg.reference == "live":
+        check_checkpoint(cfg.reference_model, "reference model")
     manifest = check_reference_shards(cfg.data)
     t0 = time.perf_counter()
     files = [str(Path(cfg.data) / f["name"]) for f in manifest["files"]]

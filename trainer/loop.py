@@ -227,8 +227,10 @@ def train_loop_per_worker(cfg: dict) -> None:
         state = torch.load(os.path.join(ckpt_dir, STATE_FILE), weights_only=True)
     else:
         model_path = cfg["model"]
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    # Never the checkpoint's own code, never pickle (the driver checked: io.check_checkpoint).
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=False,
+                                                 use_safetensors=True)
     disable_dropout(model)
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
@@ -236,7 +238,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     reference_model = None
     if cfg.get("reference") == "live":
-        reference_model = AutoModelForCausalLM.from_pretrained(cfg["reference_model"], dtype=dtype)
+        reference_model = AutoModelForCausalLM.from_pretrained(
+            cfg["reference_model"], dtype=dtype, trust_remote_code=False, use_safetensors=True
+        )
         reference_model.eval().requires_grad_(False)
         disable_dropout(reference_model)
         reference_model.to(ray.train.torch.get_device())

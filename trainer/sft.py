@@ -9,7 +9,14 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from pipeline.io import UserError, find_user_error, read_ray_dataset, resolve_path, write_json
+from pipeline.io import (
+    UserError,
+    check_checkpoint,
+    find_user_error,
+    read_ray_dataset,
+    resolve_path,
+    write_json,
+)
 from trainer.collate import tokenize_completions
 
 
@@ -52,7 +59,7 @@ class SFTConfig:
 def _tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     # Lengths are checked against max_length below, with a message naming the row; the
     # tokenizer's own "sequence length is longer than..." warning would only add noise.
     tokenizer.model_max_length = int(1e30)
@@ -81,7 +88,7 @@ def tokenize_sft_batch(batch: dict, *, model: str, max_length: int, source: str)
 def model_context_length(model: str) -> int:
     from transformers import AutoConfig
 
-    return int(AutoConfig.from_pretrained(model).max_position_embeddings)
+    return int(AutoConfig.from_pretrained(model, trust_remote_code=False).max_position_embeddings)
 
 
 def chosen_table(pairs: str):
@@ -131,6 +138,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         eval_prompts=resolve_path(cfg.eval_prompts),
     )
     t0 = time.perf_counter()
+    check_checkpoint(cfg.model)
     max_length = cfg.max_length or model_context_length(cfg.model)
     source = cfg.data or cfg.from_pairs
     if cfg.from_pairs:
