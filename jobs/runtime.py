@@ -6,9 +6,10 @@ import os
 from collections.abc import Callable
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None = None, num_cpus: int | None = None,
+             log_to_driver: bool = True) -> None:
     """Join `address` if given (or RAY_ADDRESS, as under `ray job submit`), else start a fresh
-    embedded local Ray bound to loopback.
+    embedded local Ray bound to loopback. `log_to_driver` prints the workers' output here.
 
     A bare `ray.init()` would join whatever cluster Ray's temp folder last recorded, even a dead
     one, so the embedded default asks for `address="local"` explicitly.
@@ -21,20 +22,31 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "VLLM_LOGGING_LEVEL": "WARNING",
-                        "TOKENIZERS_PARALLELISM": "false"}}
+                        "TOKENIZERS_PARALLELISM": "false"},
+           "worker_process_setup_hook": "jobs.runtime.worker_setup"}
     if address:
         _defer_to_job_env(env)
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=env, log_to_driver=log_to_driver)
     else:
         ray.init(
             address="local",
             num_cpus=num_cpus,
             include_dashboard=False,
             runtime_env=env,
-            log_to_driver=True,
+            log_to_driver=log_to_driver,
         )
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs -> same row order in every stage
+
+
+def worker_setup() -> None:
+    """Runs once in every Ray worker process before its first task: import torch up front.
+
+    When a Ray Data stage fails, Ray cancels the sibling tasks; one cancelled in the middle of
+    its first `import torch` leaves a half-initialised module in that (reused) worker, and every
+    later task there fails ("partially initialized module 'torch'"), so the next stage of the same
+    session would fail for no reason of its own."""
+    import torch  # noqa: F401
 
 
 # --- Cluster runs (issue 8) -------------------------------------------------------------------

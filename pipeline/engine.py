@@ -45,6 +45,7 @@ def make_llm(model: str, cfg: EngineConfig, seed: int = 0):
         enforce_eager=cfg.enforce_eager,
         seed=seed,
         trust_remote_code=False,
+        load_format="safetensors",  # never unpickle a checkpoint's *.bin
         **kwargs,
     )
 

@@ -34,6 +34,21 @@ def find_user_error(exc: BaseException) -> UserError | None:
 
 
 @contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Re-raise a `UserError` that Ray wrapped (a stage's task, actor or train worker raised it)
+    as itself, so the command prints its one line instead of Ray's traceback."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        user = find_user_error(e)
+        if user is not None:
+            raise UserError(str(user)) from e
+        raise
+
+
+@contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of `out`; rename it to `out` only if the block succeeds.
 

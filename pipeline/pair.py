@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.engine import request_seed
-from pipeline.io import UserError, find_user_error, read_ray_dataset, resolve_path
+from pipeline.io import UserError, read_ray_dataset, resolve_path, user_errors
 from pipeline.manifest import input_digest, is_current, read_manifest, verify_shards, write_stage
 
 STAGE = "pair"
@@ -271,7 +271,7 @@ def run_pair(cfg: PairConfig, start_ray: Callable[[], None] | None = None) -> di
     if start_ray is not None:
         start_ray()
 
-    try:
+    with user_errors():
         pairs, samples_in, prompts_in, kept, dropped = _pair_dataset(cfg, scored)
         stats = {"samples_in": samples_in}
 
@@ -284,11 +284,6 @@ def run_pair(cfg: PairConfig, start_ray: Callable[[], None] | None = None) -> di
             cfg.out, STAGE, config, inputs, write, rows_in=prompts_in, dropped=dropped,
             rows_kept=kept, extra={"units": {"in": "prompts", "out": "pairs"}, "stats": stats},
         )
-    except Exception as e:
-        user = find_user_error(e)
-        if user is not None:
-            raise UserError(str(user)) from e
-        raise
     return _summary(manifest, cfg.out, t0, skipped=False)
 
 

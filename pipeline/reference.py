@@ -42,9 +42,9 @@ from pipeline.io import (
     UserError,
     atomic_dir,
     check_checkpoint,
-    find_user_error,
     read_table,
     sha256_file,
+    user_errors,
 )
 from pipeline.manifest import input_digest, read_manifest, verify_shards, write_stage
 
@@ -584,15 +584,10 @@ def _forward(cfg, model_dir, tokenizer, seq_prompt, seq_completion, batches) -> 
     )
     logps = np.zeros(len(order), dtype=np.float64)
     filled = np.zeros(len(order), dtype=bool)
-    try:
+    with user_errors():
         for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
             logps[b["seq_index"]] = b["logps"]
             filled[b["seq_index"]] = True
-    except Exception as e:
-        user = find_user_error(e)
-        if user is not None:
-            raise UserError(str(user)) from e
-        raise
     if not filled.all():
         raise RuntimeError(f"reference: {int((~filled).sum())} sequences got no log-prob")
     return logps

@@ -32,9 +32,9 @@ from pipeline.engine import EngineConfig, actor_options, make_llm, request_seed
 from pipeline.io import (
     UserError,
     check_checkpoint,
-    find_user_error,
     read_ray_dataset,
     resolve_path,
+    user_errors,
 )
 from pipeline.manifest import input_digest, is_current, read_manifest, write_stage
 
@@ -323,7 +323,7 @@ def run_sample(cfg: SampleConfig, start_ray: Callable[[], None] | None = None) -
         )
 
     sampling = {k: getattr(cfg, k) for k in ("k", "temperature", "top_p", "max_tokens", "seed")}
-    try:
+    with user_errors():
         checked = ds.map_batches(
             check_prompts,
             batch_format="pyarrow",
@@ -375,11 +375,6 @@ def run_sample(cfg: SampleConfig, start_ray: Callable[[], None] | None = None) -
                                dropped=dropped, rows_kept=kept,
                                extra={"k": cfg.k, "units": {"in": "prompts", "out": "samples"},
                                       "stats": stats})
-    except Exception as e:
-        user = find_user_error(e)
-        if user is not None:
-            raise UserError(str(user)) from e
-        raise
     return _summary(manifest, cfg.out, t0, skipped=False)
 
 

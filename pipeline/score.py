@@ -318,7 +318,7 @@ def run_score(cfg: ScoreConfig, start_ray: Callable[[], None] | None = None) -> 
     import numpy as np
     import ray
 
-    from pipeline.io import find_user_error, read_ray_dataset, resolve_path
+    from pipeline.io import read_ray_dataset, resolve_path, user_errors
     from pipeline.manifest import input_digest, is_current, read_manifest, write_stage
     from pipeline.sample import write_shards
 
@@ -389,15 +389,10 @@ def run_score(cfg: ScoreConfig, start_ray: Callable[[], None] | None = None) -> 
 
     dropped: dict[str, int] = {}
     t_score = time.perf_counter()
-    try:
+    with user_errors():
         rows_in = ds.count() if ds is not None else 0  # reads the input: its errors are named
         manifest = write_stage(cfg.out, STAGE, config, inputs, write, rows_in=rows_in,
                                dropped=dropped, extra={"stats": stats})
-    except Exception as e:
-        user = find_user_error(e)
-        if user is not None:
-            raise UserError(str(user)) from e
-        raise
     return _score_summary(manifest, cfg.out, t0, skipped=False)
 
 

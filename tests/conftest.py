@@ -43,7 +43,9 @@ def ray_local():
 
     from jobs.runtime import init_ray
 
-    init_ray(num_cpus=4)
+    # Workers' output is not forwarded: it would arrive late, in whichever test's captured stderr
+    # is open then (a vLLM actor's shutdown noise inside a one-line-error check).
+    init_ray(num_cpus=4, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -165,6 +165,28 @@ def test_local_path_rejected_on_multi_node(monkeypatch):
     check_shared_storage("/mnt/nfs/run", "run_dir", num_nodes=2)
 
 
+def _own_cluster(script: str, args: list[str], prefix: str, timeout: int) -> str:
+    """Run `script` (which starts and shuts down its own `ray.cluster_utils.Cluster` in the
+    temp dir it is given last) in a fresh interpreter; kill what it leaves if it dies first.
+    Returns its output; fails the test on a non-zero exit."""
+    temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # Ray's socket paths must be short
+    env = _env()
+    env.pop("ODPO_SHARED_STORAGE", None)
+    try:
+        out = subprocess.run([sys.executable, "-c", script, *args, temp_dir], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=timeout)
+    finally:
+        for pid in _our_pids(temp_dir):  # only if the driver died before c.shutdown()
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    return log
+
+
 TWO_NODES = r"""
 import json, os, sys
 import ray
@@ -202,21 +224,7 @@ def test_two_nodes_sample_and_train_on_both(sft_run, toy_data_dir, tmp_path):
     values = yaml.safe_load(config.read_text())
     values["train"].update(num_workers=2, cpus_per_worker=2.0)
     config.write_text(yaml.safe_dump(values))
-    temp_dir = tempfile.mkdtemp(prefix="odpo2n", dir="/tmp")  # Ray's socket paths must be short
-    env = _env()
-    env.pop("ODPO_SHARED_STORAGE", None)
-    try:
-        out = subprocess.run([sys.executable, "-c", TWO_NODES, str(config), temp_dir], cwd=REPO,
-                             env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        for pid in _our_pids(temp_dir):  # only if the driver died before c.shutdown()
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-4000:]
+    log = _own_cluster(TWO_NODES, [str(config)], "odpo2n", timeout=600)
     assert "is a local path but the Ray cluster has 2 nodes" in log
     result = json.loads(log.split("RESULT ", 1)[1].splitlines()[0])
     print(json.dumps(result, indent=1))
@@ -394,23 +402,9 @@ def test_storage_check_and_gpu_requests_on_cluster(toy_model_dir, toy_data_dir, 
                              "rejected": ["4", "8"]}), pairs)
     work = tmp_path / "work"
     work.mkdir()
-    temp_dir = tempfile.mkdtemp(prefix="odpogpu", dir="/tmp")  # Ray's socket paths must be short
-    env = _env()
-    env.pop("ODPO_SHARED_STORAGE", None)
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", FAKE_GPU, toy_model_dir, str(toy_data_dir),
-             str(pairs), str(work), temp_dir],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=500)
-    finally:
-        for pid in _our_pids(temp_dir):  # only if the driver died before c.shutdown()
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0 and "RESULT " in log, log[-4000:]
+    log = _own_cluster(FAKE_GPU, [toy_model_dir, str(toy_data_dir), str(pairs), str(work)],
+                       "odpogpu", timeout=500)
+    assert "RESULT " in log, log[-4000:]
     result = json.loads(log.split("RESULT ", 1)[1].splitlines()[0])
     print(json.dumps({"rc": result["rc"], **{k: _placed(result, k) for k in (
         "ReferenceForward", "VLLMSampler", "RayTrainWorker")}}, indent=1))

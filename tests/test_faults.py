@@ -257,3 +257,13 @@ def test_stale_temporary_of_a_dead_writer_is_cleared(tmp_path):
     with atomic_dir(tmp_path / "pairs", overwrite=True) as tmp:
         (tmp / "x").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]
+
+
+def test_workers_import_torch_before_their_first_task(ray_local):
+    """`init_ray`'s worker setup hook: a task cancelled while a worker imports torch (Ray cancels
+    a failed stage's sibling tasks) can no longer leave a half-imported torch in a reused worker."""
+    @ray_local.remote
+    def imported_before(name):
+        return name in sys.modules
+
+    assert ray_local.get(imported_before.remote("torch"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.io import UserError, atomic_dir, find_user_error
+from pipeline.io import UserError, atomic_dir, user_errors
 from trainer.loop import STATE_FILE, train_loop_per_worker
 
 
@@ -59,13 +59,8 @@ def fit(
         ),
         datasets={"train": train_ds},
     )
-    try:
+    with user_errors():
         result = trainer.fit()
-    except Exception as e:  # surface our own one-line errors from inside the workers
-        user = find_user_error(e)
-        if user is not None:
-            raise UserError(str(user)) from e
-        raise
     if result.checkpoint is None:
         raise RuntimeError(f"training in {run_dir} finished without a checkpoint")
     out = run_dir_path / "model"

@@ -12,9 +12,9 @@ from pathlib import Path
 from pipeline.io import (
     UserError,
     check_checkpoint,
-    find_user_error,
     read_ray_dataset,
     resolve_path,
+    user_errors,
     write_json,
 )
 from trainer.collate import tokenize_completions
@@ -152,13 +152,8 @@ def run_sft(cfg: SFTConfig) -> dict:
         fn_kwargs={"model": cfg.model, "max_length": max_length, "source": source},
         batch_format="numpy",
     )
-    try:
+    with user_errors():
         ds = ds.materialize()
-    except Exception as e:
-        user = find_user_error(e)
-        if user is not None:
-            raise UserError(str(user)) from e
-        raise
     rows = ds.count()
     steps = plan_steps(rows, cfg.batch_size, cfg.epochs, cfg.max_steps, source)
     loop_cfg = {**asdict(cfg), "objective": "sft", **steps}
