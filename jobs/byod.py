@@ -134,8 +134,11 @@ def run_byod(cfg: BYODConfig, start_ray: Callable[[], None]) -> dict:
     _log(f"import: {imp['rows']} rows -> {imp['pairs']} pairs ({imp['form']}; dropped: "
          f"{dropped}){', skipped: up to date' if imp['skipped'] else ''}")
 
+    # A preference set nearly always has a few pairs longer than the context: SFT leaves them
+    # out and counts them (reference truncates them, TRL's rule) instead of stopping the path.
     sft_cfg = _section(SFTConfig, cfg, "sft",
-                       {"model": model, "from_pairs": str(pairs), "out": str(sft_dir)})
+                       {"model": model, "from_pairs": str(pairs), "out": str(sft_dir)},
+                       {"too_long": "drop"})
     key = _fingerprint(dataclasses.asdict(sft_cfg), input_digest(pairs))
     started = False
     if _current(state, state_path, "sft", key, sft_dir):
@@ -146,7 +149,9 @@ def run_byod(cfg: BYODConfig, start_ray: Callable[[], None]) -> dict:
         started = True
         sft = run_sft(sft_cfg)
         _finished(state, state_path, "sft")
-        _log(f"sft on chosen: {sft['steps']} steps on {sft['rows']} rows -> {sft['model']}")
+        too_long = sft.get("dropped", {}).get("too_long", 0)
+        _log(f"sft on chosen: {sft['steps']} steps on {sft['rows']} rows"
+             f"{f' ({too_long} too long, dropped)' if too_long else ''} -> {sft['model']}")
 
     def ray_once() -> None:
         nonlocal started

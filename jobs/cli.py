@@ -40,6 +40,8 @@ def _cmd_sft(args) -> None:
     stage_ray(args.address, cfg.out)()
     summary = run_sft(cfg)
     line = f"sft: {summary['steps']} steps on {summary['rows']} rows in {summary['train_s']:.0f}s"
+    if summary["dropped"]:
+        line += f" (dropped rows: {_dropped(summary['dropped'])})"
     if "eval" in summary:
         e = summary["eval"]
         line += (

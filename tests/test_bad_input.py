@@ -307,6 +307,19 @@ def test_bad_rows_are_dropped_and_counted(command, args, dropped, rows_out, bad,
     assert all(r["chosen"] != r["rejected"] for r in rows if "chosen" in r)
 
 
+def test_sft_drops_and_counts_too_long_rows_when_asked(bad, toy_model_dir, ray_local, tmp_path,
+                                                       capsys):
+    """`--too-long drop`: the over-long row is left out and counted, the other one trained on."""
+    out = tmp_path / "out"
+    assert main(["sft", "--model", toy_model_dir, "--data", str(bad / "sft_huge.parquet"),
+                 "--out", str(out), "--too-long", "drop", "--batch-size", "1", "--max-steps", "1",
+                 "--warmup-steps", "0"]) == 0
+    summary = json.loads((out / "sft_summary.json").read_text())
+    assert (summary["rows_in"], summary["rows"], summary["dropped"]) == (2, 1, {"too_long": 1})
+    assert "dropped rows: too_long 1" in capsys.readouterr().out
+    assert (out / "model" / "model.safetensors").exists()
+
+
 def test_sample_drops_and_counts_repeated_empty_and_too_long_prompts(bad, toy_model_dir,
                                                                      ray_local, tmp_path):
     """The one case that needs vLLM: a repeated prompt is sampled once (one engine start)."""

@@ -41,6 +41,9 @@ class SFTConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     seed: int = 0  # torch seed of every worker
     max_length: int = 0  # tokens per prompt+response; 0 means the model's context length
+    # a row longer than max_length: `error` stops before training, naming it; `drop` leaves it
+    # out and counts it (sft_summary.json `dropped`), as sample and reference do
+    too_long: str = "error"
     num_workers: int = 1  # DDP workers (gloo on CPU, NCCL on GPU)
     cpus_per_worker: float = 1.0  # fractional CPUs keep Ray Data's readers from starving
     torch_threads: int = 2  # intra-op threads per worker; 0 leaves torch's default
@@ -66,8 +69,11 @@ def _tokenizer(path: str):
     return tokenizer
 
 
-def tokenize_sft_batch(batch: dict, *, model: str, max_length: int, source: str) -> dict:
-    """(prompt, response) -> prompt_input_ids, completion_input_ids; one-line errors on bad rows."""
+def tokenize_sft_batch(
+    batch: dict, *, model: str, max_length: int, source: str, too_long: str = "error"
+) -> dict:
+    """(prompt, response) -> prompt_input_ids, completion_input_ids; one-line errors on bad rows.
+    Rows longer than `max_length` raise (`too_long="error"`) or are marked `keep=False`."""
     prompts = [str(p) for p in batch["prompt"]]
     responses = [None if r is None else str(r) for r in batch["response"]]
     for p, r in zip(prompts, responses, strict=True):
@@ -76,13 +82,21 @@ def tokenize_sft_batch(batch: dict, *, model: str, max_length: int, source: str)
         if not r:
             raise UserError(f"{source}: row with prompt {p!r} has an empty response; remove it")
     prompt_ids, completion_ids = tokenize_completions(_tokenizer(model), prompts, responses)
-    for p, pi, ci in zip(prompts, prompt_ids, completion_ids, strict=True):
-        if len(pi) + len(ci) > max_length:
-            raise UserError(
-                f"{source}: row with prompt {p[:40]!r} is {len(pi) + len(ci)} tokens, longer "
-                f"than max_length {max_length}; shorten or drop it, or raise --max-length"
-            )
-    return {"prompt_input_ids": prompt_ids, "completion_input_ids": completion_ids}
+    keep = [len(pi) + len(ci) <= max_length for pi, ci in zip(prompt_ids, completion_ids,
+                                                               strict=True)]
+    if too_long == "error" and not all(keep):
+        i = keep.index(False)
+        raise UserError(
+            f"{source}: row with prompt {prompts[i][:40]!r} is "
+            f"{len(prompt_ids[i]) + len(completion_ids[i])} tokens, longer than max_length "
+            f"{max_length}; shorten or drop it (--too-long drop), or raise --max-length"
+        )
+    return {"prompt_input_ids": prompt_ids, "completion_input_ids": completion_ids, "keep": keep}
+
+
+def _kept_rows(table):
+    """Ray Data task: the rows `tokenize_sft_batch` kept (a typed, possibly empty, block)."""
+    return table.filter(table["keep"]).drop_columns(["keep"])
 
 
 def model_context_length(model: str) -> int:
@@ -124,6 +138,8 @@ def run_sft(cfg: SFTConfig) -> dict:
 
     if (cfg.data is None) == (cfg.from_pairs is None):
         raise UserError("set exactly one of --data (prompt, response) and --from-pairs PAIRS_DIR")
+    if cfg.too_long not in ("error", "drop"):
+        raise UserError(f"too_long must be error or drop, got {cfg.too_long!r}")
     if cfg.batch_size % (cfg.num_workers * cfg.grad_accum):
         raise UserError(
             f"batch_size {cfg.batch_size} is not divisible by num_workers x grad_accum "
@@ -147,14 +163,16 @@ def run_sft(cfg: SFTConfig) -> dict:
                                   for i in range(0, max(table.num_rows, 1), 10_000)])
     else:
         ds = read_ray_dataset(cfg.data, required=("prompt", "response"))
-    ds = ds.select_columns(["prompt", "response"]).map_batches(
-        tokenize_sft_batch,
-        fn_kwargs={"model": cfg.model, "max_length": max_length, "source": source},
-        batch_format="numpy",
-    )
     with user_errors():
-        ds = ds.materialize()
+        rows_in = ds.count()
+        ds = ds.select_columns(["prompt", "response"]).map_batches(
+            tokenize_sft_batch,
+            fn_kwargs={"model": cfg.model, "max_length": max_length, "source": source,
+                       "too_long": cfg.too_long},
+            batch_format="numpy",
+        ).map_batches(_kept_rows, batch_format="pyarrow").materialize()
     rows = ds.count()
+    dropped = {"too_long": rows_in - rows} if rows_in > rows else {}
     steps = plan_steps(rows, cfg.batch_size, cfg.epochs, cfg.max_steps, source)
     loop_cfg = {**asdict(cfg), "objective": "sft", **steps}
     out = Path(cfg.out)
@@ -169,7 +187,8 @@ def run_sft(cfg: SFTConfig) -> dict:
     )
     train_s = time.perf_counter() - t0
     summary = {
-        "model": str(model_dir), "rows": rows, "steps": steps["total_steps"], "train_s": train_s
+        "model": str(model_dir), "rows": rows, "rows_in": rows_in, "dropped": dropped,
+        "steps": steps["total_steps"], "train_s": train_s,
     }
     if cfg.from_pairs:  # lets a pipeline tell a stale SFT from a current one
         summary["from_pairs_digest"] = input_digest(cfg.from_pairs)
