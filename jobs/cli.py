@@ -58,8 +58,10 @@ def _cmd_train(args) -> None:
     cfg = from_args(DPOConfig, args)
     stage_ray(args.address, cfg.out)()
     s = run_dpo(cfg)
+    left = s["pairs_left_over_per_epoch"]
     print(
-        f"train: {s['steps']} steps on {s['pairs']} pairs ({s['reference']} reference) in "
+        f"train: {s['steps']} steps on {s['pairs']} pairs ({s['reference']} reference"
+        f"{f'; {left} pairs past the last full batch of each epoch' if left else ''}) in "
         f"{s['train_s']:.0f}s -> {s['model']}"
     )
 

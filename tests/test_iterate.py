@@ -99,6 +99,8 @@ def test_every_stage_accounts_for_every_row(iterate_run, toy_data_dir):
     # train: every reference row is a training pair
     summary = json.loads((run / "round_1" / "train" / "train_summary.json").read_text())
     assert summary["pairs"] == m["reference"]["rows_out"]
+    # whole batches only (batch_size 8): the rest of each epoch is reported, not silent
+    assert summary["pairs_left_over_per_epoch"] == summary["pairs"] % 8
 
 
 def test_report_has_plots(iterate_run):

@@ -134,6 +134,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
     summary = {
         "model": str(model_dir),
         "pairs": rows,
+        # not in any batch of an epoch; the same pairs each epoch (one shuffle per run)
+        "pairs_left_over_per_epoch": steps["left_over_per_epoch"],
         "steps": steps["total_steps"],
         "reference": cfg.reference,
         "train_s": time.perf_counter() - t0,

@@ -12,14 +12,16 @@ from trainer.loop import STATE_FILE, train_loop_per_worker
 def plan_steps(
     rows: int, batch_size: int, epochs: int, max_steps: int, source: str, unit: str = "rows"
 ) -> dict:
-    """Optimizer steps per epoch and in all (capped by `max_steps` when > 0) for `rows` rows."""
+    """Optimizer steps per epoch and in all (capped by `max_steps` when > 0) for `rows` rows, and
+    the rows left over after an epoch's last full batch (`drop_last`; summaries report them)."""
     if rows < batch_size:
         raise UserError(f"{source}: {rows} {unit}, fewer than one batch of {batch_size}")
     steps_per_epoch = rows // batch_size
     total_steps = steps_per_epoch * epochs
     if max_steps > 0:
         total_steps = min(total_steps, max_steps)
-    return {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
+    return {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+            "left_over_per_epoch": rows - steps_per_epoch * batch_size}
 
 
 def fit(

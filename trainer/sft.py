@@ -188,6 +188,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     train_s = time.perf_counter() - t0
     summary = {
         "model": str(model_dir), "rows": rows, "rows_in": rows_in, "dropped": dropped,
+        "rows_left_over_per_epoch": steps["left_over_per_epoch"],  # after the last full batch
         "steps": steps["total_steps"], "train_s": train_s,
     }
     if cfg.from_pairs:  # lets a pipeline tell a stale SFT from a current one
