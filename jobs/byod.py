@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.config import build
+from jobs.config import build, build_section
 from pipeline.io import UserError, resolve_path, write_json
 
 
@@ -54,11 +54,7 @@ def _log(msg: str) -> None:
 
 def _section(cls, cfg: BYODConfig, name: str, fixed: dict, defaults: dict | None = None):
     """A stage config from its YAML section, the path's defaults and the values fixed here."""
-    values = dict(getattr(cfg, name))
-    clash = sorted(set(values) & set(fixed))
-    if clash:
-        raise UserError(f"{name}: {clash} are set by byod itself; remove them from the config")
-    return build(cls, {**(defaults or {}), **values, **fixed}, f"byod config section '{name}'")
+    return build_section(cls, getattr(cfg, name), fixed, name, "byod", defaults)
 
 
 def _fingerprint(*parts) -> str:

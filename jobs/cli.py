@@ -88,8 +88,7 @@ def _cmd_reference(args) -> None:
 
     cfg = from_args(ReferenceConfig, args)
     s = run_reference(cfg, start_ray=stage_ray(args.address, cfg.out))  # Ray only on a miss
-    dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "none"
-    line = f"reference: {s['pairs']} pairs (dropped: {dropped}), cache {s['cache']}"
+    line = f"reference: {s['pairs']} pairs (dropped: {_dropped(s['dropped'])}), cache {s['cache']}"
     if s["cache"] == "hit":
         line += f" from {s['source']}"
     else:
@@ -186,9 +185,8 @@ def _cmd_import(args) -> None:
     cfg = from_args(ImportConfig, args)
     stage_ray(args.address, cfg.out)  # joins only a named cluster, for its storage check
     s = run_import(cfg)  # no Ray: one pass over the rows in this process
-    dropped = ", ".join(f"{k} {v}" for k, v in s["dropped"].items()) or "none"
     line = (f"import ({s['form']}, prompt from {s['prompt_source']}): {s['rows']} rows -> "
-            f"{s['pairs']} pairs (dropped: {dropped})")
+            f"{s['pairs']} pairs (dropped: {_dropped(s['dropped'])})")
     if s["prompt_extraction"]:
         e = s["prompt_extraction"]
         line += f"; common-prefix prompt found in {e['extracted']} rows, failed in {e['failed']}"

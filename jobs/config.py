@@ -92,6 +92,17 @@ def build(cls, values: dict, source: str, prefix: str = ""):
     return cls(**kwargs)
 
 
+def build_section(cls, values: dict, fixed: dict, name: str, owner: str,
+                  defaults: dict | None = None):
+    """A stage config from section `name` of a pipeline config (`owner`: iterate, byod): its
+    `defaults`, then the section's `values`, then the values the pipeline sets itself (`fixed`,
+    which the section may not set)."""
+    clash = sorted(set(values) & set(fixed))
+    if clash:
+        raise UserError(f"{name}: {clash} are set by {owner} itself; remove them from the config")
+    return build(cls, {**(defaults or {}), **values, **fixed}, f"{owner} config section '{name}'")
+
+
 def load_yaml(path: str) -> dict:
     import yaml
 

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobs.config import build
+from jobs.config import build, build_section
 from pipeline.io import UserError, resolve_path, write_json
 
 
@@ -55,11 +55,7 @@ def _log(msg: str) -> None:
 
 def _section(cls, cfg: IterateConfig, name: str, fixed: dict):
     """Build a stage config from its YAML section plus the values iterate fixes itself."""
-    values = dict(getattr(cfg, name))
-    clash = sorted(set(values) & set(fixed))
-    if clash:
-        raise UserError(f"{name}: {clash} are set by iterate itself; remove them from the config")
-    return build(cls, {**values, **fixed}, f"iterate config section '{name}'")
+    return build_section(cls, getattr(cfg, name), fixed, name, "iterate")
 
 
 def _toy(cfg: IterateConfig, run: Path) -> tuple[str | None, dict]:

@@ -5,6 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+# Environment every job driver and worker gets on a cluster (also in jobs/runtime_env.yaml, which
+# `ray job submit --runtime-env` reads).
+CLUSTER_ENV_VARS = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "VLLM_LOGGING_LEVEL": "WARNING",
+                    "TOKENIZERS_PARALLELISM": "false"}
+
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,
              log_to_driver: bool = True) -> None:
@@ -21,8 +26,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env = {"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "VLLM_LOGGING_LEVEL": "WARNING",
-                        "TOKENIZERS_PARALLELISM": "false"},
+    env = {"env_vars": dict(CLUSTER_ENV_VARS),
            "worker_process_setup_hook": "jobs.runtime.worker_setup"}
     if address:
         _defer_to_job_env(env)
@@ -62,10 +66,6 @@ def _defer_to_job_env(env: dict) -> None:
     for key in taken:
         env["env_vars"].pop(key, None)
 
-# Environment every job driver and worker gets on a cluster (also in jobs/runtime_env.yaml, which
-# `ray job submit --runtime-env` reads).
-CLUSTER_ENV_VARS = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "VLLM_LOGGING_LEVEL": "WARNING",
-                    "TOKENIZERS_PARALLELISM": "false"}
 
 
 def is_uri(path: str) -> bool:
@@ -112,4 +112,5 @@ def stage_ray(address: str | None, out: str | None, what: str = "out") -> Callab
 
     if address or os.environ.get("RAY_ADDRESS"):
         start()
+        return lambda: None  # joined and checked: the stage's own call has nothing left to do
     return start

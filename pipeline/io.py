@@ -187,6 +187,13 @@ def check_utf8(table, source: str):
     return table
 
 
+def _json_files(path: str | os.PathLike) -> list[Path]:
+    """The non-empty JSON / JSONL files of a file or directory dataset."""
+    p = Path(path)
+    files = [p] if p.is_file() else sorted(p.rglob("*.json*"))
+    return [f for f in files if f.stat().st_size > 0]
+
+
 def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()):
     """Read a whole dataset into a `pyarrow.Table`, with one-line errors for bad files."""
     import pyarrow as pa
@@ -199,8 +206,7 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()):
         if fmt == "parquet":
             table = pads.dataset(str(path), format="parquet").to_table()
         elif fmt == "json":
-            files = [Path(path)] if Path(path).is_file() else sorted(Path(path).rglob("*.json*"))
-            tables = [pajson.read_json(str(f)) for f in files if f.stat().st_size > 0]
+            tables = [pajson.read_json(str(f)) for f in _json_files(path)]
             if not tables:
                 raise UserError(f"{path}: empty file")
             table = check_utf8(pa.concat_tables(tables, promote_options="default"), str(path))
@@ -236,10 +242,8 @@ def read_ray_dataset(path: str | os.PathLike, required: tuple[str, ...] = ()):
             # Checked here, a file at a time, before any Ray task: a task failing on it would
             # have Ray cancel its siblings, and one cancelled while importing torch was seen to
             # leave its worker unable to import torch again.
-            files = [Path(path)] if Path(path).is_file() else sorted(Path(path).rglob("*.json*"))
-            for f in files:
-                if f.stat().st_size:
-                    check_utf8(pajson.read_json(str(f)), str(f))
+            for f in _json_files(path):
+                check_utf8(pajson.read_json(str(f)), str(f))
         else:
             import datasets
 
