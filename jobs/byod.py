@@ -24,13 +24,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from jobs.config import build, build_section
+from pipeline import storage
 from pipeline.io import UserError, resolve_path, write_json
 
 
@@ -61,25 +60,26 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _current(state: dict, state_path: Path, name: str, key: str, out: Path) -> bool:
+def _current(state: dict, state_path: str, name: str, key: str, out: str) -> bool:
     """True when training stage `name` already ran to the end with this `key`. Otherwise `out`
     is made ready: a half-done run with this key is kept (Ray Train resumes it); one with another
     key is removed, since Ray Train would resume its checkpoints as if they were this run's."""
     entry = state.get(name) or {}
     if entry.get("key") == key:
-        return bool(entry.get("done")) and (out / "model" / "config.json").exists()
-    if out.exists():
+        return bool(entry.get("done")) and storage.is_file(storage.join(out, "model",
+                                                                        "config.json"))
+    if storage.exists(out):
         if not entry:
-            raise UserError(f"{out} exists but {state_path.name} does not record it; remove it "
-                            f"or choose another run_dir")
+            raise UserError(f"{out} exists but {storage.name(state_path)} does not record it; "
+                            f"remove it or choose another run_dir")
         _log(f"{name}: {out} was trained on other inputs or settings; removing it")
-        shutil.rmtree(out)
+        storage.remove(out)
     state[name] = {"key": key, "done": False}
     write_json(state_path, state)
     return False
 
 
-def _finished(state: dict, state_path: Path, name: str) -> None:
+def _finished(state: dict, state_path: str, name: str) -> None:
     state[name]["done"] = True
     write_json(state_path, state)
 
@@ -104,27 +104,28 @@ def run_byod(cfg: BYODConfig, start_ray: Callable[[], None]) -> dict:
         (DPOConfig, "train", {"model": p, "data": p, "out": p}),
     ):
         _section(cls, cfg, name, fixed)
-    run = Path(cfg.run_dir).absolute()
-    run.mkdir(parents=True, exist_ok=True)
+    run = storage.absolute(cfg.run_dir)
+    storage.makedirs(run)
     model = resolve_path(cfg.model)
     if cfg.toy_model is not None:
         from pipeline.toy import ToyConfig, init_toy_model
 
         if model is not None:
             raise UserError("set either `model:` or `toy_model:`, not both")
-        model = str(run / "toy")
-        if not (run / "toy" / "config.json").exists():
+        model = storage.join(run, "toy")
+        if not storage.is_file(storage.join(model, "config.json")):
             init_toy_model(build(ToyConfig, {**cfg.toy_model, "out": model}, "toy_model"))
             _log(f"toy model -> {model}")
     if model is None:
         raise UserError("set `model:` (the model to SFT on chosen and train) or `toy_model:`")
-    state_path = run / "byod_state.json"
-    state = json.loads(state_path.read_text()) if state_path.exists() else {}
-    pairs, sft_dir = run / "pairs", run / "sft"
-    sft_model, ref_dir, train_dir = sft_dir / "model", run / "reference", run / "train"
+    state_path = storage.join(run, "byod_state.json")
+    state = json.loads(storage.read_text(state_path)) if storage.is_file(state_path) else {}
+    pairs, sft_dir = storage.join(run, "pairs"), storage.join(run, "sft")
+    sft_model = storage.join(sft_dir, "model")
+    ref_dir, train_dir = storage.join(run, "reference"), storage.join(run, "train")
 
     imp = run_import(_section(ImportConfig, cfg, "import_stage",
-                              {"data": resolve_path(cfg.data), "out": str(pairs)},
+                              {"data": resolve_path(cfg.data), "out": pairs},
                               {"tokenizer": model}))
     dropped = ", ".join(f"{k} {v}" for k, v in imp["dropped"].items()) or "none"
     _log(f"import: {imp['rows']} rows -> {imp['pairs']} pairs ({imp['form']}; dropped: "
@@ -133,12 +134,12 @@ def run_byod(cfg: BYODConfig, start_ray: Callable[[], None]) -> dict:
     # A preference set nearly always has a few pairs longer than the context: SFT leaves them
     # out and counts them (reference truncates them, TRL's rule) instead of stopping the path.
     sft_cfg = _section(SFTConfig, cfg, "sft",
-                       {"model": model, "from_pairs": str(pairs), "out": str(sft_dir)},
+                       {"model": model, "from_pairs": pairs, "out": sft_dir},
                        {"too_long": "drop"})
     key = _fingerprint(dataclasses.asdict(sft_cfg), input_digest(pairs))
     started = False
     if _current(state, state_path, "sft", key, sft_dir):
-        sft = json.loads((sft_dir / "sft_summary.json").read_text())
+        sft = json.loads(storage.read_text(storage.join(sft_dir, "sft_summary.json")))
         _log("sft on chosen: skipped, up to date")
     else:
         start_ray()
@@ -156,21 +157,21 @@ def run_byod(cfg: BYODConfig, start_ray: Callable[[], None]) -> dict:
             started = True
 
     ref = run_reference(_section(ReferenceConfig, cfg, "reference_stage", {
-        "pairs": str(pairs), "model": str(sft_model), "out": str(ref_dir)}), start_ray=ray_once)
+        "pairs": pairs, "model": sft_model, "out": ref_dir}), start_ray=ray_once)
     _log(f"reference: {ref['pairs']} pairs, cache {ref['cache']}")
 
     train_cfg = _section(DPOConfig, cfg, "train",
-                         {"model": str(sft_model), "data": str(ref_dir), "out": str(train_dir)})
+                         {"model": sft_model, "data": ref_dir, "out": train_dir})
     key = _fingerprint(dataclasses.asdict(train_cfg), read_manifest(ref_dir)["cache_key"])
     if _current(state, state_path, "train", key, train_dir):
-        train = json.loads((train_dir / "train_summary.json").read_text())
+        train = json.loads(storage.read_text(storage.join(train_dir, "train_summary.json")))
         _log("train: skipped, up to date")
     else:
         ray_once()
         train = run_dpo(train_cfg)
         _finished(state, state_path, "train")
         _log(f"train: {train['steps']} steps on {train['pairs']} pairs -> {train['model']}")
-    summary = {"run_dir": str(run), "import": imp, "sft": sft, "reference": ref,
+    summary = {"run_dir": run, "import": imp, "sft": sft, "reference": ref,
                "train": train, "wall_s": time.perf_counter() - t0}
-    write_json(run / "byod_summary.json", summary)
+    write_json(storage.join(run, "byod_summary.json"), summary)
     return summary

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.config import build, build_section
+from pipeline import storage
 from pipeline.io import UserError, resolve_path, write_json
 
 
@@ -58,38 +59,38 @@ def _section(cls, cfg: IterateConfig, name: str, fixed: dict):
     return build_section(cls, getattr(cfg, name), fixed, name, "iterate")
 
 
-def _toy(cfg: IterateConfig, run: Path) -> tuple[str | None, dict]:
+def _toy(cfg: IterateConfig, run: str) -> tuple[str | None, dict]:
     """Make the toy model and data when asked; return (initial policy, data paths)."""
     paths = {}
     policy = cfg.policy
     if cfg.toy_model is not None:
         from pipeline.toy import ToyConfig, init_toy_model
 
-        toy_dir = run / "toy"
-        if not (toy_dir / "config.json").exists():
-            init_toy_model(build(ToyConfig, {**cfg.toy_model, "out": str(toy_dir)}, "toy_model"))
+        toy_dir = storage.join(run, "toy")
+        if not storage.is_file(storage.join(toy_dir, "config.json")):
+            init_toy_model(build(ToyConfig, {**cfg.toy_model, "out": toy_dir}, "toy_model"))
             _log(f"toy model -> {toy_dir}")
-        policy = str(toy_dir)
+        policy = toy_dir
     if cfg.toy_data is not None:
         from pipeline.toy import write_task_data
 
-        data_dir = run / "data"
+        data_dir = storage.join(run, "data")
         opts = {"sft_rows": 150_000, "prompts": 2048, "heldout": 500, "seed": 0, **cfg.toy_data}
         unknown = sorted(set(opts) - {"sft_rows", "prompts", "heldout", "seed"})
         if unknown:
             raise UserError(f"toy_data: unknown key(s) {unknown}")
-        if not (data_dir / "heldout.parquet").exists():
+        if not storage.is_file(storage.join(data_dir, "heldout.parquet")):
             write_task_data(data_dir, **opts)
             _log(f"toy addition data -> {data_dir}")
-        paths = {k: str(data_dir / f"{k}.parquet") for k in ("sft", "prompts", "heldout")}
+        paths = {k: storage.join(data_dir, f"{k}.parquet") for k in ("sft", "prompts", "heldout")}
     return policy, paths
 
 
-def _evaluate(model: str, cfg: IterateConfig, eval_prompts: str, out: Path) -> dict:
+def _evaluate(model: str, cfg: IterateConfig, eval_prompts: str, out: str) -> dict:
     from pipeline.evaluate import EvalConfig, run_eval
 
-    if out.exists():
-        result = json.loads(out.read_text())
+    if storage.is_file(out):
+        result = json.loads(storage.read_text(out))
         if result.get("model") == model and result.get("prompts") == eval_prompts:
             return result
     result = run_eval(_section(EvalConfig, cfg, "eval", {
@@ -98,8 +99,10 @@ def _evaluate(model: str, cfg: IterateConfig, eval_prompts: str, out: Path) -> d
     return result
 
 
-def _done(summary: Path, model: Path) -> bool:
-    return summary.exists() and (model / "config.json").exists()
+def _done(summary: str, model: str) -> bool:
+    """A training step finished: its summary is written and its model published (config.json
+    is written last)."""
+    return storage.is_file(summary) and storage.is_file(storage.join(model, "config.json"))
 
 
 def run_iterate(cfg: IterateConfig) -> dict:
@@ -129,9 +132,9 @@ def run_iterate(cfg: IterateConfig) -> dict:
     ):
         _section(cls, cfg, name, fixed)
     t0 = time.perf_counter()
-    run = Path(cfg.run_dir).absolute()
-    run.mkdir(parents=True, exist_ok=True)
-    write_json(run / "iterate_config.json", dataclasses.asdict(cfg))
+    run = storage.absolute(cfg.run_dir)
+    storage.makedirs(run)
+    write_json(storage.join(run, "iterate_config.json"), dataclasses.asdict(cfg))
     policy, toy_paths = _toy(cfg, run)
     prompts = resolve_path(cfg.prompts or toy_paths.get("prompts"))
     eval_prompts = resolve_path(cfg.eval_prompts or toy_paths.get("heldout"))
@@ -146,49 +149,53 @@ def run_iterate(cfg: IterateConfig) -> dict:
         cfg = dataclasses.replace(cfg, scorer=f"{Path(head).resolve()}:{fn}")
 
     if sft_data:
-        sft_dir = run / "sft"
-        if not _done(sft_dir / "sft_summary.json", sft_dir / "model"):
+        sft_dir = storage.join(run, "sft")
+        if not _done(storage.join(sft_dir, "sft_summary.json"), storage.join(sft_dir, "model")):
             _log(f"SFT of {policy} on {sft_data}")
             run_sft(_section(SFTConfig, cfg, "sft", {
-                "model": policy, "data": sft_data, "out": str(sft_dir)}))
-        policy = str(sft_dir / "model")
+                "model": policy, "data": sft_data, "out": sft_dir}))
+        policy = storage.join(sft_dir, "model")
     initial = policy
     history = [{"round": 0, "policy": policy,
-                **_rewards(_evaluate(policy, cfg, eval_prompts, run / "round_0" / "eval.json"))}]
+                **_rewards(_evaluate(policy, cfg, eval_prompts,
+                                     storage.join(run, "round_0", "eval.json")))}]
     _log(f"round 0 (initial policy): {_fmt(history[-1])}")
 
     for k in range(1, cfg.rounds + 1):
-        rdir = run / f"round_{k}"
+        rdir = storage.join(run, f"round_{k}")
+        at = {d: storage.join(rdir, d) for d in ("samples", "scored", "pairs", "reference")}
         seed = cfg.seed + k
         _log(f"round {k}: sampling with {policy}")
         run_sample(_section(SampleConfig, cfg, "sample", {
-            "model": policy, "prompts": prompts, "out": str(rdir / "samples"), "seed": seed}))
+            "model": policy, "prompts": prompts, "out": at["samples"], "seed": seed}))
         run_score(_section(ScoreConfig, cfg, "score", {
-            "samples": str(rdir / "samples"), "out": str(rdir / "scored"),
+            "samples": at["samples"], "out": at["scored"],
             "scorer": cfg.scorer}))
         run_pair(_section(PairConfig, cfg, "pair", {
-            "scored": str(rdir / "scored"), "out": str(rdir / "pairs"), "round": k}))
+            "scored": at["scored"], "out": at["pairs"], "round": k}))
         reference = policy if cfg.reference == "policy" else initial
         ref = run_reference(_section(ReferenceConfig, cfg, "reference_stage", {
-            "pairs": str(rdir / "pairs"), "model": reference, "out": str(rdir / "reference")}))
+            "pairs": at["pairs"], "model": reference, "out": at["reference"]}))
         _log(f"round {k}: reference log-probs {ref['cache']} ({ref['pairs']} pairs)")
-        train_dir = rdir / "train"
-        if not _done(train_dir / "train_summary.json", train_dir / "model"):
+        train_dir = storage.join(rdir, "train")
+        if not _done(storage.join(train_dir, "train_summary.json"),
+                     storage.join(train_dir, "model")):
             run_dpo(_section(DPOConfig, cfg, "train", {
-                "model": policy, "data": str(rdir / "reference"), "out": str(train_dir),
+                "model": policy, "data": at["reference"], "out": train_dir,
                 "seed": seed}))
-        policy = str(train_dir / "model")
+        policy = storage.join(train_dir, "model")
         history.append({"round": k, "policy": policy, "pairs": ref["pairs"],
-                        **_rewards(_evaluate(policy, cfg, eval_prompts, rdir / "eval.json"))})
+                        **_rewards(_evaluate(policy, cfg, eval_prompts,
+                                             storage.join(rdir, "eval.json")))})
         _log(f"round {k}: {_fmt(history[-1])}")
 
     from pipeline.report import write_report
 
     beta = float(cfg.train.get("beta", 0.1))
     report = write_report(run, beta=beta)
-    summary = {"run_dir": str(run), "rounds": history, "report": str(report),
+    summary = {"run_dir": run, "rounds": history, "report": report,
                "wall_s": time.perf_counter() - t0}
-    write_json(run / "iterate_summary.json", summary)
+    write_json(storage.join(run, "iterate_summary.json"), summary)
     return summary
 
 

@@ -30,10 +30,14 @@ def request_seed(seed: int, key: str) -> int:
 
 
 def make_llm(model: str, cfg: EngineConfig, seed: int = 0):
-    """Create a `vllm.LLM`. Call it inside a Ray actor or under `__main__` (it spawns)."""
+    """Create a `vllm.LLM`. Call it inside a Ray actor or under `__main__` (it spawns).
+    A model named by URI is loaded from this node's copy (`storage.local_copy`)."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vllm import LLM
 
+    from pipeline.storage import local_copy
+
+    model = local_copy(model)
     kwargs = {}
     if cfg.max_model_len:
         kwargs["max_model_len"] = cfg.max_model_len

@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.io import UserError, read_table, resolve_path, sha256_file
 from pipeline.manifest import input_digest, is_current, read_manifest, write_stage
 
@@ -268,9 +269,9 @@ def _tokenizer(cfg: ImportConfig):
     if not cfg.tokenizer:
         raise UserError("conversational data needs --tokenizer (the dir of the model you will "
                         "train, whose chat template renders the messages)")
-    path = Path(cfg.tokenizer)
-    if not path.is_dir():
+    if not storage.is_dir(cfg.tokenizer):
         raise UserError(f"{cfg.tokenizer}: tokenizer directory not found")
+    path = Path(storage.local_copy(cfg.tokenizer, "tokenizer"))
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError) as e:
@@ -319,10 +320,10 @@ def run_import(cfg: ImportConfig) -> dict:
     t0 = time.perf_counter()
     _validate(cfg)
     data = resolve_path(cfg.data)
-    if not Path(data).exists():
+    if not storage.exists(data):
         raise UserError(f"{cfg.data}: no such file or directory")
-    out = Path(cfg.out).absolute()
-    if out.resolve() == Path(data).resolve():
+    out = storage.absolute(cfg.out)
+    if storage.same(out, data):
         raise UserError(f"--out {cfg.out} is the --data path; choose another directory")
     cfg_abs = ImportConfig(**{**asdict(cfg), "data": data, "out": str(out),
                               "tokenizer": resolve_path(cfg.tokenizer),
@@ -338,7 +339,8 @@ def run_import(cfg: ImportConfig) -> dict:
     if conversational:
         tok = _tokenizer(cfg_abs)
         render, bos, eos = _renderer(tok, cfg.data)
-        inputs["tokenizer"] = tokenizer_digest(Path(cfg_abs.tokenizer))
+        inputs["tokenizer"] = tokenizer_digest(
+            Path(storage.local_copy(cfg_abs.tokenizer, "tokenizer")))
         if cfg.chat_template:
             inputs["chat_template"] = sha256_file(cfg_abs.chat_template)
     config = asdict(cfg_abs)
@@ -379,9 +381,10 @@ def run_import(cfg: ImportConfig) -> dict:
     for name in rest.column_names:
         result = result.append_column(name, rest[name])
 
-    def write(tmp: Path) -> None:
+    def write(tmp: str) -> None:
         for s, start in enumerate(range(0, max(result.num_rows, 1), ROWS_PER_SHARD)):
-            pq.write_table(result.slice(start, ROWS_PER_SHARD), tmp / f"part-{s:05d}.parquet")
+            pq.write_table(result.slice(start, ROWS_PER_SHARD),
+                           storage.join(tmp, f"part-{s:05d}.parquet"))
 
     extra = {
         "form": "conversational" if conversational else "standard",
@@ -403,7 +406,7 @@ def _extraction(prompt_column, counts, dropped) -> dict | None:
     return {"extracted": counts["prompt_extracted"], "failed": dropped["no_common_prefix"]}
 
 
-def _summary(manifest: dict, out: Path, t0: float, skipped: bool) -> dict:
+def _summary(manifest: dict, out: str, t0: float, skipped: bool) -> dict:
     return {
         "out": str(out),
         "skipped": skipped,

@@ -110,18 +110,11 @@ def clear_stale(out: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clear_stale(path)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Write `obj` as JSON to a local path (atomically) or a URI (one PUT)."""
+    from pipeline import storage
+
+    storage.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -133,30 +126,38 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 
 def dataset_format(path: str | os.PathLike) -> str:
-    """'parquet', 'json' or 'hf' (a `datasets` dataset saved with `save_to_disk`)."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"{p}: no such file or directory")
-    if p.is_dir():
-        if (p / "dataset_info.json").exists() or (p / "state.json").exists():
+    """'parquet', 'json' or 'hf' (a `datasets` dataset saved with `save_to_disk`). `path` may be
+    a local path or a URI (see `pipeline.storage`)."""
+    from pipeline import storage
+
+    p = str(path)
+    if storage.is_dir(p):
+        files = [storage.relative(f, p) for f in storage.list_files(p)]
+        if "dataset_info.json" in files or "state.json" in files:
+            if storage.is_uri(p):
+                raise UserError(f"{p}: a saved `datasets` dataset is read from a local path only; "
+                                f"give its Parquet files instead")
             return "hf"
-        if any(p.rglob("*.parquet")):
+        if any(f.endswith(".parquet") for f in files):
             return "parquet"
-        if any(p.rglob("*.jsonl")) or any(p.rglob("*.json")):
+        if any(f.endswith((".jsonl", ".json")) for f in files):
             return "json"
         raise UserError(f"{p}: directory holds no .parquet, .jsonl or saved `datasets` dataset")
-    if p.suffix == ".parquet":
+    if not storage.exists(p):
+        raise UserError(f"{p}: no such file or directory")
+    if p.endswith(".parquet"):
         return "parquet"
-    if p.suffix in (".jsonl", ".json"):
+    if p.endswith((".jsonl", ".json")):
         return "json"
     raise UserError(f"{p}: unknown format (expected .parquet, .jsonl or a `datasets` dir)")
 
 
 def _check_not_empty(path: str | os.PathLike) -> None:
     """A 0-byte file is no dataset: say so (readers would say "no files found" or worse)."""
-    p = Path(path)
-    if p.is_file() and p.stat().st_size == 0:
-        raise UserError(f"{p}: empty file (0 bytes)")
+    from pipeline import storage
+
+    if storage.is_file(path) and storage.size(path) == 0:
+        raise UserError(f"{path}: empty file (0 bytes)")
 
 
 def check_utf8(table, source: str):
@@ -187,26 +188,39 @@ def check_utf8(table, source: str):
     return table
 
 
-def _json_files(path: str | os.PathLike) -> list[Path]:
+def _json_files(path: str | os.PathLike) -> list[str]:
     """The non-empty JSON / JSONL files of a file or directory dataset."""
-    p = Path(path)
-    files = [p] if p.is_file() else sorted(p.rglob("*.json*"))
-    return [f for f in files if f.stat().st_size > 0]
+    from pipeline import storage
+
+    p = str(path)
+    files = [p] if storage.is_file(p) else storage.list_files(p, (".json", ".jsonl"))
+    return [f for f in files if storage.size(f) > 0]
+
+
+def _read_json(path: str):
+    import pyarrow.json as pajson
+
+    from pipeline import storage
+
+    with storage.open_input(path) as f:
+        return pajson.read_json(f)
 
 
 def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()):
     """Read a whole dataset into a `pyarrow.Table`, with one-line errors for bad files."""
     import pyarrow as pa
     import pyarrow.dataset as pads
-    import pyarrow.json as pajson
+
+    from pipeline import storage
 
     fmt = dataset_format(path)
     _check_not_empty(path)
     try:
         if fmt == "parquet":
-            table = pads.dataset(str(path), format="parquet").to_table()
+            fs, inner = storage.filesystem(path)
+            table = pads.dataset(inner, format="parquet", filesystem=fs).to_table()
         elif fmt == "json":
-            tables = [pajson.read_json(str(f)) for f in _json_files(path)]
+            tables = [_read_json(f) for f in _json_files(path)]
             if not tables:
                 raise UserError(f"{path}: empty file")
             table = check_utf8(pa.concat_tables(tables, promote_options="default"), str(path))
@@ -227,9 +241,9 @@ def read_table(path: str | os.PathLike, required: tuple[str, ...] = ()):
 
 
 def read_ray_dataset(path: str | os.PathLike, required: tuple[str, ...] = ()):
-    """The same dataset as a `ray.data.Dataset` (Ray's own readers; HF via `from_huggingface`)."""
+    """The same dataset as a `ray.data.Dataset` (Ray's own readers, which take URIs too; HF via
+    `from_huggingface`)."""
     import pyarrow as pa
-    import pyarrow.json as pajson
     import ray
 
     fmt = dataset_format(path)
@@ -243,7 +257,7 @@ def read_ray_dataset(path: str | os.PathLike, required: tuple[str, ...] = ()):
             # have Ray cancel its siblings, and one cancelled while importing torch was seen to
             # leave its worker unable to import torch again.
             for f in _json_files(path):
-                check_utf8(pajson.read_json(str(f)), str(f))
+                check_utf8(_read_json(f), str(f))
         else:
             import datasets
 
@@ -281,8 +295,10 @@ def check_checkpoint(path: str | os.PathLike, what: str = "model") -> None:
     to run or unpickle: weights only as pickle (`*.bin`; unpickling runs code, so every load
     here passes `use_safetensors=True`), or a config that needs the checkpoint's own Python
     code (`auto_map`; every load passes `trust_remote_code=False`). Anything not a local
-    directory is left to the loader."""
-    p = Path(path)
+    directory is left to the loader. A URI is checked in this node's copy (`storage.local_copy`)."""
+    from pipeline.storage import local_copy
+
+    p = Path(local_copy(str(path), what))
     if not p.is_dir():
         return
     names = sorted(f.name for f in p.iterdir() if f.is_file())

@@ -7,12 +7,16 @@ A stage whose manifest is complete and whose config and input digests are unchan
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.io import UserError, atomic_dir, sha256_file, write_json
+from pipeline import storage
+from pipeline.io import UserError, atomic_dir, write_json
 
 MANIFEST = "manifest.json"
 
@@ -39,11 +43,11 @@ def code_version() -> str:
 
 
 def read_manifest(stage_dir: str | Path) -> dict | None:
-    path = Path(stage_dir) / MANIFEST
-    if not path.exists():
+    path = storage.join(stage_dir, MANIFEST)
+    if not storage.is_file(path):
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_text(path))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: corrupt manifest ({e}); remove the directory to redo it") from e
 
@@ -51,17 +55,17 @@ def read_manifest(stage_dir: str | Path) -> dict | None:
 def input_digest(path: str | Path) -> str:
     """Content digest of an input: a stage directory's manifest file digests, a plain file's
     bytes, or every data file under a directory."""
-    p = Path(path)
-    manifest = read_manifest(p) if p.is_dir() else None
+    p = str(path)
+    manifest = read_manifest(p) if storage.is_dir(p) else None
     h = hashlib.sha256()
     if manifest is not None:
         for f in manifest["files"]:
             h.update(f"{f['name']}:{f['sha256']}\n".encode())
-    elif p.is_file():
-        h.update(sha256_file(p).encode())
-    elif p.is_dir():
-        for f in sorted(x for x in p.rglob("*") if x.is_file()):
-            h.update(f"{f.relative_to(p)}:{sha256_file(f)}\n".encode())
+    elif storage.is_file(p):
+        h.update(storage.sha256(p).encode())
+    elif storage.is_dir(p):
+        for f in storage.list_files(p):
+            h.update(f"{storage.relative(f, p)}:{storage.sha256(f)}\n".encode())
     else:
         raise UserError(f"{p}: no such file or directory")
     return h.hexdigest()
@@ -69,17 +73,16 @@ def input_digest(path: str | Path) -> str:
 
 def verify_shards(stage_dir: str | Path, stage: str | None = None) -> dict:
     """Check every shard against its manifest checksum before use; return the manifest."""
-    stage_dir = Path(stage_dir)
     manifest = read_manifest(stage_dir)
     if manifest is None or not manifest.get("complete"):
         raise UserError(f"{stage_dir}: no complete {MANIFEST}; (re)run the stage that writes it")
     if stage is not None and manifest["stage"] != stage:
         raise UserError(f"{stage_dir} holds '{manifest['stage']}' data, expected '{stage}'")
     for f in manifest["files"]:
-        path = stage_dir / f["name"]
-        if not path.exists():
+        path = storage.join(stage_dir, f["name"])
+        if not storage.is_file(path):
             raise UserError(f"{path}: listed in {MANIFEST} but missing")
-        if sha256_file(path) != f["sha256"]:
+        if storage.sha256(path) != f["sha256"]:
             raise UserError(f"{path}: sha256 differs from {MANIFEST} (truncated or corrupted)")
     return manifest
 
@@ -89,7 +92,7 @@ def is_current(out_dir: str | Path, stage: str, config: dict, inputs: dict[str, 
     digests and its shards are intact. Refuses a directory that holds another stage's data."""
     manifest = read_manifest(out_dir)
     if manifest is None:
-        if Path(out_dir).exists() and any(Path(out_dir).iterdir()):
+        if storage.list_files(out_dir):
             raise UserError(f"{out_dir} exists and holds no {MANIFEST}; refusing to overwrite it")
         return False
     if manifest["stage"] != stage:
@@ -123,26 +126,26 @@ def write_stage(
     extra: dict | None = None,
     rows_kept: int | None = None,
 ) -> dict:
-    """Run `write_shards(tmp_dir)` into a temporary directory, then write the manifest and rename.
+    """Run `write_shards(tmp_dir)` into a temporary directory, then write the manifest and rename
+    (a URI `out_dir`: publish it, manifest last; see `storage`).
 
-    `write_shards` writes Parquet files into the directory it is given. Raises if
+    `write_shards` writes Parquet files into the directory it is given (a path or URI string:
+    name files with `storage.join`). Raises if
     rows_in != rows_out + sum(dropped): no stage loses rows silently.
 
     A stage whose output rows are not one per kept input row (`sample` writes k samples per
     prompt, `pair` any number of pairs per prompt) passes `rows_kept`, the input rows that
     produced output; the check is then rows_in == rows_kept + sum(dropped).
     """
-    import pyarrow.parquet as pq
-
-    with atomic_dir(out_dir, overwrite=True) as tmp:
+    with _stage_tmp(out_dir, stage) as tmp:
         write_shards(tmp)
         files = []
-        for f in sorted(tmp.rglob("*.parquet")):
+        for f in storage.list_files(tmp, (".parquet",)):
             files.append(
                 {
-                    "name": str(f.relative_to(tmp)),
-                    "rows": pq.ParquetFile(f).metadata.num_rows,
-                    "sha256": sha256_file(f),
+                    "name": storage.relative(f, tmp),
+                    "rows": storage.parquet_rows(f),
+                    "sha256": storage.sha256(f),
                 }
             )
         rows_out = sum(f["rows"] for f in files)
@@ -163,5 +166,32 @@ def write_stage(
             **(extra or {}),
             "complete": True,
         }
-        write_json(tmp / MANIFEST, manifest)
+        if storage.is_uri(tmp):
+            storage.write_text(storage.join(tmp, MANIFEST), _manifest_text(manifest))
+        else:
+            write_json(storage.join(tmp, MANIFEST), manifest)
     return manifest
+
+
+def _manifest_text(manifest: dict) -> str:
+    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+
+
+@contextlib.contextmanager
+def _stage_tmp(out_dir, stage: str) -> Iterator[str | Path]:
+    """A temporary stage directory that becomes `out_dir` only if the block succeeds: locally
+    `atomic_dir` (rename); for a URI a sibling prefix `.NAME.tmp-PID` on the same store (Ray Data
+    writes there from any node), then `storage.publish` (copies within the store, manifest last,
+    an incomplete manifest of this stage in place meanwhile)."""
+    if not storage.is_uri(out_dir):
+        with atomic_dir(out_dir, overwrite=True) as tmp:
+            yield tmp
+        return
+    tmp = storage.join(storage.parent(out_dir), f".{storage.name(out_dir)}.tmp-{os.getpid()}")
+    storage.remove(tmp)
+    try:
+        yield tmp
+        pending = _manifest_text({"stage": stage, "complete": False}).encode()
+        storage.publish(tmp, str(out_dir), pending=pending)
+    finally:
+        storage.remove(tmp)

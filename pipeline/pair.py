@@ -31,8 +31,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
+from pipeline import storage
 from pipeline.engine import request_seed
 from pipeline.io import UserError, read_ray_dataset, resolve_path, user_errors
 from pipeline.manifest import input_digest, is_current, read_manifest, verify_shards, write_stage
@@ -176,11 +176,11 @@ def _validate(cfg: PairConfig) -> None:
         raise UserError(f"min_margin must be a finite number >= 0, got {cfg.min_margin}")
 
 
-def _read_scored(scored: Path):
+def _read_scored(scored: str):
     import ray
 
     required = ("prompt_id", "prompt", "response", "sample_index", "score")
-    manifest = read_manifest(scored) if scored.is_dir() else None
+    manifest = read_manifest(scored) if storage.is_dir(scored) else None
     if manifest is None:
         ds = read_ray_dataset(scored, required=required)
     else:
@@ -192,7 +192,7 @@ def _read_scored(scored: Path):
         verify_shards(scored, SCORE_STAGE)
         if not manifest["files"]:
             return None
-        ds = ray.data.read_parquet([str(scored / f["name"]) for f in manifest["files"]])
+        ds = ray.data.read_parquet([storage.join(scored, f["name"]) for f in manifest["files"]])
         missing = [c for c in required if c not in ds.schema().names]
         if missing:
             raise UserError(f"{scored}: missing column(s) {missing}")
@@ -214,7 +214,7 @@ def _check_scores(table):
     return table
 
 
-def _pair_dataset(cfg: PairConfig, scored: Path):
+def _pair_dataset(cfg: PairConfig, scored: str):
     """(pairs dataset or None, samples in, prompts in, prompts kept, dropped by reason)."""
     import pyarrow as pa
 
@@ -258,11 +258,11 @@ def run_pair(cfg: PairConfig, start_ray: Callable[[], None] | None = None) -> di
     t0 = time.perf_counter()
     _validate(cfg)
     cfg = dataclasses.replace(cfg, scored=resolve_path(cfg.scored),
-                              out=str(Path(cfg.out).absolute()))
-    scored = Path(cfg.scored)
-    if not scored.exists():
+                              out=storage.absolute(cfg.out))
+    scored = cfg.scored
+    if not storage.exists(scored):
         raise UserError(f"{cfg.scored}: no such file or directory")
-    if scored.resolve() == Path(cfg.out).resolve():
+    if storage.same(scored, cfg.out):
         raise UserError(f"--out {cfg.out} is the --scored directory; choose another directory")
     inputs = {"scored": input_digest(scored)}
     config = dataclasses.asdict(cfg)
@@ -275,7 +275,7 @@ def run_pair(cfg: PairConfig, start_ray: Callable[[], None] | None = None) -> di
         pairs, samples_in, prompts_in, kept, dropped = _pair_dataset(cfg, scored)
         stats = {"samples_in": samples_in}
 
-        def write(tmp: Path) -> None:
+        def write(tmp: str) -> None:
             if pairs is not None:
                 write_shards(pairs, tmp)
             stats["pair_s"] = time.perf_counter() - t0

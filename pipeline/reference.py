@@ -28,8 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -38,9 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.io import (
     UserError,
-    atomic_dir,
     check_checkpoint,
     read_table,
     sha256_file,
@@ -217,8 +215,11 @@ class ReferenceForward:
 
             if torch_threads > 0:
                 torch.set_num_threads(torch_threads)
+            from pipeline.storage import local_copy
+
             m = AutoModelForCausalLM.from_pretrained(
-                model, dtype=getattr(torch, dtype), trust_remote_code=False, use_safetensors=True
+                local_copy(model), dtype=getattr(torch, dtype), trust_remote_code=False,
+                use_safetensors=True,
             )
             m.eval().requires_grad_(False)
             disable_dropout(m)
@@ -255,11 +256,16 @@ def _files_digest(root: Path, files: Sequence[Path]) -> str:
 
 
 def _local_dir(path: str, what: str) -> Path:
+    """A local checkpoint directory, or this node's copy of one named by URI."""
+    if storage.is_uri(path):
+        if not storage.is_dir(path):
+            raise UserError(f"{what} {path}: no such directory")
+        return Path(storage.local_copy(path, what))
     p = Path(path)
     if not p.is_dir():
         raise UserError(
             f"{what} {path}: no such directory; the reference stage hashes the files for its "
-            f"cache key, so it needs a local checkpoint (download it first)"
+            f"cache key, so it needs a checkpoint directory, local or a URI (download it first)"
         )
     return p.resolve()
 
@@ -293,10 +299,7 @@ def cache_key(parts: dict) -> str:
 
 
 def default_cache_dir() -> Path:
-    if os.environ.get("ODPO_CACHE_DIR"):
-        return Path(os.environ["ODPO_CACHE_DIR"]) / "reference"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "offline-dpo" / "reference"
+    return storage.cache_root() / "reference"
 
 
 def _model_config(model_dir: Path) -> dict:
@@ -318,10 +321,10 @@ def _context_length(config: dict) -> int | None:
 # ---------------------------------------------------------------- the stage
 
 
-def _pairs_files(pairs: Path) -> list[Path] | None:
+def _pairs_files(pairs: str) -> list[str] | None:
     """The shard files of a pairs stage dir (checked against its manifest), or None for a plain
     file or directory without manifest."""
-    manifest = read_manifest(pairs) if pairs.is_dir() else None
+    manifest = read_manifest(pairs) if storage.is_dir(pairs) else None
     if manifest is None:
         return None
     if manifest.get("stage") not in PAIR_STAGES:
@@ -330,10 +333,10 @@ def _pairs_files(pairs: Path) -> list[Path] | None:
             f"`odpo pair` (or an import)"
         )
     verify_shards(pairs)
-    return [pairs / f["name"] for f in manifest["files"]]
+    return [storage.join(pairs, f["name"]) for f in manifest["files"]]
 
 
-def _read_pairs(pairs: Path, files: list[Path] | None):
+def _read_pairs(pairs: str, files: list[str] | None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -354,9 +357,9 @@ def _read_pairs(pairs: Path, files: list[Path] | None):
     return table.drop_columns([c for c in ID_COLUMNS + LOGP_COLUMNS if c in table.column_names])
 
 
-def _hit(stage_dir: Path, key: str) -> dict | None:
+def _hit(stage_dir: str, key: str) -> dict | None:
     """The manifest of a complete, intact reference output under `key`, else None."""
-    manifest = read_manifest(stage_dir) if stage_dir.is_dir() else None
+    manifest = read_manifest(stage_dir) if storage.is_dir(stage_dir) else None
     if not manifest or manifest.get("stage") != STAGE or manifest.get("cache_key") != key:
         return None
     try:
@@ -365,10 +368,10 @@ def _hit(stage_dir: Path, key: str) -> dict | None:
         return None
 
 
-def _check_out(out: Path, pairs: Path) -> None:
-    if out.resolve() == pairs.resolve():
+def _check_out(out: str, pairs: str) -> None:
+    if storage.same(out, pairs):
         raise UserError(f"--out {out} is the --pairs directory; choose another directory")
-    if not out.exists() or not any(out.iterdir()):
+    if not storage.list_files(out):
         return
     manifest = read_manifest(out)
     if manifest is None:
@@ -380,24 +383,23 @@ def _check_out(out: Path, pairs: Path) -> None:
         )
 
 
-def _copy_stage(src: Path, manifest: dict, out: Path, config: dict, extra: dict) -> dict:
-    def copy(tmp: Path) -> None:
+def _copy_stage(src: str, manifest: dict, out: str, config: dict, extra: dict) -> dict:
+    def copy(tmp: str) -> None:
         for f in manifest["files"]:
-            (tmp / f["name"]).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src / f["name"], tmp / f["name"])
+            storage.copy(storage.join(src, f["name"]), storage.join(tmp, f["name"]))
 
     return write_stage(out, STAGE, config, manifest["inputs"], copy, manifest["rows_in"],
                        manifest["dropped"], extra)
 
 
-def _store(out: Path, entry: Path) -> None:
-    """Copy a finished output into the shared store (atomic); a failure only warns."""
+def _store(out: str, entry: str) -> None:
+    """Copy a finished output into the shared store (atomic, or manifest last on an object
+    store); a failure only warns."""
     try:
-        with atomic_dir(entry, overwrite=True) as tmp:
-            for f in out.iterdir():
-                if f.is_file():
-                    shutil.copyfile(f, tmp / f.name)
-    except OSError as e:
+        with storage.output_dir(entry, overwrite=True) as tmp:
+            for f in storage.list_files(out):
+                storage.copy(f, storage.join(tmp, storage.relative(f, out)))
+    except (OSError, UserError) as e:
         print(f"odpo reference: warning: cache store {entry} not written ({e})", file=sys.stderr)
 
 
@@ -423,10 +425,10 @@ def run_reference(cfg: ReferenceConfig, start_ray: Callable[[], None] | None = N
     must already be up. Returns a summary (`cache`: "hit" or "computed")."""
     t0 = time.perf_counter()
     _validate(cfg)
-    pairs = Path(cfg.pairs).absolute()
-    if not pairs.exists():
+    pairs = storage.absolute(cfg.pairs)
+    if not storage.exists(pairs):
         raise UserError(f"{cfg.pairs}: no such file or directory")
-    out = Path(cfg.out).absolute()
+    out = storage.absolute(cfg.out)
     _check_out(out, pairs)
     model_dir = _local_dir(cfg.model, "model")
     check_checkpoint(model_dir)
@@ -460,10 +462,12 @@ def run_reference(cfg: ReferenceConfig, start_ray: Callable[[], None] | None = N
         "pairs": inputs["pairs"],
     }
     key = cache_key(key_parts)
-    config = {**asdict(cfg), "pairs": str(pairs), "model": str(model_dir),
-              "tokenizer": str(tok_dir), "out": str(out)}
+    named = {name: str(d) if not storage.is_uri(path) else path
+             for name, d, path in (("model", model_dir, cfg.model),
+                                   ("tokenizer", tok_dir, cfg.tokenizer or cfg.model))}
+    config = {**asdict(cfg), "pairs": pairs, **named, "out": out}
     store_root = default_cache_dir() if cfg.cache_dir is None else cfg.cache_dir
-    entry = Path(store_root).absolute() / key if store_root else None
+    entry = storage.join(storage.absolute(store_root), key) if store_root else None
 
     summary = {"out": str(out), "key": key}
     if cfg.reference_cache != "recompute":
@@ -488,7 +492,7 @@ def run_reference(cfg: ReferenceConfig, start_ray: Callable[[], None] | None = N
 
     if not ray.is_initialized():  # Ray Data's implicit ray.init() may join a stale cluster
         raise RuntimeError("run_reference needs Ray: start it first or pass start_ray")
-    manifest = _compute(cfg, pairs, pair_files, model_dir, tok_dir, model_config, out, config,
+    manifest = _compute(cfg, pairs, pair_files, named["model"], tok_dir, model_config, out, config,
                         inputs, max_length, max_prompt_length,
                         {"cache_key": key, "key_parts": key_parts, "source": "computed"})
     if entry is not None:
@@ -534,9 +538,10 @@ def _compute(cfg, pairs, pair_files, model_dir, tok_dir, model_config, out, conf
     result = result.append_column("ref_chosen_logps", pa.array(logps[0::2], type=pa.float64()))
     result = result.append_column("ref_rejected_logps", pa.array(logps[1::2], type=pa.float64()))
 
-    def write(tmp: Path) -> None:
+    def write(tmp: str) -> None:
         for s, start in enumerate(range(0, max(result.num_rows, 1), ROWS_PER_SHARD)):
-            pq.write_table(result.slice(start, ROWS_PER_SHARD), tmp / f"part-{s:05d}.parquet")
+            pq.write_table(result.slice(start, ROWS_PER_SHARD),
+                           storage.join(tmp, f"part-{s:05d}.parquet"))
 
     tokens = int(sum(lengths))
     stats = {

@@ -11,20 +11,26 @@ import json
 import re
 from pathlib import Path
 
-from pipeline.io import UserError, atomic_write_text
+from pipeline import storage
+from pipeline.io import UserError
 
 FUNNEL_STAGES = ("samples", "scored", "pairs")
 
 
-def _rounds(run: Path) -> list[int]:
-    ks = [int(m.group(1)) for d in run.iterdir() if (m := re.fullmatch(r"round_(\d+)", d.name))]
+def _rounds(run: str) -> list[int]:
+    ks = [int(m.group(1)) for d in storage.children(run)
+          if (m := re.fullmatch(r"round_(\d+)", d))]
     return sorted(ks)
 
 
+def _json(path: str):
+    return json.loads(storage.read_text(path)) if storage.is_file(path) else None
+
+
 def load_run(run: str | Path) -> dict:
-    """Everything the report plots, as plain lists, from a run directory."""
-    run = Path(run)
-    if not run.is_dir():
+    """Everything the report plots, as plain lists, from a run directory (a path or URI)."""
+    run = storage.absolute(run)
+    if not storage.is_dir(run):
         raise UserError(f"{run}: no such run directory")
     rounds = _rounds(run)
     if not rounds:
@@ -32,24 +38,24 @@ def load_run(run: str | Path) -> dict:
     evals, curves, funnel = {}, [], {}
     offset = 0
     for k in rounds:
-        rdir = run / f"round_{k}"
-        if (rdir / "eval.json").exists():
-            evals[k] = json.loads((rdir / "eval.json").read_text())
-        metrics = rdir / "train" / "metrics.jsonl"
-        if metrics.exists():
-            lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        rdir = storage.join(run, f"round_{k}")
+        if (e := _json(storage.join(rdir, "eval.json"))) is not None:
+            evals[k] = e
+        metrics = storage.join(rdir, "train", "metrics.jsonl")
+        if storage.is_file(metrics):
+            text = storage.read_text(metrics)
+            lines = [json.loads(x) for x in text.splitlines() if x.strip()]
             for m in lines:
                 curves.append({**m, "round": k, "global_step": offset + m["step"]})
             if lines:
                 offset += lines[-1]["step"] + 1
         stages = {}
         for stage in FUNNEL_STAGES:
-            mpath = rdir / stage / "manifest.json"
-            if mpath.exists():
-                stages[stage] = json.loads(mpath.read_text())
+            if (m := _json(storage.join(rdir, stage, "manifest.json"))) is not None:
+                stages[stage] = m
         if stages:
             funnel[k] = stages
-    return {"name": run.name, "path": str(run), "rounds": rounds, "evals": evals,
+    return {"name": storage.name(run), "path": run, "rounds": rounds, "evals": evals,
             "curves": curves, "funnel": funnel}
 
 
@@ -214,12 +220,18 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def write_report(run_dir: str | Path, compare: list[str] | None = None, beta: float = 0.1) -> Path:
-    """Write RUN/report/report.md and its PNGs; return the Markdown path."""
+def write_report(run_dir: str | Path, compare: list[str] | None = None, beta: float = 0.1) -> str:
+    """Write RUN/report/report.md and its PNGs (replacing an older report whole); return the
+    Markdown path."""
     main = load_run(run_dir)
     runs = [main] + [load_run(c) for c in compare or []]
-    out = Path(run_dir) / "report"
-    out.mkdir(exist_ok=True)
+    dest = storage.join(main["path"], "report")
+    with storage.output_dir(dest, overwrite=True) as tmp:
+        _write_report(Path(tmp), main, runs, beta)
+    return storage.join(dest, "report.md")
+
+
+def _write_report(out: Path, main: dict, runs: list[dict], beta: float) -> None:
     plot_reward(runs, out / "reward.png")
     plot_logps(runs, out / "logps.png")
     plot_rewards(runs, out / "rewards.png")
@@ -257,5 +269,4 @@ def write_report(run_dir: str | Path, compare: list[str] | None = None, beta: fl
         "component dwarfs the chosen one, so DPO lowers the rejected response far more than "
         "it raises the chosen one.\n\n![landscape](landscape.png)\n"
     )
-    atomic_write_text(out / "report.md", md)
-    return out / "report.md"
+    (out / "report.md").write_text(md)

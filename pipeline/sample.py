@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.engine import EngineConfig, actor_options, make_llm, request_seed
 from pipeline.io import (
     UserError,
@@ -37,6 +38,7 @@ from pipeline.io import (
     user_errors,
 )
 from pipeline.manifest import input_digest, is_current, read_manifest, write_stage
+from pipeline.storage import local_copy
 
 STAGE = "sample"
 # Columns this stage writes; an input that already has one is probably not a prompts file.
@@ -137,7 +139,7 @@ def expand_samples(table, outputs, k: int):
 def _tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(local_copy(path), trust_remote_code=False)
 
 
 def check_prompts(table, *, model: str, max_model_len: int):
@@ -222,7 +224,7 @@ class VLLMSampler:
 # ---------------------------------------------------------------- the stage
 
 
-def write_shards(ds, directory: Path) -> None:
+def write_shards(ds, directory: str) -> None:
     """`ds.write_parquet` into an empty (temporary) stage directory with names
     `part-00000-0.parquet`, ... instead of uuids, so a stage's file list reads the same on every
     run. OVERWRITE mode is what lets Ray accept names without the write's uuid."""
@@ -289,21 +291,23 @@ def run_sample(cfg: SampleConfig, start_ray: Callable[[], None] | None = None) -
     t0 = time.perf_counter()
     _validate(cfg)
     model = resolve_path(cfg.model)
-    if not Path(model).is_dir():
-        raise UserError(f"model {cfg.model}: no such directory (a local HF checkpoint is needed)")
-    check_checkpoint(model)
+    if not storage.is_dir(model):
+        raise UserError(f"model {cfg.model}: no such directory (an HF checkpoint directory, "
+                        f"local or a URI, is needed)")
+    local_model = local_copy(model)  # a URI: this node's copy, for the checks below
+    check_checkpoint(local_model)
     cfg = dataclasses.replace(cfg, model=model, prompts=resolve_path(cfg.prompts),
-                              out=str(Path(cfg.out).absolute()))
-    context = model_context(cfg.model)
+                              out=storage.absolute(cfg.out))
+    context = model_context(local_model)
     if cfg.engine.max_model_len > context:
         raise UserError(
             f"engine.max_model_len {cfg.engine.max_model_len} exceeds the model's context of "
             f"{context}"
         )
     max_model_len = cfg.engine.max_model_len or context
-    if Path(cfg.prompts).exists() and Path(cfg.prompts).resolve() == Path(cfg.out).resolve():
+    if storage.exists(cfg.prompts) and storage.same(cfg.prompts, cfg.out):
         raise UserError(f"--out {cfg.out} is the prompts path; choose another directory")
-    inputs = {"prompts": input_digest(cfg.prompts), "model": model_digest(cfg.model)}
+    inputs = {"prompts": input_digest(cfg.prompts), "model": model_digest(local_model)}
     config = asdict(cfg)
     if is_current(cfg.out, STAGE, config, inputs):
         return _summary(read_manifest(cfg.out), cfg.out, t0, skipped=True)
@@ -361,7 +365,7 @@ def run_sample(cfg: SampleConfig, start_ray: Callable[[], None] | None = None) -
             **actor_options(cfg.engine),
         )
 
-        def write(tmp: Path) -> None:
+        def write(tmp: str) -> None:
             if kept:
                 write_shards(samples, tmp)
             written = _count_rows(tmp)
@@ -378,20 +382,18 @@ def run_sample(cfg: SampleConfig, start_ray: Callable[[], None] | None = None) -
     return _summary(manifest, cfg.out, t0, skipped=False)
 
 
-def _count_rows(directory: Path) -> int:
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in directory.rglob("*.parquet"))
+def _count_rows(directory: str) -> int:
+    return sum(storage.parquet_rows(f) for f in storage.list_files(directory, (".parquet",)))
 
 
-def _stats(directory: Path, seconds: float) -> dict:
+def _stats(directory: str, seconds: float) -> dict:
     """Finish reasons and token counts read back from the written shards."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     tables = [pq.read_table(f, columns=["finish_reason", "num_response_tokens"])
-              for f in sorted(directory.rglob("*.parquet"))]
+              for f in storage.list_files(directory, (".parquet",))]
     if not tables:
         return {"sample_s": seconds, "samples_per_s": 0.0, "response_tokens": 0,
                 "finish_reason": {}}

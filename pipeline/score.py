@@ -113,10 +113,13 @@ class RewardModelScorer:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from pipeline.storage import local_copy
+
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+            files = local_copy(path, "reward model")  # a URI: this node's copy
+            self.tokenizer = AutoTokenizer.from_pretrained(files, trust_remote_code=False)
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=getattr(torch, dtype), trust_remote_code=False, use_safetensors=True
+                files, dtype=getattr(torch, dtype), trust_remote_code=False, use_safetensors=True
             )
         except (OSError, ValueError) as e:
             raise UserError(f"reward model {path}: cannot load ({str(e).splitlines()[0]})") from e
@@ -266,7 +269,9 @@ def _validate(cfg: ScoreConfig) -> None:
     if cfg.scorer == "reward_model":
         if not cfg.reward_model:
             raise UserError("scorer reward_model needs --reward-model PATH (a local HF dir)")
-        if not Path(cfg.reward_model).is_dir():
+        from pipeline import storage
+
+        if not storage.is_dir(cfg.reward_model):
             raise UserError(f"reward model {cfg.reward_model}: no such directory")
         check_checkpoint(cfg.reward_model, "reward model")
     elif cfg.reward_model:
@@ -283,8 +288,9 @@ def _scorer_digest(cfg: ScoreConfig, fn: Callable | None) -> str:
 
     if cfg.scorer == "reward_model":
         from pipeline.sample import model_digest
+        from pipeline.storage import local_copy
 
-        return model_digest(cfg.reward_model)
+        return model_digest(local_copy(cfg.reward_model, "reward model"))
     try:
         source = inspect.getsourcefile(fn)
     except TypeError:
@@ -292,12 +298,13 @@ def _scorer_digest(cfg: ScoreConfig, fn: Callable | None) -> str:
     return input_digest(source) if source else cfg.scorer
 
 
-def _sample_files(samples: Path) -> list[str] | None:
+def _sample_files(samples: str) -> list[str] | None:
     """Shard files of a sample stage dir (checked against its manifest), or None for plain
     data without a manifest."""
+    from pipeline import storage
     from pipeline.manifest import read_manifest, verify_shards
 
-    manifest = read_manifest(samples) if samples.is_dir() else None
+    manifest = read_manifest(samples) if storage.is_dir(samples) else None
     if manifest is None:
         return None
     if manifest.get("stage") != SAMPLE_STAGE:
@@ -306,7 +313,7 @@ def _sample_files(samples: Path) -> list[str] | None:
             f"`odpo sample`"
         )
     verify_shards(samples, SAMPLE_STAGE)
-    return [str(samples / f["name"]) for f in manifest["files"]]
+    return [storage.join(samples, f["name"]) for f in manifest["files"]]
 
 
 def run_score(cfg: ScoreConfig, start_ray: Callable[[], None] | None = None) -> dict:
@@ -318,21 +325,22 @@ def run_score(cfg: ScoreConfig, start_ray: Callable[[], None] | None = None) -> 
     import numpy as np
     import ray
 
+    from pipeline import storage
     from pipeline.io import read_ray_dataset, resolve_path, user_errors
     from pipeline.manifest import input_digest, is_current, read_manifest, write_stage
     from pipeline.sample import write_shards
 
     t0 = time.perf_counter()
     cfg = dataclasses.replace(
-        cfg, samples=resolve_path(cfg.samples), out=str(Path(cfg.out).absolute()),
+        cfg, samples=resolve_path(cfg.samples), out=storage.absolute(cfg.out),
         reward_model=resolve_path(cfg.reward_model),
         scorer=_resolve_scorer_path(cfg.scorer),
     )
     _validate(cfg)
-    samples = Path(cfg.samples)
-    if not samples.exists():
+    samples = cfg.samples
+    if not storage.exists(samples):
         raise UserError(f"{cfg.samples}: no such file or directory")
-    if samples.resolve() == Path(cfg.out).resolve():
+    if storage.same(samples, cfg.out):
         raise UserError(f"--out {cfg.out} is the --samples directory; choose another directory")
     fn = None if cfg.scorer == "reward_model" else make_scorer(cfg)  # import errors fail here
     files = _sample_files(samples)
@@ -361,7 +369,7 @@ def run_score(cfg: ScoreConfig, start_ray: Callable[[], None] | None = None) -> 
 
     stats: dict = {}
 
-    def write(tmp: Path) -> None:
+    def write(tmp: str) -> None:
         if ds is None:
             return
         scored = ds.map_batches(
@@ -406,12 +414,15 @@ def _resolve_scorer_path(spec: str) -> str:
     return spec
 
 
-def _score_stats(directory: Path, seconds: float) -> dict:
+def _score_stats(directory: str, seconds: float) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    tables = [pq.read_table(f, columns=["score"]) for f in sorted(directory.rglob("*.parquet"))]
+    from pipeline import storage
+
+    tables = [pq.read_table(f, columns=["score"])
+              for f in storage.list_files(directory, (".parquet",))]
     if not tables:
         return {"score_s": seconds}
     s = pa.concat_tables(tables)["score"]

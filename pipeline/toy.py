@@ -53,12 +53,12 @@ def build_tokenizer():
     )
 
 
-def init_toy_model(cfg: ToyConfig) -> Path:
+def init_toy_model(cfg: ToyConfig) -> str:
     """Write a randomly initialised tiny `LlamaForCausalLM` plus tokenizer to `cfg.out`."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.io import atomic_dir
+    from pipeline import storage
 
     if cfg.hidden_size % cfg.num_heads:
         raise ValueError(
@@ -83,10 +83,10 @@ def init_toy_model(cfg: ToyConfig) -> Path:
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    with atomic_dir(cfg.out) as tmp:
+    with storage.output_dir(cfg.out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-    return Path(cfg.out)
+    return storage.absolute(cfg.out)
 
 
 def write_task_data(
@@ -96,19 +96,19 @@ def write_task_data(
     heldout: int = 500,
     seed: int = 0,
     overwrite: bool = False,
-) -> Path:
+) -> str:
     """The addition task's sft / prompts / heldout Parquet files (held-out split disjoint)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.io import atomic_dir
+    from pipeline import storage
     from pipeline.tasks import addition
 
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with storage.output_dir(out, overwrite=overwrite) as tmp:
         for name, rows in (
             ("sft", addition.sft_data(sft_rows, seed=seed)),
             ("prompts", addition.prompts(prompts, seed=seed + 1)),
             ("heldout", addition.heldout(heldout, seed=seed + 2)),
         ):
             pq.write_table(pa.Table.from_pylist(rows), Path(tmp) / f"{name}.parquet")
-    return Path(out)
+    return storage.absolute(out)

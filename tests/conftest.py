@@ -1,12 +1,68 @@
 """Shared fixtures. Anything that starts Ray or vLLM is session-scoped and shared."""
 
 import os
+import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# S3 for the storage tests is moto's server on loopback (`s3_server`). Its address and fake
+# credentials are set before anything starts, so every Ray worker of the session inherits them,
+# and no test can reach a real bucket.
+S3_PORT = _free_port()
+os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY_ID="testing",
+                  AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
+                  AWS_EC2_METADATA_DISABLED="true")
+for _key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+    os.environ.pop(_key, None)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (a real HTTP S3 API, in memory); yields a factory that
+    creates a fresh bucket and returns its s3:// URI."""
+    import itertools
+
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                             str(S3_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", S3_PORT), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError("moto S3 server did not start") from None
+                time.sleep(0.2)
+        import boto3
+
+        client = boto3.client("s3")
+        counter = itertools.count()
+
+        def bucket(prefix: str = "odpo") -> str:
+            name = f"{prefix}-{next(counter)}"
+            client.create_bucket(Bucket=name)
+            return f"s3://{name}"
+
+        bucket.client = client
+        yield bucket
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

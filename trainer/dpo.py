@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
+from pipeline import storage
 from pipeline.io import UserError, check_checkpoint, resolve_path, write_json
 from trainer.loss import LOSS_TYPES
 
@@ -70,10 +70,12 @@ def check_reference_shards(path: str) -> dict:
     if manifest is None:
         import pyarrow.parquet as pq
 
-        files = sorted(Path(path).rglob("*.parquet")) if Path(path).is_dir() else [Path(path)]
-        if not files or not files[0].exists():
+        files = (storage.list_files(path, (".parquet",)) if storage.is_dir(path)
+                 else [path])
+        if not files or not storage.exists(files[0]):
             raise UserError(f"{path}: no reference shards found; run `odpo reference` first")
-        names = pq.read_schema(files[0]).names
+        with storage.open_input(files[0]) as f:
+            names = pq.read_schema(f).names
         missing = [c for c in REFERENCE_COLUMNS if c not in names]
         if missing:
             raise UserError(
@@ -104,7 +106,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         cfg,
         model=resolve_path(cfg.model),
         data=resolve_path(cfg.data),
-        out=str(Path(cfg.out).absolute()),
+        out=storage.absolute(cfg.out),
         reference_model=resolve_path(cfg.reference_model or cfg.model),
     )
     check_checkpoint(cfg.model)
@@ -112,7 +114,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
         check_checkpoint(cfg.reference_model, "reference model")
     manifest = check_reference_shards(cfg.data)
     t0 = time.perf_counter()
-    files = [str(Path(cfg.data) / f["name"]) for f in manifest["files"]]
+    files = [storage.join(cfg.data, f["name"]) for f in manifest["files"]]
     ds = ray.data.read_parquet(files).select_columns(list(REFERENCE_COLUMNS))
     if cfg.shuffle:
         ds = ds.random_shuffle(seed=cfg.seed)
@@ -140,5 +142,5 @@ def run_dpo(cfg: DPOConfig) -> dict:
         "reference": cfg.reference,
         "train_s": time.perf_counter() - t0,
     }
-    write_json(Path(cfg.out) / "train_summary.json", summary)
+    write_json(storage.join(cfg.out, "train_summary.json"), summary)
     return summary

@@ -5,7 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from pipeline.io import UserError, atomic_dir, user_errors
+from pipeline import storage
+from pipeline.io import UserError, user_errors
 from trainer.loop import STATE_FILE, train_loop_per_worker
 
 
@@ -33,8 +34,9 @@ def fit(
     cpus_per_worker: float,
     use_gpu: bool,
     max_failures: int = 0,
-) -> Path:
-    """Train and return `run_dir/model`, a Hugging Face checkpoint directory.
+) -> str:
+    """Train and return `run_dir/model`, a Hugging Face checkpoint directory (`run_dir` may be a
+    URI: Ray Train keeps its checkpoints there, the model is published config.json last).
 
     Ray Train keeps its checkpoints under `run_dir/ray/<objective>`; a re-run with the same
     `run_dir` resumes from the latest of them.
@@ -42,20 +44,20 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    run_dir_path = Path(run_dir).absolute()
+    run_dir = storage.absolute(run_dir)
     resources = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**loop_cfg, "run_dir": str(run_dir_path)},
+        train_loop_config={**loop_cfg, "run_dir": run_dir},
         scaling_config=ScalingConfig(
             num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=loop_cfg["objective"],
-            storage_path=str(run_dir_path / "ray"),
+            storage_path=storage.join(run_dir, "ray"),  # a URI works as is
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=max_failures),
         ),
@@ -65,9 +67,9 @@ def fit(
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training in {run_dir} finished without a checkpoint")
-    out = run_dir_path / "model"
-    with result.checkpoint.as_directory() as ckpt, atomic_dir(out, overwrite=True) as tmp:
+    out = storage.join(run_dir, "model")
+    with result.checkpoint.as_directory() as ckpt, storage.output_dir(out, overwrite=True) as tmp:
         for f in Path(ckpt).iterdir():
             if f.name != STATE_FILE and f.is_file():
-                shutil.copy2(f, tmp / f.name)
+                shutil.copy2(f, Path(tmp) / f.name)
     return out

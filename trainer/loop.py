@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import storage
 from trainer.collate import collate
 from trainer.logps import per_token_logps, sequence_logps
 from trainer.loss import dpo_loss, nll_loss
@@ -157,14 +159,26 @@ def _step_of(line: str) -> int | None:
 
 
 class _Logger:
-    """Rank 0's metrics sink: one JSON line per logging step plus TensorBoard scalars."""
+    """Rank 0's metrics sink: one JSON line per logging step plus TensorBoard scalars.
+
+    With a URI `run_dir` both are written in a local directory on this worker's node and
+    uploaded by `sync()` (at every checkpoint and at the end); a resumed run downloads them
+    first."""
 
     def __init__(self, run_dir: str, enabled: bool, resume_step: int):
         self.enabled = enabled
         if not enabled:
             return
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.remote = run_dir if storage.is_uri(run_dir) else None
+        if self.remote:
+            run_dir = tempfile.mkdtemp(prefix="odpo-metrics-")
+            for f in storage.list_files(self.remote):
+                rel = storage.relative(f, self.remote)
+                if rel == "metrics.jsonl" or rel.startswith("tensorboard/"):
+                    storage.copy(f, str(Path(run_dir) / rel))
+        self.local = Path(run_dir)
+        self.local.mkdir(parents=True, exist_ok=True)
+        self.path = self.local / "metrics.jsonl"
         if self.path.exists():  # a resumed run keeps the lines before its checkpoint
             kept = [
                 line
@@ -174,7 +188,7 @@ class _Logger:
             self.path.write_text("".join(line + "\n" for line in kept))
         from tensorboardX import SummaryWriter
 
-        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+        self.tb = SummaryWriter(str(self.local / "tensorboard"), purge_step=resume_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -185,9 +199,21 @@ class _Logger:
             self.tb.add_scalar(k, v, step)
         self.tb.flush()
 
+    def sync(self) -> None:
+        """Upload metrics.jsonl and the TensorBoard files to a URI run_dir."""
+        if not (self.enabled and self.remote):
+            return
+        self.tb.flush()
+        for f in sorted(self.local.rglob("*")):
+            if f.is_file():
+                storage.copy(str(f), storage.join(self.remote, str(f.relative_to(self.local))))
+
     def close(self) -> None:
         if self.enabled:
             self.tb.close()
+            self.sync()
+            if self.remote:
+                shutil.rmtree(self.local, ignore_errors=True)
 
 
 def _save_checkpoint(model, tokenizer, optimizer, scheduler, step: int, epoch: int, path: str):
@@ -226,7 +252,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         model_path = ckpt_dir
         state = torch.load(os.path.join(ckpt_dir, STATE_FILE), weights_only=True)
     else:
-        model_path = cfg["model"]
+        model_path = storage.local_copy(cfg["model"])  # a URI: this node's copy
     # Never the checkpoint's own code, never pickle (the driver checked: io.check_checkpoint).
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=False,
@@ -239,7 +265,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     reference_model = None
     if cfg.get("reference") == "live":
         reference_model = AutoModelForCausalLM.from_pretrained(
-            cfg["reference_model"], dtype=dtype, trust_remote_code=False, use_safetensors=True
+            storage.local_copy(cfg["reference_model"]), dtype=dtype, trust_remote_code=False,
+            use_safetensors=True,
         )
         reference_model.eval().requires_grad_(False)
         disable_dropout(reference_model)
@@ -319,6 +346,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                 bar.update(step - bar.n)
             save_now = cfg["save_every"] > 0 and step % cfg["save_every"] == 0
             if done or save_now:
+                logger.sync()
                 _report(model, tokenizer, optimizer, scheduler, step, epoch, rank, {"step": step})
             if done:
                 break

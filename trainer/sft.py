@@ -7,8 +7,8 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
-from pathlib import Path
 
+from pipeline import storage
 from pipeline.io import (
     UserError,
     check_checkpoint,
@@ -17,6 +17,7 @@ from pipeline.io import (
     user_errors,
     write_json,
 )
+from pipeline.storage import local_copy
 from trainer.collate import tokenize_completions
 
 
@@ -62,7 +63,7 @@ class SFTConfig:
 def _tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(local_copy(path), trust_remote_code=False)
     # Lengths are checked against max_length below, with a message naming the row; the
     # tokenizer's own "sequence length is longer than..." warning would only add noise.
     tokenizer.model_max_length = int(1e30)
@@ -102,7 +103,8 @@ def _kept_rows(table):
 def model_context_length(model: str) -> int:
     from transformers import AutoConfig
 
-    return int(AutoConfig.from_pretrained(model, trust_remote_code=False).max_position_embeddings)
+    return int(AutoConfig.from_pretrained(local_copy(model), trust_remote_code=False)
+               .max_position_embeddings)
 
 
 def chosen_table(pairs: str):
@@ -113,13 +115,13 @@ def chosen_table(pairs: str):
 
     from pipeline.manifest import read_manifest, verify_shards
 
-    manifest = read_manifest(pairs) if Path(pairs).is_dir() else None
+    manifest = read_manifest(pairs) if storage.is_dir(pairs) else None
     if manifest is None or manifest.get("stage") not in ("import", "pair"):
         found = f"'{manifest.get('stage')}' output" if manifest else "no manifest.json"
         raise UserError(f"--from-pairs {pairs}: holds {found}; give the output of `odpo import` "
                         f"or `odpo pair`")
     verify_shards(pairs)
-    tables = [pq.read_table(Path(pairs) / f["name"], columns=["prompt", "chosen"])
+    tables = [pq.read_table(storage.join(pairs, f["name"]), columns=["prompt", "chosen"])
               for f in manifest["files"]]
     rows = {}
     for t in tables:
@@ -150,7 +152,7 @@ def run_sft(cfg: SFTConfig) -> dict:
         model=resolve_path(cfg.model),
         data=resolve_path(cfg.data),
         from_pairs=resolve_path(cfg.from_pairs),
-        out=str(Path(cfg.out).absolute()),
+        out=storage.absolute(cfg.out),
         eval_prompts=resolve_path(cfg.eval_prompts),
     )
     t0 = time.perf_counter()
@@ -175,11 +177,11 @@ def run_sft(cfg: SFTConfig) -> dict:
     dropped = {"too_long": rows_in - rows} if rows_in > rows else {}
     steps = plan_steps(rows, cfg.batch_size, cfg.epochs, cfg.max_steps, source)
     loop_cfg = {**asdict(cfg), "objective": "sft", **steps}
-    out = Path(cfg.out)
+    out = cfg.out
     model_dir = fit(
         loop_cfg,
         ds,
-        run_dir=str(out),
+        run_dir=out,
         num_workers=cfg.num_workers,
         cpus_per_worker=cfg.cpus_per_worker,
         use_gpu=cfg.use_gpu,
@@ -206,7 +208,7 @@ def run_sft(cfg: SFTConfig) -> dict:
             )
         )
         summary["eval"] = result
-        write_json(out / "eval.json", result)
+        write_json(storage.join(out, "eval.json"), result)
     summary["total_s"] = time.perf_counter() - t0
-    write_json(out / "sft_summary.json", summary)
+    write_json(storage.join(out, "sft_summary.json"), summary)
     return json.loads(json.dumps(summary))
