@@ -66,7 +66,7 @@ TOKENIZER_PREFIXES = (
 @dataclass(frozen=True)
 class ReferenceConfig:
     pairs: str  # pairs stage dir (`pair`/`import` manifest), or Parquet/JSONL with the pair columns
-    model: str  # reference checkpoint (local HF dir); no default: the DPO anchor is a choice
+    model: str  # reference checkpoint (HF dir, local or URI); no default: the anchor is a choice
     out: str  # output stage directory: Parquet shards + manifest.json
     tokenizer: str | None = None  # tokenizer dir; default the model's (the policy must share it)
     max_length: int = 0  # tokens of prompt + completion incl. BOS/EOS; 0 = the model's context

@@ -49,7 +49,7 @@ MIN_ROWS_PER_SHARD = 50_000  # samples per output file (fewer, larger files; Ray
 
 @dataclass(frozen=True)
 class SampleConfig:
-    model: str  # policy checkpoint (local HF dir) to sample from; no default: it is the choice
+    model: str  # policy checkpoint (HF dir: local or a URI) to sample from; no default: a choice
     prompts: str  # Parquet / JSONL / `datasets` dir with `prompt` (+ metadata, kept as is)
     out: str  # output stage directory: Parquet shards + manifest.json
     k: int = 8  # samples per prompt: with 8, a 20-80% accurate model gives most prompts both

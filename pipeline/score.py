@@ -268,7 +268,7 @@ def _validate(cfg: ScoreConfig) -> None:
             raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.scorer == "reward_model":
         if not cfg.reward_model:
-            raise UserError("scorer reward_model needs --reward-model PATH (a local HF dir)")
+            raise UserError("scorer reward_model needs --reward-model PATH (an HF dir or URI)")
         from pipeline import storage
 
         if not storage.is_dir(cfg.reward_model):

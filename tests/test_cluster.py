@@ -193,14 +193,13 @@ import ray
 from ray.cluster_utils import Cluster
 from jobs.cli import main
 
-config, temp_dir = sys.argv[1], sys.argv[2]
+local_config, s3_config, temp_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 c = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "temp_dir": temp_dir})
 c.add_node(num_cpus=3)
 c.wait_for_nodes()
 try:
-    rejected = main(["iterate", "--config", config, "--address", c.address])
-    os.environ["ODPO_SHARED_STORAGE"] = "1"  # one machine: its disk is shared by both nodes
-    ok = main(["iterate", "--config", config, "--address", c.address])
+    rejected = main(["iterate", "--config", local_config, "--address", c.address])
+    ok = main(["iterate", "--config", s3_config, "--address", c.address])
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
     ran = {}
     for a in ray._private.state.actors().values():  # dead ones too: every stage's actors
@@ -214,9 +213,12 @@ finally:
 
 
 @pytest.mark.slow
-def test_two_nodes_sample_and_train_on_both(sft_run, toy_data_dir, tmp_path):
-    """A two-node cluster on this machine: a local run_dir is refused; with ODPO_SHARED_STORAGE=1
-    one round runs with two vLLM engines and two DDP train workers, one on each node."""
+def test_two_nodes_sample_and_train_on_both(sft_run, toy_data_dir, tmp_path, s3_server):
+    """A two-node cluster on this machine: a local run_dir is refused; with everything on S3 (the
+    policy, the prompts, the run directory) one round runs with two vLLM engines and two DDP
+    train workers, one on each node, each reading the model from its own node-local copy."""
+    from pipeline import storage
+
     config = _config(tmp_path, sft_run, toy_data_dir,
                      sample={"k": 8, "max_tokens": 8,
                              "engine": {"replicas": 2, "cpus_per_replica": 2.0,
@@ -224,7 +226,17 @@ def test_two_nodes_sample_and_train_on_both(sft_run, toy_data_dir, tmp_path):
     values = yaml.safe_load(config.read_text())
     values["train"].update(num_workers=2, cpus_per_worker=2.0)
     config.write_text(yaml.safe_dump(values))
-    log = _own_cluster(TWO_NODES, [str(config)], "odpo2n", timeout=600)
+    bucket = s3_server("twonodes")
+    for f in sorted((sft_run / "model").iterdir()):
+        storage.copy(str(f), f"{bucket}/sft/{f.name}")
+    for name in ("prompts", "heldout"):
+        storage.copy(str(toy_data_dir / f"{name}.parquet"), f"{bucket}/data/{name}.parquet")
+    run = f"{bucket}/run"
+    values.update(run_dir=run, policy=f"{bucket}/sft", prompts=f"{bucket}/data/prompts.parquet",
+                  eval_prompts=f"{bucket}/data/heldout.parquet")
+    s3_config = tmp_path / "s3.yaml"
+    s3_config.write_text(yaml.safe_dump(values))
+    log = _own_cluster(TWO_NODES, [str(config), str(s3_config)], "odpo2n", timeout=600)
     assert "is a local path but the Ray cluster has 2 nodes" in log
     result = json.loads(log.split("RESULT ", 1)[1].splitlines()[0])
     print(json.dumps(result, indent=1))
@@ -235,8 +247,16 @@ def test_two_nodes_sample_and_train_on_both(sft_run, toy_data_dir, tmp_path):
     engines = [v for k, v in result["ran"].items() if "MapWorker" in k]
     assert sorted(trainers) == result["nodes"], result
     assert any(sorted(v) == result["nodes"] for v in engines), result
-    e = json.loads((tmp_path / "run" / "round_1" / "eval.json").read_text())
-    assert e["num_prompts"] == 64
+    assert not (tmp_path / "run").exists()  # the refused local run wrote nothing
+    e = json.loads(storage.read_text(f"{run}/round_1/eval.json"))
+    assert e["num_prompts"] == 64 and e["model"] == f"{run}/round_1/train/model"
+    summary = json.loads(storage.read_text(f"{run}/iterate_summary.json"))
+    assert summary["report"] == f"{run}/report/report.md"
+    assert storage.is_file(f"{run}/report/reward.png")
+    for stage in ("samples", "scored", "pairs", "reference"):
+        assert json.loads(storage.read_text(f"{run}/round_1/{stage}/manifest.json"))["complete"]
+    assert storage.is_file(f"{run}/round_1/train/model/model.safetensors")
+    assert storage.read_text(f"{run}/round_1/train/metrics.jsonl").count("\n") >= 1
 
 
 # --- odpo submit ------------------------------------------------------------------------------

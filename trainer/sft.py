@@ -23,7 +23,7 @@ from trainer.collate import tokenize_completions
 
 @dataclass(frozen=True)
 class SFTConfig:
-    model: str  # HF checkpoint (local path or hub id) to fine-tune; chosen on purpose
+    model: str  # HF checkpoint (local path, URI or hub id) to fine-tune; chosen on purpose
     out: str  # run directory: model/, metrics.jsonl, tensorboard/, eval.json, ray/
     # Exactly one of data / from_pairs: what to train on is chosen on purpose.
     data: str | None = None  # Parquet / JSONL / `datasets` dir with `prompt` and `response`
