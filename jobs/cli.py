@@ -4,6 +4,7 @@ dataclass and calls the stage or trainer that owns the work."""
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -37,7 +38,7 @@ def _cmd_sft(args) -> None:
     from trainer.sft import SFTConfig, run_sft
 
     cfg = from_args(SFTConfig, args)
-    stage_ray(args.address, cfg.out)()
+    stage_ray(args.address, cfg.out, inputs={"--model": cfg.model, "--data": cfg.data})()
     summary = run_sft(cfg)
     line = f"sft: {summary['steps']} steps on {summary['rows']} rows in {summary['train_s']:.0f}s"
     if summary["dropped"]:
@@ -56,7 +57,8 @@ def _cmd_train(args) -> None:
     from trainer.dpo import DPOConfig, run_dpo
 
     cfg = from_args(DPOConfig, args)
-    stage_ray(args.address, cfg.out)()
+    stage_ray(args.address, cfg.out, inputs={
+        "--model": cfg.model, "--data": cfg.data, "--reference-model": cfg.reference_model})()
     s = run_dpo(cfg)
     left = s["pairs_left_over_per_epoch"]
     print(
@@ -72,7 +74,7 @@ def _cmd_eval(args) -> None:
     from pipeline.io import write_json
 
     cfg = from_args(EvalConfig, args)
-    stage_ray(args.address, args.out)()
+    stage_ray(args.address, args.out, inputs={"--model": cfg.model})()
     result = run_eval(cfg)
     if args.out:
         write_json(args.out, result)
@@ -87,7 +89,8 @@ def _cmd_reference(args) -> None:
     from pipeline.reference import ReferenceConfig, run_reference
 
     cfg = from_args(ReferenceConfig, args)
-    s = run_reference(cfg, start_ray=stage_ray(args.address, cfg.out))  # Ray only on a miss
+    start = stage_ray(args.address, cfg.out, inputs={"--model": cfg.model})
+    s = run_reference(cfg, start_ray=start)  # Ray only on a miss
     line = f"reference: {s['pairs']} pairs (dropped: {_dropped(s['dropped'])}), cache {s['cache']}"
     if s["cache"] == "hit":
         line += f" from {s['source']}"
@@ -109,7 +112,9 @@ def _cmd_sample(args) -> None:
     from pipeline.sample import SampleConfig, run_sample
 
     cfg = from_args(SampleConfig, args)
-    s = run_sample(cfg, start_ray=stage_ray(args.address, cfg.out))  # no Ray for a skip
+    start = stage_ray(args.address, cfg.out,
+                      inputs={"--model": cfg.model, "--prompts": cfg.prompts})
+    s = run_sample(cfg, start_ray=start)  # no Ray for a skip
     line = (f"sample: {s['prompts']} prompts -> {s['samples']} samples ({s['prompts_sampled']} "
             f"prompts x k={cfg.k}; dropped prompts: {_dropped(s['dropped'])})")
     if s["skipped"]:
@@ -126,7 +131,9 @@ def _cmd_score(args) -> None:
     from pipeline.score import ScoreConfig, run_score
 
     cfg = from_args(ScoreConfig, args)
-    s = run_score(cfg, start_ray=stage_ray(args.address, cfg.out))
+    start = stage_ray(args.address, cfg.out,
+                      inputs={"--samples": cfg.samples, "--reward-model": cfg.reward_model})
+    s = run_score(cfg, start_ray=start)
     st = s["stats"]
     line = (f"score: {s['samples']} samples -> {s['scored']} scored (dropped: "
             f"{_dropped(s['dropped'])})")
@@ -144,7 +151,8 @@ def _cmd_pair(args) -> None:
     from pipeline.pair import PairConfig, run_pair
 
     cfg = from_args(PairConfig, args)
-    s = run_pair(cfg, start_ray=stage_ray(args.address, cfg.out))
+    s = run_pair(cfg, start_ray=stage_ray(args.address, cfg.out,
+                                          inputs={"--scored": cfg.scored}))
     line = (f"pair ({cfg.mode}): {s['prompts']} prompts -> {s['pairs']} pairs from "
             f"{s['prompts_paired']} prompts (dropped prompts: {_dropped(s['dropped'])})")
     if s["skipped"]:
@@ -163,7 +171,8 @@ def _cmd_iterate(args) -> None:
     if args.rounds is not None:
         values["rounds"] = args.rounds
     cfg = build(IterateConfig, values, args.config)
-    stage_ray(args.address, cfg.run_dir, "run_dir")()
+    stage_ray(args.address, cfg.run_dir, "run_dir", inputs={
+        "policy": cfg.policy, "prompts": cfg.prompts, "sft_data": cfg.sft_data})()
     s = run_iterate(cfg)
     for r in s["rounds"]:
         print(f"round {r['round']}: greedy {r['greedy_reward']:.3f}, "
@@ -204,7 +213,8 @@ def _cmd_byod(args) -> None:
     if args.run_dir:
         values["run_dir"] = args.run_dir
     cfg = build(BYODConfig, values, args.config)
-    s = run_byod(cfg, start_ray=stage_ray(args.address, cfg.run_dir, "run_dir"))
+    s = run_byod(cfg, start_ray=stage_ray(args.address, cfg.run_dir, "run_dir",
+                                          inputs={"model": cfg.model}))
     print(f"byod: {s['import']['pairs']} pairs, SFT-on-chosen {s['sft']['steps']} steps, "
           f"reference {s['reference']['cache']}, DPO {s['train']['steps']} steps in "
           f"{s['wall_s']:.0f}s -> {s['train']['model']}")
@@ -308,10 +318,17 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except UserError as e:
         print(f"odpo {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        rc = 2
     except KeyboardInterrupt:
         print(f"odpo {args.command}: interrupted", file=sys.stderr)
-        return 130
+        rc = 130
+    if rc in (2, 130):
+        # A failed stage's Ray Data actors (vLLM engines, reference models, with the GPUs and
+        # memory they hold) live as long as their handles, which the traceback's frames keep in
+        # reference cycles: free them now, not at some later garbage collection, so the next
+        # command in this process (iterate, a test, a notebook) gets those resources.
+        gc.collect()
+        return rc
     if os.environ.get("ODPO_TIMING"):
         print(json.dumps({"command": args.command, "seconds": time.perf_counter() - t0}))
     return rc or 0  # commands return None, or an exit code (submit: the job's outcome)

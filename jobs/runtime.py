@@ -97,9 +97,12 @@ def check_shared_storage(path: str, what: str, num_nodes: int | None = None) -> 
             "ODPO_SHARED_STORAGE=1)")
 
 
-def stage_ray(address: str | None, out: str | None, what: str = "out") -> Callable[[], None]:
+def stage_ray(address: str | None, out: str | None, what: str = "out",
+              inputs: dict[str, str | None] | None = None) -> Callable[[], None]:
     """The `start_ray` of a command that writes `out`: it starts or joins Ray (init_ray), then
-    refuses a local `out` on a multi-node cluster (check_shared_storage) before the stage writes.
+    refuses a local `out` on a multi-node cluster (check_shared_storage) before the stage writes,
+    and likewise a local path among `inputs` (what Ray tasks, actors or workers read on any node:
+    models, datasets; {name: path}) that exists here (a hub id is no local path).
 
     A named cluster (`address`, or RAY_ADDRESS as under `ray job submit`) is joined and checked
     here and now, before any work (a skip or a cache hit writes too); the embedded local Ray is one
@@ -109,6 +112,9 @@ def stage_ray(address: str | None, out: str | None, what: str = "out") -> Callab
         init_ray(address)
         if out:
             check_shared_storage(out, what)
+        for name, path in (inputs or {}).items():
+            if path and not is_uri(path) and os.path.exists(path):
+                check_shared_storage(path, name)
 
     if address or os.environ.get("RAY_ADDRESS"):
         start()

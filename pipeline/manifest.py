@@ -166,15 +166,8 @@ def write_stage(
             **(extra or {}),
             "complete": True,
         }
-        if storage.is_uri(tmp):
-            storage.write_text(storage.join(tmp, MANIFEST), _manifest_text(manifest))
-        else:
-            write_json(storage.join(tmp, MANIFEST), manifest)
+        write_json(storage.join(tmp, MANIFEST), manifest)
     return manifest
-
-
-def _manifest_text(manifest: dict) -> str:
-    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
 
 
 @contextlib.contextmanager
@@ -191,7 +184,7 @@ def _stage_tmp(out_dir, stage: str) -> Iterator[str | Path]:
     storage.remove(tmp)
     try:
         yield tmp
-        pending = _manifest_text({"stage": stage, "complete": False}).encode()
+        pending = json.dumps({"stage": stage, "complete": False}).encode()
         storage.publish(tmp, str(out_dir), pending=pending)
     finally:
         storage.remove(tmp)

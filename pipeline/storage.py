@@ -312,10 +312,17 @@ def local_copy(path, what: str = "model") -> str | None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    from tqdm import tqdm
+
+    total = sum(i.size or 0 for i in infos)
     try:
-        for i in infos:
-            rel = i.path[len(root.rstrip("/")) + 1:]
-            copy(join(path, rel), str(tmp / rel))
+        # A bar for real checkpoints (GBs); the toy's few MB copy silently.
+        with tqdm(total=total, unit="B", unit_scale=True, desc=f"copying {path}",
+                  disable=total < (64 << 20)) as bar:
+            for i in infos:
+                rel = i.path[len(root.rstrip("/")) + 1:]
+                copy(join(path, rel), str(tmp / rel))
+                bar.update(i.size or 0)
         try:
             tmp.rename(dest)
         except OSError:  # another process on this node finished the same copy first

@@ -193,18 +193,20 @@ import ray
 from ray.cluster_utils import Cluster
 from jobs.cli import main
 
-local_config, s3_config, temp_dir = sys.argv[1], sys.argv[2], sys.argv[3]
+local_config, mixed_config, s3_config, temp_dir = sys.argv[1:5]
 c = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "temp_dir": temp_dir})
 c.add_node(num_cpus=3)
 c.wait_for_nodes()
 try:
     rejected = main(["iterate", "--config", local_config, "--address", c.address])
+    rejected_input = main(["iterate", "--config", mixed_config, "--address", c.address])
     ok = main(["iterate", "--config", s3_config, "--address", c.address])
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
     ran = {}
     for a in ray._private.state.actors().values():  # dead ones too: every stage's actors
         ran.setdefault(a["ActorClassName"], set()).add(a["Address"]["NodeID"])
-    print("RESULT " + json.dumps({"rejected": rejected, "ok": ok, "nodes": nodes,
+    print("RESULT " + json.dumps({"rejected": rejected, "rejected_input": rejected_input,
+                                  "ok": ok, "nodes": nodes,
                                   "ran": {k: sorted(v) for k, v in ran.items()}}))
 finally:
     ray.shutdown()
@@ -236,12 +238,17 @@ def test_two_nodes_sample_and_train_on_both(sft_run, toy_data_dir, tmp_path, s3_
                   eval_prompts=f"{bucket}/data/heldout.parquet")
     s3_config = tmp_path / "s3.yaml"
     s3_config.write_text(yaml.safe_dump(values))
-    log = _own_cluster(TWO_NODES, [str(config), str(s3_config)], "odpo2n", timeout=600)
+    mixed = tmp_path / "mixed.yaml"  # run_dir on S3, but the policy on this node's disk
+    mixed.write_text(yaml.safe_dump({**values, "policy": str(sft_run / "model")}))
+    log = _own_cluster(TWO_NODES, [str(config), str(mixed), str(s3_config)], "odpo2n",
+                       timeout=600)
     assert "is a local path but the Ray cluster has 2 nodes" in log
     result = json.loads(log.split("RESULT ", 1)[1].splitlines()[0])
     print(json.dumps(result, indent=1))
     errors = [line for line in log.splitlines() if "odpo iterate: error" in line]
-    assert result["rejected"] == 2 and result["ok"] == 0, errors
+    assert result["rejected"] == 2 and result["rejected_input"] == 2 and result["ok"] == 0, errors
+    assert (f"odpo iterate: error: policy '{sft_run / 'model'}' is a local path but the Ray "
+            "cluster has 2 nodes") in log
     assert len(result["nodes"]) == 2
     trainers = result["ran"]["RayTrainWorker"]
     engines = [v for k, v in result["ran"].items() if "MapWorker" in k]
