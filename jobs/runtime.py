@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from pipeline.storage import is_uri
+
 # Environment every job driver and worker gets on a cluster (also in jobs/runtime_env.yaml, which
 # `ray job submit --runtime-env` reads).
 CLUSTER_ENV_VARS = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "VLLM_LOGGING_LEVEL": "WARNING",
@@ -66,12 +68,6 @@ def _defer_to_job_env(env: dict) -> None:
     for key in taken:
         env["env_vars"].pop(key, None)
 
-
-
-def is_uri(path: str) -> bool:
-    """True for an fsspec/pyarrow URI such as s3://bucket/x or gs://b/x (not file://)."""
-    scheme, sep, _ = str(path).partition("://")
-    return bool(sep) and scheme.lower() not in ("", "file")
 
 
 def check_shared_storage(path: str, what: str, num_nodes: int | None = None) -> None:

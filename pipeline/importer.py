@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.io import UserError, read_table, resolve_path, sha256_file
+from pipeline.io import UserError, read_table, resolve_path
 from pipeline.manifest import input_digest, is_current, read_manifest, write_stage
 
 STAGE = "import"
@@ -342,7 +342,7 @@ def run_import(cfg: ImportConfig) -> dict:
         inputs["tokenizer"] = tokenizer_digest(
             Path(storage.local_copy(cfg_abs.tokenizer, "tokenizer")))
         if cfg.chat_template:
-            inputs["chat_template"] = sha256_file(cfg_abs.chat_template)
+            inputs["chat_template"] = storage.sha256(cfg_abs.chat_template)
     config = asdict(cfg_abs)
     if is_current(out, STAGE, config, inputs):
         return _summary(read_manifest(out), out, t0, skipped=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import hashlib
 import json
 import os
 import re
@@ -115,14 +114,6 @@ def write_json(path: str | os.PathLike, obj) -> None:
     from pipeline import storage
 
     storage.write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def dataset_format(path: str | os.PathLike) -> str:

@@ -41,7 +41,6 @@ from pipeline.io import (
     UserError,
     check_checkpoint,
     read_table,
-    sha256_file,
     user_errors,
 )
 from pipeline.manifest import input_digest, read_manifest, verify_shards, write_stage
@@ -251,7 +250,7 @@ class ReferenceForward:
 def _files_digest(root: Path, files: Sequence[Path]) -> str:
     h = hashlib.sha256()
     for f in files:
-        h.update(f"{f.relative_to(root)}:{sha256_file(f)}\n".encode())
+        h.update(f"{f.relative_to(root)}:{storage.sha256(f)}\n".encode())
     return h.hexdigest()
 
 
