@@ -14,23 +14,21 @@ Layout of a run directory:
     RUN/sft/          `odpo sft --from-pairs RUN/pairs`: model/, metrics.jsonl, sft_summary.json
     RUN/reference/    `odpo reference --pairs RUN/pairs --model RUN/sft/model`
     RUN/train/        `odpo train --model RUN/sft/model --data RUN/reference`
-    RUN/byod_state.json   what SFT and train last ran on, so a re-run skips what is current
 
-Re-running the same command skips every stage whose inputs and config are unchanged.
+Every step runs every time and skips itself when its manifest records the same config, input
+digests and code version: re-running the same command skips what is current, resumes a half-done
+training, and re-runs a changed step and everything after it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jobs.config import build, build_section
 from pipeline import storage
-from pipeline.io import UserError, resolve_path, write_json
+from pipeline.io import UserError, check_model_name, resolve_path, write_json
 
 
 @dataclass(frozen=True)
@@ -56,42 +54,15 @@ def _section(cls, cfg: BYODConfig, name: str, fixed: dict, defaults: dict | None
     return build_section(cls, getattr(cfg, name), fixed, name, "byod", defaults)
 
 
-def _fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _current(state: dict, state_path: str, name: str, key: str, out: str) -> bool:
-    """True when training stage `name` already ran to the end with this `key`. Otherwise `out`
-    is made ready: a half-done run with this key is kept (Ray Train resumes it); one with another
-    key is removed, since Ray Train would resume its checkpoints as if they were this run's."""
-    entry = state.get(name) or {}
-    if entry.get("key") == key:
-        return bool(entry.get("done")) and storage.is_file(storage.join(out, "model",
-                                                                        "config.json"))
-    if storage.exists(out):
-        if not entry:
-            raise UserError(f"{out} exists but {storage.name(state_path)} does not record it; "
-                            f"remove it or choose another run_dir")
-        _log(f"{name}: {out} was trained on other inputs or settings; removing it")
-        storage.remove(out)
-    state[name] = {"key": key, "done": False}
-    write_json(state_path, state)
-    return False
-
-
-def _finished(state: dict, state_path: str, name: str) -> None:
-    state[name]["done"] = True
-    write_json(state_path, state)
-
-
 def run_byod(cfg: BYODConfig, start_ray: Callable[[], None]) -> dict:
     """Run (or skip, when current) each stage; `start_ray` is called before the first stage that
     needs Ray. Returns each stage's summary."""
     from pipeline.importer import ImportConfig, run_import
-    from pipeline.manifest import input_digest, read_manifest
     from pipeline.reference import ReferenceConfig, run_reference
     from trainer.dpo import DPOConfig, run_dpo
+    from trainer.dpo import check_config as check_dpo
     from trainer.sft import SFTConfig, run_sft
+    from trainer.sft import check_config as check_sft
 
     t0 = time.perf_counter()
     # Every section's keys and types before any work: a typo in `train:` would otherwise
@@ -103,7 +74,11 @@ def run_byod(cfg: BYODConfig, start_ray: Callable[[], None]) -> dict:
         (ReferenceConfig, "reference_stage", {"pairs": p, "model": p, "out": p}),
         (DPOConfig, "train", {"model": p, "data": p, "out": p}),
     ):
-        _section(cls, cfg, name, fixed)
+        section = _section(cls, cfg, name, fixed)
+        if cls in (SFTConfig, DPOConfig):  # values too: a bad dtype fails before any work
+            (check_sft if cls is SFTConfig else check_dpo)(section)
+    if cfg.model is not None:
+        check_model_name(cfg.model)
     run = storage.absolute(cfg.run_dir)
     storage.makedirs(run)
     model = resolve_path(cfg.model)
@@ -113,13 +88,11 @@ def run_byod(cfg: BYODConfig, start_ray: Callable[[], None]) -> dict:
         if model is not None:
             raise UserError("set either `model:` or `toy_model:`, not both")
         model = storage.join(run, "toy")
-        if not storage.is_file(storage.join(model, "config.json")):
-            init_toy_model(build(ToyConfig, {**cfg.toy_model, "out": model}, "toy_model"))
-            _log(f"toy model -> {model}")
+        # Made anew every time (the same options give the same bytes; see iterate).
+        init_toy_model(build(ToyConfig, {**cfg.toy_model, "out": model}, "toy_model"),
+                       overwrite=True)
     if model is None:
         raise UserError("set `model:` (the model to SFT on chosen and train) or `toy_model:`")
-    state_path = storage.join(run, "byod_state.json")
-    state = json.loads(storage.read_text(state_path)) if storage.is_file(state_path) else {}
     pairs, sft_dir = storage.join(run, "pairs"), storage.join(run, "sft")
     sft_model = storage.join(sft_dir, "model")
     ref_dir, train_dir = storage.join(run, "reference"), storage.join(run, "train")
@@ -131,24 +104,7 @@ def run_byod(cfg: BYODConfig, start_ray: Callable[[], None]) -> dict:
     _log(f"import: {imp['rows']} rows -> {imp['pairs']} pairs ({imp['form']}; dropped: "
          f"{dropped}){', skipped: up to date' if imp['skipped'] else ''}")
 
-    # A preference set nearly always has a few pairs longer than the context: SFT leaves them
-    # out and counts them (reference truncates them, TRL's rule) instead of stopping the path.
-    sft_cfg = _section(SFTConfig, cfg, "sft",
-                       {"model": model, "from_pairs": pairs, "out": sft_dir},
-                       {"too_long": "drop"})
-    key = _fingerprint(dataclasses.asdict(sft_cfg), input_digest(pairs))
     started = False
-    if _current(state, state_path, "sft", key, sft_dir):
-        sft = json.loads(storage.read_text(storage.join(sft_dir, "sft_summary.json")))
-        _log("sft on chosen: skipped, up to date")
-    else:
-        start_ray()
-        started = True
-        sft = run_sft(sft_cfg)
-        _finished(state, state_path, "sft")
-        too_long = sft.get("dropped", {}).get("too_long", 0)
-        _log(f"sft on chosen: {sft['steps']} steps on {sft['rows']} rows"
-             f"{f' ({too_long} too long, dropped)' if too_long else ''} -> {sft['model']}")
 
     def ray_once() -> None:
         nonlocal started
@@ -156,20 +112,28 @@ def run_byod(cfg: BYODConfig, start_ray: Callable[[], None]) -> dict:
             start_ray()
             started = True
 
+    # A preference set nearly always has a few pairs longer than the context: SFT leaves them
+    # out and counts them (reference truncates them, TRL's rule) instead of stopping the path.
+    sft = run_sft(_section(SFTConfig, cfg, "sft",
+                           {"model": model, "from_pairs": pairs, "out": sft_dir},
+                           {"too_long": "drop"}), start_ray=ray_once)
+    if sft["skipped"]:
+        _log("sft on chosen: skipped, up to date")
+    else:
+        too_long = sft.get("dropped", {}).get("too_long", 0)
+        _log(f"sft on chosen: {sft['steps']} steps on {sft['rows']} rows"
+             f"{f' ({too_long} too long, dropped)' if too_long else ''} -> {sft['model']}")
+
     ref = run_reference(_section(ReferenceConfig, cfg, "reference_stage", {
         "pairs": pairs, "model": sft_model, "out": ref_dir}), start_ray=ray_once)
     _log(f"reference: {ref['pairs']} pairs, cache {ref['cache']}")
 
-    train_cfg = _section(DPOConfig, cfg, "train",
-                         {"model": sft_model, "data": ref_dir, "out": train_dir})
-    key = _fingerprint(dataclasses.asdict(train_cfg), read_manifest(ref_dir)["cache_key"])
-    if _current(state, state_path, "train", key, train_dir):
-        train = json.loads(storage.read_text(storage.join(train_dir, "train_summary.json")))
+    train = run_dpo(_section(DPOConfig, cfg, "train",
+                             {"model": sft_model, "data": ref_dir, "out": train_dir}),
+                    start_ray=ray_once)
+    if train["skipped"]:
         _log("train: skipped, up to date")
     else:
-        ray_once()
-        train = run_dpo(train_cfg)
-        _finished(state, state_path, "train")
         _log(f"train: {train['steps']} steps on {train['pairs']} pairs -> {train['model']}")
     summary = {"run_dir": run, "import": imp, "sft": sft, "reference": ref,
                "train": train, "wall_s": time.perf_counter() - t0}

@@ -38,11 +38,13 @@ def _cmd_sft(args) -> None:
     from trainer.sft import SFTConfig, run_sft
 
     cfg = from_args(SFTConfig, args)
-    stage_ray(args.address, cfg.out, inputs={"--model": cfg.model, "--data": cfg.data})()
-    summary = run_sft(cfg)
+    summary = run_sft(cfg, start_ray=stage_ray(args.address, cfg.out, inputs={
+        "--model": cfg.model, "--data": cfg.data, "--from-pairs": cfg.from_pairs}))
     line = f"sft: {summary['steps']} steps on {summary['rows']} rows in {summary['train_s']:.0f}s"
     if summary["dropped"]:
         line += f" (dropped rows: {_dropped(summary['dropped'])})"
+    if summary["skipped"]:
+        line += ", skipped: up to date"
     if "eval" in summary:
         e = summary["eval"]
         line += (
@@ -57,30 +59,27 @@ def _cmd_train(args) -> None:
     from trainer.dpo import DPOConfig, run_dpo
 
     cfg = from_args(DPOConfig, args)
-    stage_ray(args.address, cfg.out, inputs={
-        "--model": cfg.model, "--data": cfg.data, "--reference-model": cfg.reference_model})()
-    s = run_dpo(cfg)
+    s = run_dpo(cfg, start_ray=stage_ray(args.address, cfg.out, inputs={
+        "--model": cfg.model, "--data": cfg.data, "--reference-model": cfg.reference_model}))
     left = s["pairs_left_over_per_epoch"]
     print(
         f"train: {s['steps']} steps on {s['pairs']} pairs ({s['reference']} reference"
         f"{f'; {left} pairs past the last full batch of each epoch' if left else ''}) in "
-        f"{s['train_s']:.0f}s -> {s['model']}"
+        f"{s['train_s']:.0f}s{', skipped: up to date' if s['skipped'] else ''} -> {s['model']}"
     )
 
 
 def _cmd_eval(args) -> None:
     from jobs.runtime import stage_ray
     from pipeline.evaluate import EvalConfig, run_eval
-    from pipeline.io import write_json
 
     cfg = from_args(EvalConfig, args)
-    stage_ray(args.address, args.out, inputs={"--model": cfg.model})()
-    result = run_eval(cfg)
-    if args.out:
-        write_json(args.out, result)
+    result = run_eval(cfg, start_ray=stage_ray(args.address, cfg.out,
+                                               inputs={"--model": cfg.model}))
     print(
         f"eval {cfg.model}: greedy {result['greedy_reward']:.3f}, sampled "
         f"{result['sampled_reward']:.3f} on {result['num_prompts']} prompts"
+        f"{', skipped: up to date' if result['skipped'] else ''}"
     )
 
 
@@ -171,9 +170,8 @@ def _cmd_iterate(args) -> None:
     if args.rounds is not None:
         values["rounds"] = args.rounds
     cfg = build(IterateConfig, values, args.config)
-    stage_ray(args.address, cfg.run_dir, "run_dir", inputs={
-        "policy": cfg.policy, "prompts": cfg.prompts, "sft_data": cfg.sft_data})()
-    s = run_iterate(cfg)
+    s = run_iterate(cfg, start_ray=stage_ray(args.address, cfg.run_dir, "run_dir", inputs={
+        "policy": cfg.policy, "prompts": cfg.prompts, "sft_data": cfg.sft_data}))
     for r in s["rounds"]:
         print(f"round {r['round']}: greedy {r['greedy_reward']:.3f}, "
               f"sampled {r['sampled_reward']:.3f}  ({r['policy']})")
@@ -304,8 +302,6 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.add_argument("--config", help="YAML file of config keys (flags override it)")
         p.add_argument("--address", help="Ray cluster address (default: embedded local Ray)")
-        if name == "eval":
-            p.add_argument("--out", dest="out", help="write the result JSON here")
         add_dataclass_args(p, cls)
         p.set_defaults(func=func)
     return parser

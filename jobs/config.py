@@ -26,8 +26,55 @@ def _nested(cls, f: dataclasses.Field):
     return t if dataclasses.is_dataclass(t) else None
 
 
+def field_comments(cls) -> dict[str, str]:
+    """Each field's comment in the class source, which says its unit, meaning and why its
+    default: the comment on the field's line plus comment-only lines that continue it, or, for a
+    field without one, the comment-only lines just above it."""
+    import inspect
+    import io
+    import tokenize
+
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    field_at: dict[int, str] = {}  # line -> field defined there
+    comments: dict[int, str] = {}  # line -> comment text
+    code_lines: set[int] = set()
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        line = tok.start[0]
+        if tok.type == tokenize.COMMENT:
+            comments[line] = tok.string.lstrip("#").strip()
+        elif tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names:
+            field_at.setdefault(line, tok.string)
+        if tok.type not in (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT,
+                            tokenize.DEDENT):
+            code_lines.add(line)
+    out: dict[str, str] = {}
+    pending: list[str] = []  # comment-only lines since the last field
+    last: str | None = None  # the last field, if it had its own comment
+    for line in range(1, len(source.splitlines()) + 1):
+        if line in field_at:
+            name = field_at[line]
+            if line in comments:
+                if last is not None and pending:
+                    out[last] += " " + " ".join(pending)
+                out[name], last = comments[line], name
+            else:
+                out[name], last = " ".join(pending), None
+            pending = []
+        elif line in comments and line not in code_lines:
+            pending.append(comments[line])
+    if last is not None and pending:
+        out[last] += " " + " ".join(pending)
+    return {k: v for k, v in out.items() if v}
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
-    """One `--flag` per field (nested dataclass fields as `--engine-dtype` etc.)."""
+    """One `--flag` per field (nested dataclass fields as `--engine-dtype` etc.), its help the
+    field's comment (`field_comments`) and its default."""
+    comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         sub = _nested(cls, f)
         if sub is not None:
@@ -42,6 +89,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -
             f.default if f.default is not dataclasses.MISSING else f.default_factory()
         )
         help_ = "required (flag or config file)" if required else f"default: {default}"
+        if comments.get(f.name):
+            help_ = f"{comments[f.name]} ({help_})".replace("%", "%%")
         kw = {"dest": prefix + f.name, "default": argparse.SUPPRESS, "help": help_}
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)

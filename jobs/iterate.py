@@ -9,23 +9,25 @@ Layout of a run directory:
     RUN/round_k/{samples,scored,pairs,reference,train}/, RUN/round_k/eval.json   (k = 1..rounds)
     RUN/report/report.md     written at the end (also `odpo report RUN`)
 
-Round k samples with policy k-1 (the SFT model for k = 1) and trains policy k. Every stage skips
-itself when its manifest / summary says it is done with the same inputs, so re-running the same
-command after an interruption resumes: finished stages are skipped, a half-done one is redone
-(a half-done training resumes from its last Ray Train checkpoint).
+Round k samples with policy k-1 (the SFT model for k = 1) and trains policy k. Iterate calls every
+step (SFT, each stage, training, evaluation) every time; each skips itself when its manifest
+records the same config, input digests and code version. So re-running the same command after an
+interruption resumes (finished steps are skipped, a half-done stage is redone, a half-done
+training resumes from its last Ray Train checkpoint), and a changed section re-runs that step and,
+through the input digests, everything downstream of it, later rounds included.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.config import build, build_section
 from pipeline import storage
-from pipeline.io import UserError, resolve_path, write_json
+from pipeline.io import UserError, check_model_name, resolve_path, write_json
 
 
 @dataclass(frozen=True)
@@ -66,10 +68,11 @@ def _toy(cfg: IterateConfig, run: str) -> tuple[str | None, dict]:
     if cfg.toy_model is not None:
         from pipeline.toy import ToyConfig, init_toy_model
 
+        # Made anew every time (about a second; the same options give the same bytes), so the
+        # model always matches `toy_model:` and the SFT's input digest says whether it changed.
         toy_dir = storage.join(run, "toy")
-        if not storage.is_file(storage.join(toy_dir, "config.json")):
-            init_toy_model(build(ToyConfig, {**cfg.toy_model, "out": toy_dir}, "toy_model"))
-            _log(f"toy model -> {toy_dir}")
+        init_toy_model(build(ToyConfig, {**cfg.toy_model, "out": toy_dir}, "toy_model"),
+                       overwrite=True)
         policy = toy_dir
     if cfg.toy_data is not None:
         from pipeline.toy import write_task_data
@@ -79,9 +82,7 @@ def _toy(cfg: IterateConfig, run: str) -> tuple[str | None, dict]:
         unknown = sorted(set(opts) - {"sft_rows", "prompts", "heldout", "seed"})
         if unknown:
             raise UserError(f"toy_data: unknown key(s) {unknown}")
-        if not storage.is_file(storage.join(data_dir, "heldout.parquet")):
-            write_task_data(data_dir, **opts)
-            _log(f"toy addition data -> {data_dir}")
+        write_task_data(data_dir, **opts, overwrite=True)  # as the toy model: deterministic
         paths = {k: storage.join(data_dir, f"{k}.parquet") for k in ("sft", "prompts", "heldout")}
     return policy, paths
 
@@ -89,30 +90,26 @@ def _toy(cfg: IterateConfig, run: str) -> tuple[str | None, dict]:
 def _evaluate(model: str, cfg: IterateConfig, eval_prompts: str, out: str) -> dict:
     from pipeline.evaluate import EvalConfig, run_eval
 
-    if storage.is_file(out):
-        result = json.loads(storage.read_text(out))
-        if result.get("model") == model and result.get("prompts") == eval_prompts:
-            return result
-    result = run_eval(_section(EvalConfig, cfg, "eval", {
-        "model": model, "prompts": eval_prompts, "scorer": cfg.scorer}))
-    write_json(out, result)
-    return result
+    return run_eval(_section(EvalConfig, cfg, "eval", {
+        "model": model, "prompts": eval_prompts, "scorer": cfg.scorer, "out": out}))
 
 
-def _done(summary: str, model: str) -> bool:
-    """A training step finished: its summary is written and its model published (config.json
-    is written last)."""
-    return storage.is_file(summary) and storage.is_file(storage.join(model, "config.json"))
+def _skipped(summary: dict) -> str:
+    return " (skipped: up to date)" if summary.get("skipped") else ""
 
 
-def run_iterate(cfg: IterateConfig) -> dict:
+def run_iterate(cfg: IterateConfig, start_ray: Callable[[], None]) -> dict:
+    """Run the rounds; `start_ray` is called once the config has been checked."""
     from pipeline.evaluate import EvalConfig
+    from pipeline.evaluate import check_config as check_eval
     from pipeline.pair import PairConfig, run_pair
     from pipeline.reference import ReferenceConfig, run_reference
     from pipeline.sample import SampleConfig, run_sample
     from pipeline.score import ScoreConfig, run_score
     from trainer.dpo import DPOConfig, run_dpo
+    from trainer.dpo import check_config as check_dpo
     from trainer.sft import SFTConfig, run_sft
+    from trainer.sft import check_config as check_sft
 
     if cfg.reference not in ("policy", "initial"):
         raise UserError(f"reference must be policy or initial, got {cfg.reference!r}")
@@ -120,17 +117,24 @@ def run_iterate(cfg: IterateConfig) -> dict:
         raise UserError(f"rounds must be >= 1, got {cfg.rounds}")
     # Every section's keys and types before any work: a typo in `train:` would otherwise
     # surface only after a round's sampling (placeholders for what iterate sets itself).
+    # Their values too, where a stage's check needs no file (a bad dtype would otherwise fail
+    # inside a Ray worker, rounds later).
     p = "<set by iterate>"
-    for cls, name, fixed in (
-        (SFTConfig, "sft", {"model": p, "data": p, "out": p}),
-        (SampleConfig, "sample", {"model": p, "prompts": p, "out": p, "seed": 0}),
-        (ScoreConfig, "score", {"samples": p, "out": p, "scorer": p}),
-        (PairConfig, "pair", {"scored": p, "out": p, "round": 1}),
-        (ReferenceConfig, "reference_stage", {"pairs": p, "model": p, "out": p}),
-        (DPOConfig, "train", {"model": p, "data": p, "out": p, "seed": 0}),
-        (EvalConfig, "eval", {"model": p, "prompts": p, "scorer": p}),
+    for cls, name, fixed, check in (
+        (SFTConfig, "sft", {"model": p, "data": p, "out": p}, check_sft),
+        (SampleConfig, "sample", {"model": p, "prompts": p, "out": p, "seed": 0}, None),
+        (ScoreConfig, "score", {"samples": p, "out": p, "scorer": p}, None),
+        (PairConfig, "pair", {"scored": p, "out": p, "round": 1}, None),
+        (ReferenceConfig, "reference_stage", {"pairs": p, "model": p, "out": p}, None),
+        (DPOConfig, "train", {"model": p, "data": p, "out": p, "seed": 0}, check_dpo),
+        (EvalConfig, "eval", {"model": p, "prompts": p, "scorer": p, "out": p}, check_eval),
     ):
-        _section(cls, cfg, name, fixed)
+        section = _section(cls, cfg, name, fixed)
+        if check is not None:
+            check(section)
+    if cfg.policy is not None:
+        check_model_name(cfg.policy, "policy")
+    start_ray()
     t0 = time.perf_counter()
     run = storage.absolute(cfg.run_dir)
     storage.makedirs(run)
@@ -149,12 +153,11 @@ def run_iterate(cfg: IterateConfig) -> dict:
         cfg = dataclasses.replace(cfg, scorer=f"{Path(head).resolve()}:{fn}")
 
     if sft_data:
-        sft_dir = storage.join(run, "sft")
-        if not _done(storage.join(sft_dir, "sft_summary.json"), storage.join(sft_dir, "model")):
-            _log(f"SFT of {policy} on {sft_data}")
-            run_sft(_section(SFTConfig, cfg, "sft", {
-                "model": policy, "data": sft_data, "out": sft_dir}))
-        policy = storage.join(sft_dir, "model")
+        _log(f"SFT of {policy} on {sft_data}")
+        sft = run_sft(_section(SFTConfig, cfg, "sft", {
+            "model": policy, "data": sft_data, "out": storage.join(run, "sft")}))
+        _log(f"SFT: {sft['steps']} steps{_skipped(sft)}")
+        policy = sft["model"]
     initial = policy
     history = [{"round": 0, "policy": policy,
                 **_rewards(_evaluate(policy, cfg, eval_prompts,
@@ -177,13 +180,11 @@ def run_iterate(cfg: IterateConfig) -> dict:
         ref = run_reference(_section(ReferenceConfig, cfg, "reference_stage", {
             "pairs": at["pairs"], "model": reference, "out": at["reference"]}))
         _log(f"round {k}: reference log-probs {ref['cache']} ({ref['pairs']} pairs)")
-        train_dir = storage.join(rdir, "train")
-        if not _done(storage.join(train_dir, "train_summary.json"),
-                     storage.join(train_dir, "model")):
-            run_dpo(_section(DPOConfig, cfg, "train", {
-                "model": policy, "data": at["reference"], "out": train_dir,
-                "seed": seed}))
-        policy = storage.join(train_dir, "model")
+        train = run_dpo(_section(DPOConfig, cfg, "train", {
+            "model": policy, "data": at["reference"], "out": storage.join(rdir, "train"),
+            "seed": seed}))
+        _log(f"round {k}: {train['steps']} DPO steps{_skipped(train)}")
+        policy = train["model"]
         history.append({"round": k, "policy": policy, "pairs": ref["pairs"],
                         **_rewards(_evaluate(policy, cfg, eval_prompts,
                                              storage.join(rdir, "eval.json")))})

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pipeline import storage
 from pipeline.engine import EngineConfig, actor_options, make_llm
-from pipeline.io import check_checkpoint, read_table
+from pipeline.io import UserError, check_checkpoint, read_table
+from pipeline.manifest import (
+    checkpoint_digest,
+    current_result,
+    input_digest,
+    read_result,
+    write_result,
+)
 from pipeline.score import load_scorer
+
+STAGE = "eval"
 
 
 @dataclass(frozen=True)
@@ -20,6 +32,9 @@ class EvalConfig:
     max_tokens: int = 16  # response budget in tokens
     seed: int = 0  # sampling seed (per prompt, see engine.request_seed)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # Result JSON, written with its config, input digests and code version; a re-run whose
+    # file records the same is skipped. None: the result is only returned.
+    out: str | None = None
 
 
 def _generate(model: str, engine: EngineConfig, prompts: list[str], cfg: dict) -> dict:
@@ -42,11 +57,34 @@ def _generate(model: str, engine: EngineConfig, prompts: list[str], cfg: dict) -
     }
 
 
-def run_eval(cfg: EvalConfig) -> dict:
-    """Greedy and sampled mean task reward of `cfg.model` on `cfg.prompts` (a Ray task)."""
+def check_config(cfg: EvalConfig) -> None:
+    """Every field checked on the driver, before Ray starts."""
+    for ok, msg in ((cfg.samples >= 1, f"samples must be >= 1, got {cfg.samples}"),
+                    (cfg.temperature >= 0, f"temperature must be >= 0, got {cfg.temperature}"),
+                    (0 < cfg.top_p <= 1, f"top_p must be in (0, 1], got {cfg.top_p}"),
+                    (cfg.max_tokens >= 1, f"max_tokens must be >= 1, got {cfg.max_tokens}")):
+        if not ok:
+            raise UserError(msg)
+
+
+def run_eval(cfg: EvalConfig, start_ray: Callable[[], None] | None = None) -> dict:
+    """Greedy and sampled mean task reward of `cfg.model` on `cfg.prompts` (a Ray task), with
+    `skipped` True when `cfg.out` already holds it for this config, these inputs (the model's
+    and the prompts' digests) and this code version. `start_ray` is called when there is work."""
     import ray
 
+    check_config(cfg)
     check_checkpoint(cfg.model)
+    if cfg.out is not None:
+        cfg = dataclasses.replace(cfg, out=storage.absolute(cfg.out))
+        config = dataclasses.asdict(cfg)
+        inputs = {"model": checkpoint_digest(cfg.model), "prompts": input_digest(cfg.prompts)}
+        done = current_result(cfg.out, STAGE, config, inputs)
+        if done is not None:
+            return {**done, "skipped": True}
+        read_result(cfg.out, STAGE)  # refuses to overwrite a file that is no eval result
+    if start_ray is not None:
+        start_ray()
     table = read_table(cfg.prompts, required=("prompt",))
     rows = table.to_pylist()
     prompts = [r["prompt"] for r in rows]
@@ -65,7 +103,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     flat_rows = [r for r in rows for _ in range(cfg.samples)]
     flat_texts = [t for ts in texts["sampled"] for t in ts]
     sampled = scorer(flat_prompts, flat_texts, flat_rows)
-    return {
+    result = {
         "model": cfg.model,
         "prompts": cfg.prompts,
         "num_prompts": len(prompts),
@@ -74,3 +112,6 @@ def run_eval(cfg: EvalConfig) -> dict:
         "samples_per_prompt": cfg.samples,
         "greedy_texts": texts["greedy"],
     }
+    if cfg.out is not None:
+        result = write_result(cfg.out, STAGE, config, inputs, result)
+    return {**result, "skipped": False}

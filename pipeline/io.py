@@ -281,6 +281,24 @@ def resolve_path(p: str | None) -> str | None:
     return str(path.resolve()) if path.exists() else p
 
 
+def check_model_name(name: str | os.PathLike, what: str = "model") -> None:
+    """A one-line error for a model named by a local path that does not exist, before any work:
+    loaders would take it for a hub id and fail much later, inside a Ray worker. Path-like:
+    absolute, `~`, `./` or `../`, more than one `/` (a hub id is `org/name`), or a parent
+    directory that exists here (`runs/sft/modle`). A hub id or a URI passes."""
+    s = str(name)
+    if "://" in s or os.path.exists(os.path.expanduser(s)):
+        return
+    parent = os.path.dirname(s.rstrip("/"))
+    path_like = (
+        s.startswith(("/", "~", "./", "../")) or s in (".", "..") or s.count("/") > 1
+        or (parent not in ("", ".") and os.path.isdir(parent))
+    )
+    if path_like:
+        raise UserError(f"{what} {s}: no such directory (a local checkpoint path; a hub id "
+                        f"is written org/name)")
+
+
 def check_checkpoint(path: str | os.PathLike, what: str = "model") -> None:
     """One-line errors, before any work starts, for a local checkpoint that loading would have
     to run or unpickle: weights only as pickle (`*.bin`; unpickling runs code, so every load
@@ -289,6 +307,7 @@ def check_checkpoint(path: str | os.PathLike, what: str = "model") -> None:
     directory is left to the loader. A URI is checked in this node's copy (`storage.local_copy`)."""
     from pipeline.storage import local_copy
 
+    check_model_name(path, what)
     p = Path(local_copy(str(path), what))
     if not p.is_dir():
         return

@@ -8,6 +8,7 @@ A stage whose manifest is complete and whose config and input digests are unchan
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ from pipeline.io import UserError, atomic_dir, write_json
 MANIFEST = "manifest.json"
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
     """The package version plus the git commit when run from a checkout."""
     from importlib.metadata import PackageNotFoundError, version
@@ -100,9 +102,7 @@ def is_current(out_dir: str | Path, stage: str, config: dict, inputs: dict[str, 
             f"{out_dir} holds '{manifest['stage']}' output; refusing to overwrite it with "
             f"'{stage}' (choose another directory)"
         )
-    if not manifest.get("complete") or manifest["config"] != _jsonable(config):
-        return False
-    if manifest["inputs"] != inputs:
+    if not manifest.get("complete") or not _same_run(manifest, config, inputs):
         return False
     try:
         verify_shards(out_dir, stage)
@@ -113,6 +113,125 @@ def is_current(out_dir: str | Path, stage: str, config: dict, inputs: dict[str, 
 
 def _jsonable(obj):
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _same_run(manifest: dict, config: dict, inputs: dict[str, str]) -> bool:
+    """The manifest records this config, these input digests and this code version."""
+    return (manifest.get("config") == _jsonable(config) and manifest.get("inputs") == inputs
+            and manifest.get("code_version") == code_version())
+
+
+# ---------------------------------------------------------------- steps that resume (training)
+#
+# A training run cannot be published at once like a stage's shards: its directory holds Ray
+# Train's checkpoints to resume from while it runs. So its manifest is written twice: when the
+# training starts, `{"complete": false}` with the config, input digests and code version (a
+# re-run of the same run resumes its checkpoints), and at the end complete, with the published
+# files' sha256. A run is skipped (`current_run`) only when that last manifest is current.
+
+
+def current_run(out: str, stage: str, config: dict, inputs: dict[str, str]) -> dict | None:
+    """The complete manifest when `out` holds a finished run of `stage` with this config, these
+    input digests and this code version, its files intact: the caller skips. None otherwise;
+    a directory that holds anything but a run of `stage` is refused. Changes nothing."""
+    manifest = read_manifest(out)
+    if manifest is None:
+        if storage.exists(out) and storage.list_files(out):
+            raise UserError(f"{out} exists and holds no {MANIFEST}; refusing to overwrite it "
+                            f"(choose another directory or remove it)")
+        return None
+    if manifest.get("stage") != stage:
+        raise UserError(
+            f"{out} holds '{manifest.get('stage')}' output; refusing to overwrite it with "
+            f"'{stage}' (choose another directory)"
+        )
+    if manifest.get("complete") and _same_run(manifest, config, inputs):
+        try:
+            return verify_shards(out, stage)
+        except UserError:
+            return None  # a damaged output: the run's last checkpoint publishes it again
+    return None
+
+
+def start_run(out: str, stage: str, config: dict, inputs: dict[str, str]) -> None:
+    """Make `out` ready for a run that `current_run` did not find finished, once its inputs have
+    been read and checked: a run with the same config, inputs and code is kept (its checkpoints
+    are resumed); any other run of `stage` is removed, so that nothing of it is resumed or left
+    to describe the directory. Then `{"complete": false}` is recorded until `finish_run`."""
+    manifest = read_manifest(out)
+    if manifest is not None and not _same_run(manifest, config, inputs):
+        changed = [k for k, v in (("config", _jsonable(config)), ("inputs", inputs),
+                                  ("code_version", code_version())) if manifest.get(k) != v]
+        print(f"{stage}: {out} holds a run with another {', '.join(changed)}; starting over",
+              flush=True)
+        storage.remove(out)
+    storage.makedirs(out)
+    write_json(storage.join(out, MANIFEST), {
+        "stage": stage, "config": _jsonable(config), "inputs": inputs,
+        "code_version": code_version(), "complete": False})
+
+
+def finish_run(out: str, stage: str, config: dict, inputs: dict[str, str], published: str,
+               extra: dict) -> dict:
+    """Write the complete manifest of a run begun with `start_run`: the files under `published`
+    (a directory relative to `out`, e.g. "model") with their sha256, and `extra` (the run's
+    summary)."""
+    files = [storage.relative(f, out) for f in storage.list_files(storage.join(out, published))]
+    manifest = {
+        "stage": stage,
+        "config": _jsonable(config),
+        "inputs": inputs,
+        "code_version": code_version(),
+        "files": [{"name": f, "bytes": storage.size(storage.join(out, f)),
+                   "sha256": storage.sha256(storage.join(out, f))} for f in files],
+        **_jsonable(extra),
+        "complete": True,
+    }
+    write_json(storage.join(out, MANIFEST), manifest)
+    return manifest
+
+
+def checkpoint_digest(model: str) -> str:
+    """Content digest of a model a step starts from: its weights, config and tokenizer files for
+    a checkpoint directory (local or a URI, through this node's copy); a hub id stands for
+    itself (the revision it resolves to is not pinned)."""
+    from pipeline.reference import tokenizer_digest, weights_digest
+
+    if not storage.is_uri(model) and not Path(model).is_dir():
+        return f"hub:{model}"
+    d = Path(storage.local_copy(model))
+    return hashlib.sha256(f"{weights_digest(d)}:{tokenizer_digest(d)}".encode()).hexdigest()
+
+
+def read_result(path: str, stage: str) -> dict | None:
+    """A one-file result (`odpo eval --out`) that carries its own manifest keys, or None when
+    absent; a file that is not such a result is refused."""
+    if not storage.is_file(path):
+        return None
+    try:
+        result = json.loads(storage.read_text(path))
+    except json.JSONDecodeError:
+        result = None
+    if not isinstance(result, dict) or result.get("stage", stage) != stage:
+        raise UserError(f"{path} exists and is not an `{stage}` result; refusing to overwrite it")
+    return result
+
+
+def current_result(path: str, stage: str, config: dict, inputs: dict[str, str]) -> dict | None:
+    """The result at `path` when it records this config, these inputs and this code version."""
+    result = read_result(path, stage)
+    if result is not None and result.get("complete") and _same_run(result, config, inputs):
+        return result
+    return None
+
+
+def write_result(path: str, stage: str, config: dict, inputs: dict[str, str],
+                 result: dict) -> dict:
+    """Write a one-file result with its manifest keys (stage, config, inputs, code version)."""
+    out = {**_jsonable(result), "stage": stage, "config": _jsonable(config), "inputs": inputs,
+           "code_version": code_version(), "complete": True}
+    write_json(path, out)
+    return out
 
 
 def write_stage(

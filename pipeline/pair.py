@@ -18,8 +18,11 @@ The manifest counts prompts in / kept / dropped (rows_in == rows_kept + dropped)
 
 Output columns (TRL's preference format plus provenance): `prompt_id`, `prompt`, `chosen`,
 `rejected`, `chosen_score`, `rejected_score`, `round`, `chosen_sample_index`,
-`rejected_sample_index`, then the prompt's metadata columns (e.g. `answer`, taken from its
-first sample). Rows are ordered by (prompt_id, chosen_sample_index, rejected_sample_index).
+`rejected_sample_index`, `chosen_token_ids`, `rejected_token_ids` (list<int32>: the samples'
+`response_token_ids`, when the scored data has them; `odpo reference` trains on exactly these),
+then the prompt's metadata columns (e.g. `answer`, taken from its first sample). Rows are ordered
+by (prompt_id, chosen_sample_index, rejected_sample_index). Responses cut at max_tokens were
+dropped by `odpo score` (counted as `truncated`) unless it ran with `keep_truncated`.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ STAGE = "pair"
 SCORE_STAGE = "score"
 MODES = ("best_worst", "correct_incorrect")
 # A sample's own columns; the others are the prompt's and are carried into its pairs.
-SAMPLE_ONLY = ("response", "sample_index", "finish_reason", "num_response_tokens", "score")
+SAMPLE_ONLY = ("response", "sample_index", "finish_reason", "num_response_tokens", "score",
+               "response_token_ids")
+TOKEN_IDS = "response_token_ids"  # the sampled ids; pairs carry them as chosen_/rejected_token_ids
 ROWS_PER_PARTITION = 10_000  # samples per groupby partition: few reduce tasks on small inputs
 
 
@@ -125,6 +130,9 @@ def output_schema(input_schema):
         pa.field("chosen_sample_index", pa.int64()),
         pa.field("rejected_sample_index", pa.int64()),
     ]
+    if TOKEN_IDS in input_schema.names:
+        fields += [pa.field(f"{side}_token_ids", pa.list_(pa.int32()))
+                   for side in ("chosen", "rejected")]
     taken = {f.name for f in fields}
     fields += [f for f in input_schema if f.name not in taken and f.name not in SAMPLE_ONLY]
     return pa.schema(fields + [pa.field("drop_reason", pa.string())])
@@ -143,6 +151,7 @@ def pair_group(table, *, cfg: PairConfig, schema):
     first = rows[0]
     meta = {f.name: first.get(f.name) for f in schema if f.name in first}
     out = []
+    ids = schema.get_field_index("chosen_token_ids") >= 0
     for chosen, rejected in pairs:
         out.append({
             **meta,
@@ -153,6 +162,8 @@ def pair_group(table, *, cfg: PairConfig, schema):
             "round": cfg.round,
             "chosen_sample_index": chosen["sample_index"],
             "rejected_sample_index": rejected["sample_index"],
+            **({"chosen_token_ids": chosen[TOKEN_IDS], "rejected_token_ids": rejected[TOKEN_IDS]}
+               if ids else {}),
             "drop_reason": "",
         })
     if not out:
@@ -266,6 +277,9 @@ def run_pair(cfg: PairConfig, start_ray: Callable[[], None] | None = None) -> di
         raise UserError(f"--out {cfg.out} is the --scored directory; choose another directory")
     inputs = {"scored": input_digest(scored)}
     config = dataclasses.asdict(cfg)
+    # The sampling tokenizer's vocabulary, passed on for the reference stage's check.
+    vocab = ((read_manifest(scored) if storage.is_dir(scored) else None) or {}).get(
+        "tokenizer_vocab")
     if is_current(cfg.out, STAGE, config, inputs):
         return _summary(read_manifest(cfg.out), cfg.out, t0, skipped=True)
     if start_ray is not None:
@@ -282,7 +296,8 @@ def run_pair(cfg: PairConfig, start_ray: Callable[[], None] | None = None) -> di
 
         manifest = write_stage(
             cfg.out, STAGE, config, inputs, write, rows_in=prompts_in, dropped=dropped,
-            rows_kept=kept, extra={"units": {"in": "prompts", "out": "pairs"}, "stats": stats},
+            rows_kept=kept, extra={"units": {"in": "prompts", "out": "pairs"}, "stats": stats,
+                                   **({"tokenizer_vocab": vocab} if vocab else {})},
         )
     return _summary(manifest, cfg.out, t0, skipped=False)
 

@@ -5,6 +5,15 @@ Output: the pairs' columns plus `prompt_input_ids`, `chosen_input_ids`, `rejecte
 and `ref_chosen_logps`, `ref_rejected_logps` (float64) — the summed completion log-probs of the
 reference model, computed with `trainer.logps` exactly as the trainer computes the policy's.
 
+Token ids: pairs from `odpo pair` carry the sampled ids (`chosen_token_ids`, `rejected_token_ids`):
+they are the completion ids exactly as stored (vLLM's EOS / stop token where it stopped on one, no
+EOS after a response cut at max_tokens), never a re-tokenization of the text, which loses special
+tokens and on BPE / SentencePiece tokenizers need not give the sampled ids back. The prompt ids
+are the tokenizer's encoding of the prompt with special tokens, as vLLM encoded it for sampling
+(`odpo sample` checks that). Pairs without those columns (`odpo import`, a user's Parquet) are
+tokenized from text (`trainer.collate.tokenize_completions`: completions get an EOS). Ids sampled
+with another vocabulary (the pairs manifest's `tokenizer_vocab`) than --tokenizer's are refused.
+
 Cache (DESIGN.md, Reference cache key): the key is a sha256 over the reference weights' digest,
 the tokenizer files' digest, the truncation settings, the compute dtype and the pairs' content
 digest. Computing the key hashes files but never loads the model. With an equal key the stage
@@ -50,8 +59,9 @@ PAIR_STAGES = ("pair", "import")  # manifests whose shards hold pairs
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 LOGP_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+STORED_ID_COLUMNS = ("chosen_token_ids", "rejected_token_ids")  # sampled ids, from `odpo pair`
 # Bump when the tokenization, truncation or log-prob rule changes: old cache entries go stale.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: completions are the stored sampled ids when the pairs carry them
 DTYPES = ("float32", "bfloat16", "float16")
 CACHE_MODES = ("auto", "require", "recompute")
 TRUNCATION_MODES = ("truncate", "drop")
@@ -121,9 +131,13 @@ def tokenize_pairs(
     max_prompt_length: int,
     truncation: str,
     vocab_size: int | None = None,
+    chosen_token_ids: Sequence[Sequence[int]] | None = None,
+    rejected_token_ids: Sequence[Sequence[int]] | None = None,
 ) -> tuple[list[int], list[list[int]], list[list[int]], list[list[int]], dict[str, int], int]:
     """Tokenize every pair once (`trainer.collate.tokenize_completions`: prompt with BOS,
-    completions with EOS) and apply the truncation rule.
+    completions with EOS) and apply the truncation rule. With `chosen_token_ids` /
+    `rejected_token_ids` (the sampled ids, one list per pair) the completions are those ids as
+    they are (no EOS added) and only the prompts are tokenized (with BOS, as vLLM did).
 
     Returns (kept row indices, prompt ids, chosen ids, rejected ids of the kept rows,
     dropped counts by reason, number of kept pairs that were truncated).
@@ -131,11 +145,17 @@ def tokenize_pairs(
     from trainer.collate import tokenize_completions
 
     n = len(prompts)
-    # One call: each prompt once, then the chosen and the rejected completions (same rule).
-    prompt_ids, completion_ids = tokenize_completions(
-        tokenizer, list(prompts), list(chosen) + list(rejected)
-    ) if n else ([], [])
-    chosen_ids, rejected_ids = completion_ids[:n], completion_ids[n:]
+    if chosen_token_ids is None or rejected_token_ids is None:
+        # One call: each prompt once, then the chosen and the rejected completions (same rule).
+        prompt_ids, completion_ids = tokenize_completions(
+            tokenizer, list(prompts), list(chosen) + list(rejected)
+        ) if n else ([], [])
+        chosen_ids, rejected_ids = completion_ids[:n], completion_ids[n:]
+    else:
+        prompt_ids = [list(p) for p in tokenizer(list(prompts), add_special_tokens=True)[
+            "input_ids"]] if n else []
+        chosen_ids = [list(c) for c in chosen_token_ids]
+        rejected_ids = [list(r) for r in rejected_token_ids]
     bos = tokenizer.bos_token_id
     keep, p_out, c_out, r_out = [], [], [], []
     dropped, truncated = {"too_long": 0, "identical_ids": 0}, 0
@@ -158,7 +178,12 @@ def tokenize_pairs(
         raise UserError(
             f"the tokenizer produces id {top}, beyond the model's vocab_size {vocab_size}: "
             f"is --tokenizer the reference model's?"
+            if chosen_token_ids is None else
+            f"the pairs hold token id {top}, beyond the model's vocab_size {vocab_size}: were "
+            f"they sampled with another model's tokenizer?"
         )
+    if min((min(x) for x in c_out + r_out if x), default=0) < 0:
+        raise UserError("the pairs hold a negative token id")
     return keep, p_out, c_out, r_out, dropped, truncated
 
 
@@ -293,6 +318,14 @@ def tokenizer_digest(tokenizer_dir: Path) -> str:
     return _files_digest(tokenizer_dir, files)
 
 
+def vocab_digest(tokenizer) -> str:
+    """sha256 over a tokenizer's vocabulary (token -> id, added tokens included): what stored
+    token ids mean, whatever else its files say (model_max_length, chat template, ...)."""
+    return hashlib.sha256(
+        json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    ).hexdigest()
+
+
 def cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
@@ -323,7 +356,7 @@ def _context_length(config: dict) -> int | None:
 def _pairs_files(pairs: str) -> list[str] | None:
     """The shard files of a pairs stage dir (checked against its manifest), or None for a plain
     file or directory without manifest."""
-    manifest = read_manifest(pairs) if storage.is_dir(pairs) else None
+    manifest = _pairs_manifest(pairs)
     if manifest is None:
         return None
     if manifest.get("stage") not in PAIR_STAGES:
@@ -333,6 +366,31 @@ def _pairs_files(pairs: str) -> list[str] | None:
         )
     verify_shards(pairs)
     return [storage.join(pairs, f["name"]) for f in manifest["files"]]
+
+
+def _pairs_manifest(pairs: str) -> dict | None:
+    return read_manifest(pairs) if storage.is_dir(pairs) else None
+
+
+def _stored_ids(table, manifest: dict | None) -> tuple[list, list] | None:
+    """The pairs' sampled (chosen, rejected) token ids, or None for the text path: pairs without
+    them, and imported preference data (its columns are the dataset's, not this sampler's)."""
+    if (manifest or {}).get("stage") == "import" or not all(
+            c in table.column_names for c in STORED_ID_COLUMNS):
+        return None
+    for c in STORED_ID_COLUMNS:
+        if table[c].null_count:
+            raise UserError(f"{table[c].null_count} pair(s) with a null `{c}`")
+    return table["chosen_token_ids"].to_pylist(), table["rejected_token_ids"].to_pylist()
+
+
+def _check_vocab(manifest: dict | None, tokenizer, tok_dir) -> None:
+    sampled = (manifest or {}).get("tokenizer_vocab")
+    if sampled and sampled != vocab_digest(tokenizer):
+        raise UserError(
+            f"the pairs' token ids were sampled with a tokenizer of another vocabulary than "
+            f"{tok_dir}'s; pass the sampling model's tokenizer (--tokenizer) or re-sample"
+        )
 
 
 def _read_pairs(pairs: str, files: list[str] | None):
@@ -459,6 +517,9 @@ def run_reference(cfg: ReferenceConfig, start_ray: Callable[[], None] | None = N
                        "mode": cfg.truncation},
         "dtype": cfg.dtype,
         "pairs": inputs["pairs"],
+        # Same shards, other source: an import's id columns are never used (`_stored_ids`).
+        "completions": "text" if (_pairs_manifest(pairs) or {}).get("stage") == "import"
+        else "stored ids when present",
     }
     key = cache_key(key_parts)
     named = {name: str(d) if not storage.is_uri(path) else path
@@ -512,11 +573,17 @@ def _compute(cfg, pairs, pair_files, model_dir, tok_dir, model_config, out, conf
 
     table = _read_pairs(pairs, pair_files)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=False)
+    manifest = _pairs_manifest(pairs)
+    stored = _stored_ids(table, manifest)
+    if stored is not None:
+        _check_vocab(manifest, tokenizer, cfg.tokenizer or cfg.model)
     keep, p_ids, c_ids, r_ids, dropped, truncated = tokenize_pairs(
         tokenizer, table["prompt"].to_pylist(), table["chosen"].to_pylist(),
         table["rejected"].to_pylist(), max_length=max_length,
         max_prompt_length=max_prompt_length, truncation=cfg.truncation,
         vocab_size=model_config.get("vocab_size"),
+        chosen_token_ids=None if stored is None else stored[0],
+        rejected_token_ids=None if stored is None else stored[1],
     )
     # Sequence 2k is pair k's chosen, 2k + 1 its rejected; batched by length across pairs.
     seq_prompt = [p for p in p_ids for _ in range(2)]
@@ -547,6 +614,7 @@ def _compute(cfg, pairs, pair_files, model_dir, tok_dir, model_config, out, conf
         "sequences": len(lengths),
         "tokens": tokens,
         "truncated_pairs": truncated,
+        "completions": "text" if stored is None else "stored ids",
         "padding_fraction": padding_fraction(lengths, batches),
         "forward_s": forward_s,
         "tokens_per_s": tokens / forward_s if forward_s > 0 else 0.0,

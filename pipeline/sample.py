@@ -1,7 +1,8 @@
 """`odpo sample`: K responses per prompt from vLLM engines held by a Ray Data actor pool.
 
 Pipeline: read prompts (Parquet / JSONL / `datasets` dir) -> check each prompt with the model's
-tokenizer (Ray Data tasks) -> drop and count empty, too long and duplicate prompts -> actor pool
+tokenizer (Ray Data tasks) -> drop and count empty, unencodable, too long and duplicate prompts ->
+actor pool
 (`map_batches` over a callable class; each actor creates one `vllm.LLM` once) -> Parquet shards.
 
 One request per prompt with `SamplingParams(n=k, seed=request_seed(seed, prompt))`: vLLM returns
@@ -11,10 +12,16 @@ prompt text, as in `odpo eval`, so `odpo eval` with the same seed draws the very
 
 Output rows (one per sample): `prompt_id` (sha256 of the prompt text, 16 hex digits), `prompt`,
 `response`, `sample_index` (0..k-1), `finish_reason` (vLLM's: stop | length),
-`num_prompt_tokens`, `num_response_tokens` (generated tokens, EOS included), then the input's
-other columns unchanged (e.g. `answer` for a verifier). Rows keep the prompts' order as Ray Data
-delivers it (with `preserve_order`, as `jobs.runtime.init_ray` sets); readers should key rows by
-(prompt_id, sample_index), not by position.
+`num_prompt_tokens`, `num_response_tokens` (generated tokens, EOS included),
+`response_token_ids` (list<int32>: the ids vLLM generated, ending in the EOS / stop token it
+stopped on; a response cut at max_tokens has none), then the input's other columns unchanged
+(e.g. `answer` for a verifier). Training uses `response_token_ids`, never a re-tokenization of
+`response`: the decoded text loses special tokens and need not tokenize back to the same ids. The
+manifest's `tokenizer_vocab` (a digest of the sampling tokenizer's vocabulary) travels to the
+score and pair manifests, so the reference stage can refuse a tokenizer the ids do not belong to.
+Rows keep the prompts' order as Ray Data delivers it (with `preserve_order`, as
+`jobs.runtime.init_ray` sets); readers should key rows by (prompt_id, sample_index), not by
+position.
 """
 
 from __future__ import annotations
@@ -42,8 +49,11 @@ from pipeline.storage import local_copy
 
 STAGE = "sample"
 # Columns this stage writes; an input that already has one is probably not a prompts file.
-SAMPLE_COLUMNS = ("response", "sample_index", "finish_reason", "num_response_tokens")
-DROP_REASONS = ("empty_prompt", "prompt_too_long", "duplicate_prompt")
+SAMPLE_COLUMNS = ("response", "sample_index", "finish_reason", "num_response_tokens",
+                  "response_token_ids")
+# unencodable_prompt: the tokenizer cannot represent the text (an unk token, or decoding does not
+# give it back): vLLM would sample silently for some other prompt.
+DROP_REASONS = ("empty_prompt", "unencodable_prompt", "prompt_too_long", "duplicate_prompt")
 MIN_ROWS_PER_SHARD = 50_000  # samples per output file (fewer, larger files; Ray may write more)
 
 
@@ -72,14 +82,37 @@ def prompt_id(prompt: str) -> str:
     return hashlib.sha256(prompt.encode()).hexdigest()[:16]
 
 
-def drop_reason(prompt: str | None, num_prompt_tokens: int, max_model_len: int) -> str:
+def drop_reason(prompt: str | None, num_prompt_tokens: int, max_model_len: int,
+                unencodable: bool = False) -> str:
     """Why a prompt cannot be sampled ("" when it can). vLLM rejects a prompt that leaves no
     room for one output token, so `num_prompt_tokens` (BOS included) must be < max_model_len."""
     if prompt is None or not prompt.strip():
         return "empty_prompt"
+    if unencodable:
+        return "unencodable_prompt"
     if num_prompt_tokens >= max_model_len:
         return "prompt_too_long"
     return ""
+
+
+def unencodable(tokenizer, texts: list[str], ids: list[list[int]] | None = None) -> list[bool]:
+    """Per text: True when the tokenizer cannot represent it, so that a model would see another
+    text. With an unk token: its encoding `ids` (computed here when None) holds it. Without
+    one (byte-level BPE encodes anything): the text does not decode back from its ids, compared
+    after NFC normalisation (a tokenizer's NFC normaliser changes no meaning)."""
+    import unicodedata
+
+    if not texts:
+        return []
+    unk = tokenizer.unk_token_id
+    if unk is not None:
+        ids = tokenizer(texts)["input_ids"] if ids is None else ids
+        return [unk in x for x in ids]
+    plain = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    back = tokenizer.batch_decode(plain, skip_special_tokens=False,
+                                  clean_up_tokenization_spaces=False)
+    return [unicodedata.normalize("NFC", b) != unicodedata.normalize("NFC", t)
+            for b, t in zip(back, texts, strict=True)]
 
 
 def sampling_params_for(prompts: list[str], cfg: dict) -> list:
@@ -98,25 +131,34 @@ def sampling_params_for(prompts: list[str], cfg: dict) -> list:
     ]
 
 
-def expand_samples(table, outputs, k: int):
+def expand_samples(table, outputs, k: int, prompt_token_ids: list[list[int]] | None = None):
     """Prompt rows + vLLM `RequestOutput`s (same order) -> one row per sample.
 
-    table: pyarrow Table of P prompt rows; outputs: P request outputs with k completions each.
+    table: pyarrow Table of P prompt rows; outputs: P request outputs with k completions each;
+    prompt_token_ids: the tokenizer's ids of the P prompts, when given checked against vLLM's
+    (the reference stage rebuilds the prompt ids from the text: they must be what was sampled).
     Returns a (P * k)-row table: the prompt row's columns repeated, plus the sample columns.
     """
     import pyarrow as pa
 
     if len(outputs) != table.num_rows:
         raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {table.num_rows} prompts")
-    responses, index, finish, ntok = [], [], [], []
-    for out in outputs:
+    responses, index, finish, ntok, ids = [], [], [], [], []
+    for i, out in enumerate(outputs):
         if len(out.outputs) != k:
             raise RuntimeError(f"vLLM returned {len(out.outputs)} samples, expected {k}")
+        if prompt_token_ids is not None and list(out.prompt_token_ids) != list(
+                prompt_token_ids[i]):
+            raise UserError(
+                f"vLLM tokenized the prompt {table['prompt'][i].as_py()[:60]!r} to other ids "
+                f"than the model's tokenizer does; the sampled token ids could not be trained on"
+            )
         for j, c in enumerate(out.outputs):
             responses.append(c.text)
             index.append(j)
             finish.append(str(c.finish_reason))
             ntok.append(len(c.token_ids))
+            ids.append(list(c.token_ids))
     repeated = table.take(pa.array([i for i in range(table.num_rows) for _ in range(k)],
                                    type=pa.int64()))
     head = {
@@ -127,6 +169,7 @@ def expand_samples(table, outputs, k: int):
         "finish_reason": pa.array(finish, type=pa.string()),
         "num_prompt_tokens": repeated["num_prompt_tokens"],
         "num_response_tokens": pa.array(ntok, type=pa.int32()),
+        "response_token_ids": pa.array(ids, type=pa.list_(pa.int32())),
     }
     rest = {c: repeated[c] for c in repeated.column_names if c not in head}
     return pa.table({**head, **rest})
@@ -150,11 +193,15 @@ def check_prompts(table, *, model: str, max_model_len: int):
 
     prompts = table["prompt"].to_pylist()
     texts = [p if p else "" for p in prompts]
-    counts = [len(ids) for ids in _tokenizer(model)(texts)["input_ids"]] if texts else []
+    tokenizer = _tokenizer(model)
+    ids = tokenizer(texts)["input_ids"] if texts else []
+    counts = [len(x) for x in ids]
+    lost = unencodable(tokenizer, texts, ids)
     table = table.drop_columns([c for c in ("prompt_id",) if c in table.column_names])
     table = table.add_column(0, "prompt_id", pa.array([prompt_id(t) for t in texts], pa.string()))
     table = table.append_column("num_prompt_tokens", pa.array(counts, type=pa.int32()))
-    reasons = [drop_reason(p, n, max_model_len) for p, n in zip(prompts, counts, strict=True)]
+    reasons = [drop_reason(p, n, max_model_len, u)
+               for p, n, u in zip(prompts, counts, lost, strict=True)]
     return table.append_column("drop_reason", pa.array(reasons, type=pa.string()))
 
 
@@ -211,14 +258,15 @@ class VLLMSampler:
                 f"the engine's log above has the cause; check --engine-gpu-memory-utilization, "
                 f"--engine-max-model-len, --engine-dtype"
             ) from None
-        self.sampling = sampling
+        self.model, self.sampling = model, sampling
 
     def __call__(self, table):
         prompts = table["prompt"].to_pylist()
         outputs = self.llm.generate(
             prompts, sampling_params_for(prompts, self.sampling), use_tqdm=False
         )
-        return expand_samples(table, outputs, self.sampling["k"])
+        expected = _tokenizer(self.model)(prompts)["input_ids"]
+        return expand_samples(table, outputs, self.sampling["k"], expected)
 
 
 # ---------------------------------------------------------------- the stage
@@ -252,6 +300,13 @@ def model_context(model: str) -> int:
         if isinstance(getattr(config, k, None), int):
             return getattr(config, k)
     raise UserError(f"model {model}: config names no context length; set --engine-max-model-len")
+
+
+def vocab_digest_of(model: str) -> str:
+    """Digest of the model's tokenizer vocabulary (what the sampled token ids mean)."""
+    from pipeline.reference import vocab_digest
+
+    return vocab_digest(_tokenizer(model))
 
 
 def model_digest(model: str) -> str:
@@ -378,7 +433,8 @@ def run_sample(cfg: SampleConfig, start_ray: Callable[[], None] | None = None) -
         manifest = write_stage(cfg.out, STAGE, config, inputs, write, rows_in=rows_in,
                                dropped=dropped, rows_kept=kept,
                                extra={"k": cfg.k, "units": {"in": "prompts", "out": "samples"},
-                                      "stats": stats})
+                                      "stats": stats,
+                                      "tokenizer_vocab": vocab_digest_of(local_model)})
     return _summary(manifest, cfg.out, t0, skipped=False)
 
 

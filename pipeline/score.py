@@ -41,13 +41,17 @@ def load_scorer(spec: str) -> Callable:
 #
 # Scorers run as a Ray Data stage over the samples: an actor pool whose actors load the scorer
 # once (a reward model's weights, a user module) and call it on batches of rows. Output: the
-# samples' columns plus `score` (float64).
+# samples' columns, unchanged (`response_token_ids` included), plus `score` (float64).
+# A response cut at max_tokens (`finish_reason` "length") is dropped before scoring, counted as
+# `truncated`: it is no complete answer, and an EOS after it would teach the model to stop there
+# (`keep_truncated` keeps it; it is then trained on without an EOS, as it was sampled).
 
 STAGE = "score"
 SAMPLE_STAGE = "sample"
 # Each row's own columns; every other column (e.g. `answer`) is the row's metadata.
 ROW_ID_COLUMNS = ("prompt_id", "sample_index")
 NONFINITE_MODES = ("error", "drop")
+TRUNCATED = "length"  # vLLM's finish_reason for a response cut at max_tokens
 RM_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -68,6 +72,9 @@ class ScoreConfig:
     replicas: int = 1  # scorer copies (Ray Data actors) running in parallel
     cpus_per_replica: float = 1.0  # Ray CPUs reserved per actor (torch threads for a model)
     use_gpu: bool = False  # one GPU per replica (reward model)
+    # Score (and so pair and train on) responses cut at max_tokens; off: they are dropped and
+    # counted as `truncated` (an unfinished response is neither a good chosen nor a fair rejected)
+    keep_truncated: bool = False
 
 
 def exact_answer(prompts: Sequence[str], responses: Sequence[str], rows: Sequence[dict]) -> list:
@@ -252,6 +259,12 @@ class ScoreBatch:
         return table.append_column("score", pa.array(scores, type=pa.float64()))
 
 
+def _drop_truncated(table):
+    import pyarrow.compute as pc
+
+    return table.filter(pc.fill_null(pc.not_equal(table["finish_reason"], TRUNCATED), True))
+
+
 def _keep_finite(table):
     import pyarrow.compute as pc
 
@@ -368,11 +381,22 @@ def run_score(cfg: ScoreConfig, start_ray: Callable[[], None] | None = None) -> 
         raise UserError(f"{cfg.samples}: already has a `score` column; score the samples")
 
     stats: dict = {}
+    # The sampling tokenizer's vocabulary, passed on for the reference stage's check.
+    vocab = (read_manifest(samples) or {}).get("tokenizer_vocab") if files is not None else None
 
     def write(tmp: str) -> None:
         if ds is None:
             return
-        scored = ds.map_batches(
+        kept = ds
+        if not cfg.keep_truncated and "finish_reason" in ds.schema().names:
+            # Finish reasons come to the driver (a short string a row) to count the cut ones.
+            reasons = [b["finish_reason"] for b in ds.select_columns(["finish_reason"])
+                       .iter_batches(batch_format="numpy", batch_size=None)]
+            cut = int(sum((r == TRUNCATED).sum() for r in reasons))
+            if cut:
+                dropped["truncated"] = cut
+                kept = ds.map_batches(_drop_truncated, batch_format="pyarrow")
+        scored = kept.map_batches(
             ScoreBatch,
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
@@ -400,7 +424,8 @@ def run_score(cfg: ScoreConfig, start_ray: Callable[[], None] | None = None) -> 
     with user_errors():
         rows_in = ds.count() if ds is not None else 0  # reads the input: its errors are named
         manifest = write_stage(cfg.out, STAGE, config, inputs, write, rows_in=rows_in,
-                               dropped=dropped, extra={"stats": stats})
+                               dropped=dropped, extra={"stats": stats, **(
+                                   {"tokenizer_vocab": vocab} if vocab else {})})
     return _score_summary(manifest, cfg.out, t0, skipped=False)
 
 

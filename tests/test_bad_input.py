@@ -83,6 +83,9 @@ def bad(tmp_path_factory, toy_model_dir) -> Path:
     (d / "iterate_typo.yaml").write_text(
         f"policy: {toy_model_dir}\nprompts: {d / 'prompts.parquet'}\n"
         f"eval_prompts: {d / 'prompts.parquet'}\ntrain:\n  betta: 0.1\n")
+    (d / "iterate_float16.yaml").write_text(
+        f"policy: {toy_model_dir}\nprompts: {d / 'prompts.parquet'}\n"
+        f"eval_prompts: {d / 'prompts.parquet'}\ntrain:\n  beta: 0.1\n  dtype: float16\n")
     (d / "byod_typo.yaml").write_text(
         f"model: {toy_model_dir}\ndata: {d / 'pairs.parquet'}\nsft:\n  max_stepz: 1\n"
         f"train:\n  beta: 0.1\n")
@@ -125,6 +128,13 @@ def _previous_output(out: Path, command: str) -> None:
     the stage writer itself, or (a run directory) a file of results."""
     stages = {"sample": "sample", "score": "score", "pair": "pair", "reference": "reference",
               "import": "import"}
+    if command in ("sft", "train"):  # a finished run with another config
+        from pipeline.manifest import finish_run
+
+        (out / "model").mkdir(parents=True)
+        (out / "model" / "model.safetensors").write_bytes(b"earlier weights")
+        finish_run(str(out), command, {"earlier": True}, {}, "model", {"summary": {}})
+        return
     if command not in stages:
         out.mkdir(parents=True)
         (out / "results.txt").write_text("an earlier run's results\n")
@@ -228,6 +238,27 @@ ERRORS = [
     ("train", "--model {bad}/pickled --data {bad}/nowhere --beta 0.1", r"only pickled weights"),
     ("score", "--samples {bad}/samples.parquet --scorer reward_model "
      "--reward-model {bad}/pickled", r"reward model .*/pickled: only pickled weights"),
+    # Every training field checked on the driver, not in a Ray Train worker (issue 15).
+    ("train", "--model {toy} --data {bad}/nowhere --beta 0.1 --dtype float16",
+     r"dtype must be one of \('float32', 'bfloat16'\) \(float16 training would need loss "
+     r"scaling\), got 'float16'"),
+    ("sft", "--model {toy} --data {bad}/sft_huge.parquet --lr-schedule cosine_restarts",
+     r"lr_schedule must be one of \('constant', 'linear', 'cosine'\), got 'cosine_restarts'"),
+    ("train", "--model {toy} --data {bad}/nowhere --beta 0.1 --loss-type ipo "
+     "--label-smoothing 0.1", r"label_smoothing \(cDPO\) applies to the sigmoid loss only; "
+     r"loss_type 'ipo' would ignore it"),
+    ("iterate", "--config {bad}/iterate_float16.yaml",
+     r"dtype must be one of \('float32', 'bfloat16'\)"),
+    # A model path that does not exist is no hub id: named before any work.
+    ("train", "--model {bad}/no/such/model --data {bad}/nowhere --beta 0.1",
+     r"model .*/no/such/model: no such directory \(a local checkpoint path; a hub id is "
+     r"written org/name\)"),
+    ("sft", "--model {bad}/missing --data {bad}/sft_huge.parquet",
+     r"model .*/missing: no such directory"),
+    ("eval", "--model {bad}/missing --prompts {bad}/prompts.parquet",
+     r"model .*/missing: no such directory"),
+    ("reference", "--pairs {bad}/pairs.parquet --model {bad}/missing",
+     r"model .*/missing: no such directory"),
 ]
 # Where each command's output goes.
 OUT_FLAG = {"iterate": "--run-dir", "byod": "--run-dir"}
@@ -482,3 +513,21 @@ def test_embedded_ray_listens_on_loopback_only(ray_local):
         addr = getattr(addr, "ipv4_mapped", None) or addr
         assert addr.is_loopback, (ip, port)
     assert not ray_local._private.worker._global_node.address_info.get("webui_url")
+
+
+def test_missing_model_path_fails_before_ray_starts(tmp_path):
+    """`runs/sft/modle` (a typo under an existing directory) is no hub id: `odpo train` says so
+    in one line at once, instead of a traceback from inside Ray Train a minute later."""
+    import subprocess
+    import sys
+
+    (tmp_path / "runs" / "sft").mkdir(parents=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "train", "--model", "runs/sft/modle", "--data",
+         "runs/r1/reference", "--out", "runs/r1/train", "--beta", "0.1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "odpo train: error: model runs/sft/modle: no such directory (a local checkpoint path; "
+        "a hub id is written org/name)"]
+    assert not (tmp_path / "runs" / "r1").exists()

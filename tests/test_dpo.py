@@ -225,6 +225,41 @@ def test_resume_after_crash_continues_the_same_run(ray_local, cached_run, policy
         assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
 
 
+def test_rerun_skips_resumes_or_starts_over_by_its_manifest(ray_local, policy_dir, ref_shards,
+                                                            tmp_path, capsys):
+    """`odpo train` skips a current run, resumes a half-done one with the same config, and
+    starts over (never resuming the old checkpoints) when the config changed."""
+    out = tmp_path / "run"
+
+    def train(beta):
+        args = ["train", "--model", policy_dir, "--data", str(ref_shards), "--out", str(out),
+                "--beta", str(beta), "--lr", "5e-4", "--lr-schedule", "constant",
+                "--batch-size", "16", "--log-every", "1", "--max-steps", "3"]
+        capsys.readouterr()
+        assert main(args) == 0
+        metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return capsys.readouterr().out, metrics, (out / "model" / "model.safetensors").read_bytes()
+
+    _, first, weights = train(0.1)
+    printed, again, same = train(0.1)
+    assert "skipped: up to date" in printed and again == first and same == weights
+    # Half-done with the same config (as while it trained): resumed from its last checkpoint
+    # (the end), so nothing is trained again and the same model is published.
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["config"]["beta"] == 0.1
+    (out / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    import shutil
+
+    shutil.rmtree(out / "model")
+    printed, resumed, same = train(0.1)
+    assert "skipped" not in printed and resumed == first and same == weights
+    # Another beta: trained from step 0 with it.
+    printed, swept, other = train(0.5)
+    assert "starting over" in printed and other != weights
+    assert [m["step"] for m in swept] == [0, 1, 2]
+    assert json.loads((out / "manifest.json").read_text())["config"]["beta"] == 0.5
+
+
 def test_train_worker_killed_restarts_from_checkpoint(ray_local, cached_run, policy_dir,
                                                       ref_shards, tmp_path):
     """SIGKILL a Ray Train worker after a checkpoint: `FailureConfig(max_failures)` restarts the

@@ -330,25 +330,42 @@ def test_sft_needs_exactly_one_data_source(toy_model_dir, tmp_path):
             run_sft(SFTConfig(model=toy_model_dir, out=str(tmp_path / "o"), **extra))
 
 
-def test_byod_retrains_from_scratch_when_a_stage_input_changes(tmp_path):
-    """Ray Train resumes whatever checkpoints a run dir holds, so a training stage whose key
-    changed must start from an empty dir; a half-done run with the same key must be kept."""
-    from jobs.byod import _current
+def test_training_run_dir_is_kept_resumed_or_cleared_by_its_manifest(tmp_path, capsys):
+    """Ray Train resumes whatever checkpoints a run dir holds, so a training run whose config or
+    inputs changed must start from an empty dir; a half-done run of the same config is kept;
+    a directory that is not a run of this step is never removed."""
+    from pipeline.manifest import current_run, finish_run, start_run
 
-    state_path, out = tmp_path / "byod_state.json", tmp_path / "sft"
-    (out / "model").mkdir(parents=True)
-    (out / "model" / "config.json").write_text("{}")
-    with pytest.raises(UserError, match="does not record it"):
-        _current({}, state_path, "sft", "k1", out)  # not byod's own: never removed
-    assert out.exists()
-    state = {"sft": {"key": "k1", "done": True}}
-    assert _current(state, state_path, "sft", "k1", out)  # current: skip
-    assert not _current(state, state_path, "sft", "k2", out)  # another key: removed
-    assert not out.exists()
-    assert json.loads(state_path.read_text()) == {"sft": {"key": "k2", "done": False}}
-    (out / "ray").mkdir(parents=True)  # a half-done run of k2 (checkpoints to resume)
-    assert not _current(state, state_path, "sft", "k2", out)
-    assert (out / "ray").exists()
+    out, cfg, d1 = str(tmp_path / "sft"), {"lr": 1}, {"data": "d1"}
+    (tmp_path / "sft" / "model").mkdir(parents=True)
+    (tmp_path / "sft" / "model" / "config.json").write_text("{}")
+    with pytest.raises(UserError, match="holds no manifest.json; refusing"):
+        current_run(out, "sft", cfg, d1)  # not a run's: never removed
+    assert (tmp_path / "sft" / "model" / "config.json").exists()
+    (tmp_path / "sft" / "model" / "config.json").unlink()
+    assert current_run(out, "sft", cfg, d1) is None
+    start_run(out, "sft", cfg, d1)
+    (tmp_path / "sft" / "ray").mkdir()  # its checkpoints
+    assert current_run(out, "sft", cfg, d1) is None  # half-done: not skipped
+    start_run(out, "sft", cfg, d1)
+    assert (tmp_path / "sft" / "ray").exists()  # same config: kept, to resume
+    (tmp_path / "sft" / "model" / "model.safetensors").write_bytes(b"weights")
+    finish_run(out, "sft", cfg, d1, "model", {"summary": {"steps": 3}})
+    assert current_run(out, "sft", cfg, d1)["summary"] == {"steps": 3}  # current: skip
+    assert current_run(out, "sft", {"lr": 2}, d1) is None  # another config: not current...
+    assert (tmp_path / "sft" / "model").exists()  # ...and nothing removed until a run starts
+    (tmp_path / "sft" / "model" / "model.safetensors").write_bytes(b"damaged")
+    assert current_run(out, "sft", cfg, d1) is None  # damaged: redone (resumed), kept
+    start_run(out, "sft", cfg, d1)
+    assert (tmp_path / "sft" / "ray").exists()
+    capsys.readouterr()
+    start_run(out, "sft", cfg, {"data": "d2"})  # other inputs: the old run is removed
+    assert "another inputs; starting over" in capsys.readouterr().out
+    assert not (tmp_path / "sft" / "ray").exists()
+    assert json.loads((tmp_path / "sft" / "manifest.json").read_text())["inputs"] == {
+        "data": "d2"}
+    with pytest.raises(UserError, match="holds 'sft' output"):
+        current_run(out, "train", cfg, d1)
 
 
 # ---------------------------------------------------------------- the whole path (Ray)
@@ -456,3 +473,13 @@ def test_byod_one_config_runs_the_whole_path_and_skips_when_current(ray_local, c
     assert "sft on chosen: skipped" in out and "train: skipped" in out
     assert "cache hit" in out
     assert (run / "train" / "model" / "model.safetensors").read_bytes() == first
+
+    # A changed `train:` section retrains (from the start) and skips what came before it.
+    config["train"]["beta"] = 0.5
+    path.write_text(yaml.safe_dump(config))
+    assert main(["byod", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "sft on chosen: skipped" in out and "train: skipped" not in out
+    assert "holds a run with another config; starting over" in out
+    assert (run / "train" / "model" / "model.safetensors").read_bytes() != first
+    assert read_manifest(run / "train")["config"]["beta"] == 0.5

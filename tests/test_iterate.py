@@ -123,3 +123,39 @@ def test_rerun_skips_finished_and_redoes_half_done(iterate_run, capsys):
     assert before == after  # sample/score/pair/reference were skipped, not rewritten
     assert (train / "model" / "model.safetensors").stat().st_mtime_ns == model_mtime
     assert (run / "round_1" / "eval.json").exists()
+
+
+def test_changed_train_section_retrains_and_reevaluates(iterate_run, capsys):
+    """A beta sweep on the same run_dir: the changed `train:` section retrains the round (not
+    resumed from the old checkpoints, not skipped) and everything downstream of it (its eval),
+    while the stages upstream are skipped; the run dir then describes what it holds."""
+    import yaml
+
+    run, path = iterate_run
+    config = yaml.safe_load(path.read_text())
+    config["train"]["beta"] = 0.5
+    swept = path.parent / "iterate_beta.yaml"
+    swept.write_text(yaml.safe_dump(config))
+    train = run / "round_1" / "train"
+    upstream = {s: (run / "round_1" / s / "manifest.json").read_text()
+                for s in ("samples", "scored", "pairs", "reference")}
+    weights = (train / "model" / "model.safetensors").read_bytes()
+    eval_before = json.loads((run / "round_1" / "eval.json").read_text())
+    capsys.readouterr()
+    assert main(["iterate", "--config", str(swept)]) == 0
+    out = capsys.readouterr().out
+    assert "holds a run with another config; starting over" in out
+    for s, text in upstream.items():
+        assert (run / "round_1" / s / "manifest.json").read_text() == text, s
+    assert (train / "model" / "model.safetensors").read_bytes() != weights
+    manifest = json.loads((train / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["config"]["beta"] == 0.5
+    metrics = [json.loads(x) for x in (train / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["step"] == 0  # trained from the start, not resumed
+    eval_after = json.loads((run / "round_1" / "eval.json").read_text())
+    assert eval_after["inputs"]["model"] != eval_before.get("inputs", {}).get("model")
+    assert json.loads((run / "iterate_config.json").read_text())["train"]["beta"] == 0.5
+    # The same config again: nothing is redone.
+    mtimes = {p: p.stat().st_mtime_ns for p in (run / "round_1").rglob("*.json")}
+    assert main(["iterate", "--config", str(swept)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (run / "round_1").rglob("*.json")} == mtimes

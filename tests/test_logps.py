@@ -1,5 +1,6 @@
 """trainer/logps.py against an explicit per-token loop and against transformers' own loss."""
 
+import pytest
 import torch
 
 from trainer.collate import collate
@@ -50,6 +51,30 @@ def test_token_mask_and_shift():
     assert mask.tolist() == [[True, False, True]]
     torch.testing.assert_close(token_logps, torch.tensor([[-torch.log(torch.tensor(5.0)), 0.0,
                                                            -torch.log(torch.tensor(5.0))]]))
+
+
+@pytest.mark.parametrize("bad", ["-inf", "nan"])
+def test_masked_positions_add_zero_even_when_not_finite(bad):
+    """An ignored position adds exactly 0 even when its log-prob is -inf (a token's logit masked
+    to -inf: ignored positions gather token 0) or NaN (garbage logits in the padding); masking by
+    multiplication made the whole sum NaN (-inf * 0)."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 6, 9, generator=g)
+    labels = torch.randint(1, 9, (2, 6), generator=g)
+    labels[0, :3] = IGNORE_INDEX  # prompt
+    labels[1, 4:] = IGNORE_INDEX  # padding: positions 3 and 4 predict it
+    if bad == "-inf":
+        logits[:, :, 0] = float("-inf")
+    else:
+        logits[1, 3:5, :] = float("nan")
+    expected = _loop_logps(logits, labels).double()
+    assert torch.isfinite(expected).all()
+    logits.requires_grad_(True)
+    got = sequence_logps(logits, labels)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    if bad == "-inf":
+        got.sum().backward()
+        assert torch.isfinite(logits.grad).all()
 
 
 def test_matches_transformers_causal_lm_loss(toy_model_dir):

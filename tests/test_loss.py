@@ -105,3 +105,11 @@ def test_nll_is_length_normalised():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         dpo_loss(*_golden(), **kwargs)
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge"])
+def test_label_smoothing_is_refused_outside_sigmoid(loss_type):
+    """cDPO's ε belongs to the sigmoid loss; ipo and hinge would silently ignore it."""
+    with pytest.raises(ValueError, match="label_smoothing"):
+        dpo_loss(*_golden(), beta=0.1, loss_type=loss_type, label_smoothing=0.1)
+    dpo_loss(*_golden(), beta=0.1, loss_type=loss_type, label_smoothing=0.0)

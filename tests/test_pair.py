@@ -73,6 +73,29 @@ def test_correct_incorrect_cap_is_a_seeded_subset():
     assert len(seeds) > 1  # the seed does choose
 
 
+def test_pairs_carry_the_sampled_token_ids():
+    """Chosen and rejected keep their samples' `response_token_ids` (the ids training uses)."""
+    from pipeline.pair import PairConfig, output_schema, pair_group
+
+    rows = _rows(["12", "3", "45"], [0.0, 1.0, 0.5])
+    token_ids = [[5, 6, 2], [7, 1, 2], [8, 9]]  # a BOS inside one; a cut one without EOS
+    for r, ids in zip(rows, token_ids, strict=True):
+        r.update(prompt="1+2=", finish_reason="stop", response_token_ids=ids)
+    table = pa.Table.from_pylist(rows, schema=pa.schema([
+        ("prompt_id", pa.string()), ("response", pa.string()), ("sample_index", pa.int64()),
+        ("score", pa.float64()), ("prompt", pa.string()), ("finish_reason", pa.string()),
+        ("response_token_ids", pa.list_(pa.int32()))]))
+    schema = output_schema(table.schema)
+    assert schema.field("chosen_token_ids").type == pa.list_(pa.int32())
+    assert "response_token_ids" not in schema.names and "finish_reason" not in schema.names
+    got = pair_group(table, cfg=PairConfig(scored="x", out="y"), schema=schema).to_pylist()
+    assert [(g["chosen"], g["rejected"]) for g in got] == [("3", "12")]
+    assert (got[0]["chosen_token_ids"], got[0]["rejected_token_ids"]) == ([7, 1, 2], [5, 6, 2])
+    # Scored data without ids (a user's Parquet): no id columns, as before.
+    plain = table.drop_columns(["response_token_ids"])
+    assert "chosen_token_ids" not in output_schema(plain.schema).names
+
+
 # ---------------------------------------------------------------- the stage on Ray Data
 
 # Five prompts, hand-derived outcome under correct_incorrect (threshold 0.5, cap 0):

@@ -28,6 +28,8 @@ def test_drop_reason_rules():
     assert drop_reason("  \n", 3, 64) == "empty_prompt"
     assert drop_reason("1+1=", 63, 64) == ""  # room for exactly one output token
     assert drop_reason("1+1=", 64, 64) == "prompt_too_long"
+    assert drop_reason("1+1=\U0001F600", 6, 64, unencodable=True) == "unencodable_prompt"
+    assert drop_reason("  ", 3, 64, unencodable=True) == "empty_prompt"
 
 
 def test_mark_duplicates_marks_all_but_one_copy():

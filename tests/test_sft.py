@@ -123,3 +123,34 @@ def _rows(path, rows):
     else:
         pq.write_table(pa.Table.from_pylist(rows), path)
     return path
+
+
+def test_rerun_skips_training_and_evaluates_only_what_changed(ray_local, toy_model_dir,
+                                                              toy_data_dir, tmp_path, capsys):
+    """`odpo sft` and `odpo eval --out` skip when their manifests are current: an unchanged
+    re-run trains nothing; changed eval settings re-evaluate without retraining."""
+    out = tmp_path / "run"
+    args = ["sft", "--model", toy_model_dir, "--data", str(toy_data_dir / "sft.parquet"),
+            "--out", str(out), "--max-steps", "2", "--batch-size", "16", "--warmup-steps", "0",
+            "--eval-prompts", str(toy_data_dir / "heldout.parquet"), "--eval-samples", "1"]
+    assert main(args) == 0
+    model = out / "model" / "model.safetensors"
+    mtime, eval_mtime = model.stat().st_mtime_ns, (out / "eval.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "skipped: up to date" in capsys.readouterr().out
+    assert model.stat().st_mtime_ns == mtime
+    assert (out / "eval.json").stat().st_mtime_ns == eval_mtime
+    assert main([*args[:-1], "2"]) == 0  # two samples per held-out prompt: a new evaluation
+    assert model.stat().st_mtime_ns == mtime
+    result = json.loads((out / "eval.json").read_text())
+    assert result["samples_per_prompt"] == 2 and result["config"]["samples"] == 2
+    # odpo eval --out: the same result file is reused while current
+    out_json = tmp_path / "eval.json"
+    ev = ["eval", "--model", str(out / "model"), "--prompts",
+          str(toy_data_dir / "heldout.parquet"), "--samples", "1", "--out", str(out_json)]
+    assert main(ev) == 0
+    first = out_json.read_text()
+    capsys.readouterr()
+    assert main(ev) == 0
+    assert "skipped: up to date" in capsys.readouterr().out and out_json.read_text() == first

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from pipeline import storage
 from pipeline.io import UserError, check_checkpoint, resolve_path, write_json
 from trainer.loss import LOSS_TYPES
 
+STAGE = "train"
 REFERENCE_COLUMNS = (
     "prompt_input_ids",
     "chosen_input_ids",
@@ -30,8 +32,10 @@ class DPOConfig:
     data: str  # reference stage directory (`odpo reference` output)
     out: str  # run directory: model/, metrics.jsonl, tensorboard/, ray/
     beta: float  # KL strength of DPO; no default: it sets the trade-off, choose it on purpose
-    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
-    label_smoothing: float = 0.0  # cDPO label noise ε for the sigmoid loss
+    # sigmoid (DPO) | ipo | hinge. ipo is the IPO paper's loss on *summed* completion log-probs;
+    # TRL's `ipo` averages them per token, so a β tuned in TRL does not carry over
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0  # cDPO label noise ε in [0, 0.5); the sigmoid loss only
     alpha: float = 0.0  # weight of the chosen NLL term: 1.0 is DPO+NLL (Iterative RPO)
     reference: str = "cached"  # cached (from the shards) | live (load the reference: checks only)
     reference_model: str | None = None  # live mode: the reference checkpoint (default: model)
@@ -45,7 +49,7 @@ class DPOConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     seed: int = 0  # torch seed of every worker
-    shuffle: bool = True  # shuffle pairs each run (seeded); off keeps the shard order
+    shuffle: bool = True  # a new pair order each epoch (seeded by seed, epoch); off: shard order
     num_workers: int = 1  # DDP workers (gloo on CPU, NCCL on GPU)
     cpus_per_worker: float = 1.0  # fractional CPUs keep Ray Data's readers from starving
     torch_threads: int = 2  # intra-op threads per worker; 0 leaves torch's default
@@ -85,23 +89,48 @@ def check_reference_shards(path: str) -> dict:
     return verify_shards(path, "reference")
 
 
-def run_dpo(cfg: DPOConfig) -> dict:
-    """Train the policy on reference shards; write `out/model` and a summary."""
+def check_config(cfg: DPOConfig) -> None:
+    """Every field checked on the driver, before Ray starts."""
+    from trainer.launch import check_training_config
+
+    checks = (
+        (cfg.loss_type in LOSS_TYPES,
+         f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}"),
+        (cfg.reference in ("cached", "live"),
+         f"reference must be cached or live, got {cfg.reference!r}"),
+        (cfg.beta > 0, f"beta must be > 0, got {cfg.beta}"),
+        (0 <= cfg.label_smoothing < 0.5,
+         f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}"),
+        (cfg.label_smoothing == 0 or cfg.loss_type == "sigmoid",
+         f"label_smoothing (cDPO) applies to the sigmoid loss only; loss_type "
+         f"{cfg.loss_type!r} would ignore it"),
+        (cfg.alpha >= 0, f"alpha (NLL weight) must be >= 0, got {cfg.alpha}"),
+    )
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+    check_training_config(cfg)
+
+
+def run_dpo(cfg: DPOConfig, start_ray: Callable[[], None] | None = None) -> dict:
+    """Train the policy on reference shards; write `out/model` and a summary.
+
+    Skipped when `out/manifest.json` records a finished run with this config, these inputs
+    (policy and reference shards) and this code version; a half-done run of the same config
+    resumes from its checkpoints, one of another config is removed and trained anew.
+    `start_ray` is called once there is training to do."""
     import ray
 
+    from pipeline.manifest import (
+        checkpoint_digest,
+        current_run,
+        finish_run,
+        input_digest,
+        start_run,
+    )
     from trainer.launch import fit, plan_steps
 
-    if cfg.loss_type not in LOSS_TYPES:
-        raise UserError(f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}")
-    if cfg.reference not in ("cached", "live"):
-        raise UserError(f"reference must be cached or live, got {cfg.reference!r}")
-    if cfg.beta <= 0:
-        raise UserError(f"beta must be > 0, got {cfg.beta}")
-    if cfg.batch_size % (cfg.num_workers * cfg.grad_accum):
-        raise UserError(
-            f"batch_size {cfg.batch_size} is not divisible by num_workers x grad_accum "
-            f"= {cfg.num_workers * cfg.grad_accum}"
-        )
+    check_config(cfg)
     cfg = dataclasses.replace(
         cfg,
         model=resolve_path(cfg.model),
@@ -113,17 +142,25 @@ def run_dpo(cfg: DPOConfig) -> dict:
     if cfg.reference == "live":
         check_checkpoint(cfg.reference_model, "reference model")
     manifest = check_reference_shards(cfg.data)
+    config = asdict(cfg)
+    inputs = {"model": checkpoint_digest(cfg.model), "data": input_digest(cfg.data)}
+    if cfg.reference == "live":
+        inputs["reference_model"] = checkpoint_digest(cfg.reference_model)
+    done = current_run(cfg.out, STAGE, config, inputs)
+    if done is not None:
+        return {**done["summary"], "skipped": True}
+    if start_ray is not None:
+        start_ray()
     t0 = time.perf_counter()
     files = [storage.join(cfg.data, f["name"]) for f in manifest["files"]]
     ds = ray.data.read_parquet(files).select_columns(list(REFERENCE_COLUMNS))
-    if cfg.shuffle:
-        ds = ds.random_shuffle(seed=cfg.seed)
-    # Token ids and two floats per pair: small enough to hold once in the object store, so
-    # each epoch does not re-read and re-shuffle the shards.
+    # Token ids and two floats per pair: small enough to hold once in the object store, read
+    # whole by every worker; trainer.loop orders the pairs (cfg.shuffle: anew each epoch).
     ds = ds.materialize()
     rows = manifest["rows_out"]
     steps = plan_steps(rows, cfg.batch_size, cfg.epochs, cfg.max_steps, cfg.data, "pairs")
     loop_cfg = {**asdict(cfg), "objective": "dpo", **steps}
+    start_run(cfg.out, STAGE, config, inputs)
     model_dir = fit(
         loop_cfg,
         ds,
@@ -136,11 +173,12 @@ def run_dpo(cfg: DPOConfig) -> dict:
     summary = {
         "model": str(model_dir),
         "pairs": rows,
-        # not in any batch of an epoch; the same pairs each epoch (one shuffle per run)
+        # not in any batch of an epoch; shuffled, a different subset each epoch
         "pairs_left_over_per_epoch": steps["left_over_per_epoch"],
         "steps": steps["total_steps"],
         "reference": cfg.reference,
         "train_s": time.perf_counter() - t0,
     }
     write_json(storage.join(cfg.out, "train_summary.json"), summary)
-    return summary
+    finish_run(cfg.out, STAGE, config, inputs, "model", {"summary": summary})
+    return {**summary, "skipped": False}

@@ -25,6 +25,45 @@ def plan_steps(
             "left_over_per_epoch": rows - steps_per_epoch * batch_size}
 
 
+TRAIN_DTYPES = ("float32", "bfloat16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def check_training_config(cfg) -> None:
+    """One-line errors on the driver, before Ray starts, for the fields that `odpo sft` and
+    `odpo train` share (a bad value would otherwise fail inside a Ray Train worker)."""
+    checks = (
+        (cfg.dtype in TRAIN_DTYPES,
+         f"dtype must be one of {TRAIN_DTYPES} (float16 training would need loss scaling), got "
+         f"{cfg.dtype!r}"),
+        (cfg.lr_schedule in LR_SCHEDULES,
+         f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}"),
+        (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.max_steps >= 0, f"max_steps must be >= 0 (0: all epochs), got {cfg.max_steps}"),
+        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
+        (cfg.grad_accum >= 1, f"grad_accum must be >= 1, got {cfg.grad_accum}"),
+        (cfg.num_workers >= 1, f"num_workers must be >= 1, got {cfg.num_workers}"),
+        (cfg.lr > 0, f"lr must be > 0, got {cfg.lr}"),
+        (cfg.warmup_steps >= 0, f"warmup_steps must be >= 0, got {cfg.warmup_steps}"),
+        (cfg.weight_decay >= 0, f"weight_decay must be >= 0, got {cfg.weight_decay}"),
+        (cfg.grad_clip >= 0, f"grad_clip must be >= 0 (0: off), got {cfg.grad_clip}"),
+        (cfg.cpus_per_worker > 0, f"cpus_per_worker must be > 0, got {cfg.cpus_per_worker}"),
+        (cfg.torch_threads >= 0, f"torch_threads must be >= 0, got {cfg.torch_threads}"),
+        (cfg.log_every >= 1, f"log_every must be >= 1, got {cfg.log_every}"),
+        (cfg.save_every >= 0, f"save_every must be >= 0 (0: at the end), got {cfg.save_every}"),
+        (cfg.max_failures >= -1, f"max_failures must be >= -1 (-1: no limit), got "
+                                 f"{cfg.max_failures}"),
+    )
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+    if cfg.batch_size % (cfg.num_workers * cfg.grad_accum):
+        raise UserError(
+            f"batch_size {cfg.batch_size} is not divisible by num_workers x grad_accum "
+            f"= {cfg.num_workers * cfg.grad_accum}"
+        )
+
+
 def fit(
     loop_cfg: dict,
     train_ds,
@@ -37,11 +76,13 @@ def fit(
 ) -> str:
     """Train and return `run_dir/model`, a Hugging Face checkpoint directory (`run_dir` may be a
     URI: Ray Train keeps its checkpoints there, the model is published config.json last).
+    `train_ds` is materialized; every worker reads all of it.
 
     Ray Train keeps its checkpoints under `run_dir/ray/<objective>`; a re-run with the same
     `run_dir` resumes from the latest of them.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     run_dir = storage.absolute(run_dir)
@@ -62,6 +103,11 @@ def fit(
             failure_config=FailureConfig(max_failures=max_failures),
         ),
         datasets={"train": train_ds},
+        # Not split: every worker reads all of it and trains on the rows trainer.loop's plan
+        # names. The plan indexes rows by position, so all workers read them in the stored order
+        # (as jobs.runtime.init_ray makes the driver's materialize keep its input's order).
+        dataset_config=DataConfig(datasets_to_split=[],
+                                  execution_options=ExecutionOptions(preserve_order=True)),
     )
     with user_errors():
         result = trainer.fit()

@@ -21,9 +21,9 @@ def per_token_logps(
     (labels[:, t] is the id at position t, or `ignore_index` for prompt and padding). The function
     shifts: position t's logits predict labels[:, t + 1].
 
-    Returns (per_token_logps (B, T-1) float32, mask (B, T-1) bool). The log-softmax is taken in
-    float32 whatever the logits' dtype, so a bf16 model's log-probs do not lose their low bits in
-    the normaliser.
+    Returns (per_token_logps (B, T-1) float32, exactly 0 where the mask is False; mask (B, T-1)
+    bool). The log-softmax is taken in float32 whatever the logits' dtype, so a bf16 model's
+    log-probs do not lose their low bits in the normaliser.
     """
     if logits.shape[:2] != labels.shape:
         raise ValueError(
@@ -36,7 +36,9 @@ def per_token_logps(
     safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
     logps = torch.log_softmax(logits, dim=-1)
     token_logps = torch.gather(logps, dim=2, index=safe_labels.unsqueeze(2)).squeeze(2)
-    return token_logps * mask, mask
+    # where, not `* mask`: a padded position's log-prob may be -inf or NaN (a logit masked to
+    # -inf, garbage past the sequence's end), and -inf * 0 is NaN, which would poison the sum.
+    return torch.where(mask, token_logps, torch.zeros_like(token_logps)), mask
 
 
 def sequence_logps(

@@ -2,8 +2,17 @@
 
 The objective is a keyword: "sft" (NLL on response tokens) or "dpo" (preference loss from
 `trainer.loss` on the policy's log-probs and the batch's cached reference log-probs, plus `alpha`
-times the chosen NLL). Everything else (data shard, optimiser, schedule, accumulation, clipping,
+times the chosen NLL). Everything else (data order, optimiser, schedule, accumulation, clipping,
 DDP, logging, checkpoints, resume) is shared.
+
+Data order is planned, not streamed: every worker holds the whole training set in the same row
+order, and `plan_batches` names the rows of each micro-batch. An epoch is a permutation of the rows
+seeded by (seed, epoch); optimizer step k of the epoch takes its rows k·batch_size onwards
+(`batch_size` rows in all, the rows after the epoch's last full batch are left out); worker w
+trains on the w-th contiguous slice of them, cut into `grad_accum` equal micro-batches. So every
+step has exactly `grad_accum` micro-batches on every worker, the loss of a step does not depend on
+`num_workers` or `grad_accum`, each epoch has its own order, and a run resumed at step s trains on
+the rows the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +38,82 @@ from trainer.loss import dpo_loss, nll_loss
 STATE_FILE = "trainer_state.pt"
 
 
-def sft_step_loss(model, batch: dict, pad_token_id: int) -> tuple[torch.Tensor, dict]:
-    """Token-mean NLL of the completion tokens of one micro-batch."""
+def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The row order of one epoch, (num_rows,) int: a permutation drawn from (seed, epoch), so
+    every worker and every resumed run draws the same one and each epoch a new one; the stored
+    order when `shuffle` is off."""
+    if not shuffle:
+        return np.arange(num_rows)
+    return np.random.default_rng([seed, epoch]).permutation(num_rows)
+
+
+def plan_batches(
+    num_rows: int,
+    *,
+    batch_size: int,
+    grad_accum: int,
+    world: int,
+    rank: int,
+    seed: int,
+    shuffle: bool,
+    start_step: int,
+    total_steps: int,
+) -> Iterator[tuple[int, int, np.ndarray, list[np.ndarray]]]:
+    """Rows of the optimizer steps `start_step`..`total_steps`-1, for worker `rank` of `world`.
+
+    Yields (step, epoch, step_rows, micro_rows): step_rows (batch_size,) are the step's rows on all
+    workers, micro_rows this worker's `grad_accum` micro-batches of batch_size / (world ·
+    grad_accum) rows each. An epoch has num_rows // batch_size steps (drop_last on the global
+    batch: which rows are left over changes with the epoch's order).
+    """
+    if batch_size % (world * grad_accum):
+        raise ValueError(f"batch_size {batch_size} is not divisible by world {world} x "
+                         f"grad_accum {grad_accum}")
+    steps_per_epoch = num_rows // batch_size
+    if steps_per_epoch == 0 and start_step < total_steps:
+        raise ValueError(f"{num_rows} rows are fewer than one batch of {batch_size}")
+    per_worker = batch_size // world
+    order, order_epoch = None, None
+    for step in range(start_step, total_steps):
+        epoch, k = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = epoch_order(num_rows, seed, epoch, shuffle), epoch
+        step_rows = order[k * batch_size:(k + 1) * batch_size]
+        mine = step_rows[rank * per_worker:(rank + 1) * per_worker]
+        yield step, epoch, step_rows, np.split(mine, grad_accum)
+
+
+def target_tokens(prompt_lengths: np.ndarray, completion_lengths: np.ndarray) -> np.ndarray:
+    """Completion tokens the NLL of each row counts, (B,): all of them, but a first one with no
+    prompt before it (no position predicts it; `per_token_logps` shifts by one)."""
+    return completion_lengths - (prompt_lengths == 0)
+
+
+def sft_step_loss(
+    model, batch: dict, pad_token_id: int, step_tokens: int | None = None, world: int = 1
+) -> tuple[torch.Tensor, dict]:
+    """NLL of one micro-batch's completion tokens, scaled for its optimizer step.
+
+    A step's loss is the token mean of the NLL over all `step_tokens` completion tokens of the
+    step (every micro-batch on every worker). Micro-batch gradients are summed (accumulation) and
+    DDP averages them over `world` workers, so this micro-batch's term is −Σ log p · world /
+    step_tokens, and the step's gradient does not depend on how it is cut into micro-batches and
+    workers. Without `step_tokens`: this micro-batch's own token mean.
+
+    Returns (loss to backward, metrics); metrics["loss"] is −Σ log p / step_tokens, this
+    micro-batch's share of the step's loss (summed over the step's micro-batches on all workers,
+    the shares are the step's token-mean NLL), and num_tokens its input tokens.
+    """
     t = collate(batch["prompt_input_ids"], batch["completion_input_ids"], pad_token_id)
     device = next(model.parameters()).device
     logits = model(
         input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device)
     ).logits
     token_logps, mask = per_token_logps(logits, t["labels"].to(device))
-    n_tokens = mask.sum()
-    loss = -token_logps.sum() / n_tokens.clamp(min=1)
-    return loss, {"loss": loss.item(), "num_tokens": float(t["attention_mask"].sum())}
+    n_tokens = max(int(mask.sum()) if step_tokens is None else step_tokens, 1)
+    nll = -token_logps.sum()
+    loss = nll * (world / n_tokens)
+    return loss, {"loss": nll.item() / n_tokens, "num_tokens": float(t["attention_mask"].sum())}
 
 
 def _pair_logps(model, batch: dict, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -130,16 +205,29 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
     raise ValueError(f"lr_schedule must be constant, linear or cosine, got {schedule!r}")
 
 
-def _mean_across_workers(metrics: dict[str, float], world_size: int) -> dict[str, float]:
-    if world_size == 1:
-        return metrics
+def sum_across_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """All-reduce SUM of `values` over the workers (as they are without a process group).
+
+    The tensor lives on `device`, the model's: under `use_gpu` Ray Train's process group is NCCL,
+    which serves CUDA tensors only ("No backend type associated with device type cpu")."""
     import torch.distributed as dist
 
-    keys = sorted(metrics)
-    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    out = {k: v / world_size for k, v in zip(keys, t.tolist(), strict=True)}
-    out["num_tokens"] = out["num_tokens"] * world_size  # a sum, not a mean
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def window_metrics(window: list[dict[str, float]], world: int, device: torch.device) -> dict:
+    """The metrics of one log line from this worker's shares of the steps since the last one
+    (`accumulate_gradients`): each step's value (its shares summed over micro-batches and
+    workers) averaged over the steps; num_tokens summed; micro_batches per step per worker."""
+    totals = sum_across_workers({k: sum(s[k] for s in window) for k in window[0]}, device)
+    out = {k: v / len(window) for k, v in totals.items()}
+    out["num_tokens"] = totals["num_tokens"]
+    out["micro_batches"] = totals["micro_batches"] / (len(window) * world)
     return out
 
 
@@ -231,8 +319,141 @@ def _save_checkpoint(model, tokenizer, optimizer, scheduler, step: int, epoch: i
     )
 
 
+def make_optimizer(model, cfg: dict):
+    """AdamW and its LambdaLR schedule (`lr_lambda`) over `cfg["total_steps"]` steps."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_lambda(s, cfg["warmup_steps"], cfg["total_steps"], cfg["lr_schedule"]),
+    )
+    return optimizer, scheduler
+
+
+def take_rows(table, rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows of an Arrow table as a numpy batch (list columns: object arrays of arrays), the
+    format Ray Data's `iter_batches(batch_format="numpy")` gives."""
+    sub = table.take(rows)
+    return {name: sub[name].to_numpy(zero_copy_only=False) for name in sub.column_names}
+
+
+def accumulate_gradients(
+    model,
+    micro_batches: list[dict],
+    cfg: dict,
+    pad_token_id: int,
+    *,
+    world: int,
+    step_tokens: int = 0,
+    reference_model=None,
+) -> dict[str, float]:
+    """Forward and backward of this worker's micro-batches of one optimizer step; DDP all-reduces
+    the summed gradients on the last one only (`no_sync` before it).
+
+    Afterwards the gradients are those of the step's loss over all workers: SFT, the token mean of
+    the NLL over the step's `step_tokens` completion tokens (`sft_step_loss`); DPO, the mean over
+    the step's pairs (every micro-batch holds batch_size / (world · grad_accum) pairs, so the mean
+    of the micro-batch means is exact). Returns this worker's shares of the step's metrics: summed
+    over all workers they are the step's values; num_tokens counts input tokens, micro_batches
+    the micro-batches that went into the gradient.
+    """
+    accum = len(micro_batches)
+    shares: dict[str, float] = {"micro_batches": 0.0}
+    for i, batch in enumerate(micro_batches):
+        no_sync = hasattr(model, "no_sync") and i < accum - 1  # DDP: all-reduce on the last
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            if cfg["objective"] == "sft":
+                loss, metrics = sft_step_loss(model, batch, pad_token_id, step_tokens, world)
+                loss.backward()
+            else:
+                loss, metrics = dpo_step_loss(model, batch, pad_token_id, cfg, reference_model)
+                (loss / accum).backward()
+                metrics = {k: v if k == "num_tokens" else v / (accum * world)
+                           for k, v in metrics.items()}
+        for k, v in metrics.items():
+            shares[k] = shares.get(k, 0.0) + v
+        shares["micro_batches"] += 1
+    return shares
+
+
+def train_steps(
+    model,
+    optimizer,
+    scheduler,
+    table,
+    cfg: dict,
+    *,
+    rank: int,
+    world: int,
+    start_step: int,
+    pad_token_id: int,
+    log: Callable[[int, dict], None],
+    after_step: Callable[[int, int], None],
+    reference_model=None,
+) -> None:
+    """Optimizer steps `start_step`..`cfg["total_steps"]`-1 on this worker, without Ray (tests
+    run it under plain torch.distributed).
+
+    `table` is the whole training set (an Arrow table), in the same row order on every worker;
+    `plan_batches` picks the rows. `log(step, metrics)` is called on every rank at logging steps
+    (its all-reduce is collective); `after_step(steps_done, epoch)` after each update.
+    """
+    device = next(model.parameters()).device
+    sft = cfg["objective"] == "sft"
+    if sft:
+        import pyarrow.compute as pc
+
+        targets = target_tokens(
+            pc.list_value_length(table["prompt_input_ids"]).to_numpy(),
+            pc.list_value_length(table["completion_input_ids"]).to_numpy(),
+        )
+    total_steps, accum = cfg["total_steps"], cfg["grad_accum"]
+    plan = plan_batches(
+        table.num_rows, batch_size=cfg["batch_size"], grad_accum=accum, world=world, rank=rank,
+        seed=cfg["seed"], shuffle=cfg.get("shuffle", True), start_step=start_step,
+        total_steps=total_steps,
+    )
+    window: list[dict] = []
+    t_window = time.perf_counter()
+    for step, epoch, step_rows, micro_rows in plan:
+        window.append(accumulate_gradients(
+            model, [take_rows(table, rows) for rows in micro_rows], cfg, pad_token_id,
+            world=world, step_tokens=int(targets[step_rows].sum()) if sft else 0,
+            reference_model=reference_model,
+        ))
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf")
+        )
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % cfg["log_every"] == 0 or step + 1 == total_steps:
+            elapsed = time.perf_counter() - t_window
+            metrics = window_metrics(window, world, device)
+            metrics.update(
+                {"epoch": epoch, "learning_rate": lr, "grad_norm": float(grad_norm),
+                 "tokens_per_s": metrics.pop("num_tokens") / max(elapsed, 1e-9),
+                 "step_time_s": elapsed / len(window), "peak_rss_mb": _peak_rss_mb()}
+            )
+            log(step, metrics)
+            window, t_window = [], time.perf_counter()
+        after_step(step + 1, epoch)
+
+
+def read_training_set(shard):
+    """The whole training set as one Arrow table, in its stored order, from a Ray Train dataset
+    iterator that `launch.fit` does not split."""
+    import pyarrow as pa
+
+    blocks = list(shard.iter_batches(batch_size=None, batch_format="pyarrow"))
+    return pa.concat_tables(blocks, promote_options="default")
+
+
 def train_loop_per_worker(cfg: dict) -> None:
-    """Ray Train entry point. `cfg` is the entry point's config as a dict, plus `total_steps`."""
+    """Ray Train entry point. `cfg` is the entry point's config as a dict, plus `total_steps`
+    and `steps_per_epoch` (`launch.plan_steps`)."""
     import ray.train
     import ray.train.torch
     from ray.experimental.tqdm_ray import tqdm
@@ -273,83 +494,39 @@ def train_loop_per_worker(cfg: dict) -> None:
         reference_model.to(ray.train.torch.get_device())
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95)
-    )
-    total_steps = cfg["total_steps"]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: lr_lambda(s, cfg["warmup_steps"], total_steps, cfg["lr_schedule"]),
-    )
-    step, start_epoch = 0, 0
+    optimizer, scheduler = make_optimizer(model, cfg)
+    step = 0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        step, start_epoch = state["step"], state["epoch"]
+        step = state["step"]
 
-    accum = cfg["grad_accum"]
-    micro = cfg["batch_size"] // (world * accum)
+    # Every worker holds the whole training set (token ids and, for DPO, two floats a pair) and
+    # indexes it by the plan: one Arrow copy per worker, 4 bytes a token id for the reference
+    # shards' int32 (8 for SFT's int64), e.g. ~0.6 GB for 100k pairs of 1,500 tokens. Ray Data's
+    # streaming split, which needed none, could not give every worker the same number of
+    # micro-batches each epoch, nor each epoch its own order.
+    table = read_training_set(ray.train.get_dataset_shard("train"))
+    if table.num_rows // cfg["batch_size"] != cfg["steps_per_epoch"]:
+        raise RuntimeError(f"worker {rank} read {table.num_rows} rows; the driver planned "
+                           f"{cfg['steps_per_epoch']} steps of {cfg['batch_size']} an epoch")
     logger = _Logger(cfg["run_dir"], rank == 0, step)
-    shard = ray.train.get_dataset_shard("train")
+    total_steps = cfg["total_steps"]
     bar = tqdm(total=total_steps, desc=f"{cfg['objective']} steps") if rank == 0 else None
     if bar is not None and step:
         bar.update(step)
-    window: list[dict] = []
-    t_window = time.perf_counter()
-    done = step >= total_steps
-    for epoch in range(start_epoch, cfg["epochs"]):
-        if done:
-            break
-        # On resume, skip the micro-batches this epoch already trained on.
-        skip = (step - epoch * cfg["steps_per_epoch"]) * accum if epoch == start_epoch else 0
-        micro_index = 0
-        for batch in shard.iter_batches(batch_size=micro, batch_format="numpy", drop_last=True):
-            if skip > 0:
-                skip -= 1
-                continue
-            last_micro = (micro_index + 1) % accum == 0
-            sync = model.no_sync() if (world > 1 and not last_micro) else contextlib.nullcontext()
-            with sync:
-                if cfg["objective"] == "sft":
-                    loss, metrics = sft_step_loss(model, batch, pad_id)
-                else:
-                    loss, metrics = dpo_step_loss(model, batch, pad_id, cfg, reference_model)
-                (loss / accum).backward()
-            window.append(metrics)
-            micro_index += 1
-            if not last_micro:
-                continue
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf")
-            )
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if step % cfg["log_every"] == 0 or step + 1 == total_steps:
-                elapsed = time.perf_counter() - t_window
-                avg = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
-                avg["num_tokens"] = float(np.sum([m["num_tokens"] for m in window]))
-                avg = _mean_across_workers(avg, world)
-                avg.update(
-                    {"epoch": epoch, "learning_rate": lr, "grad_norm": float(grad_norm),
-                     "tokens_per_s": avg.pop("num_tokens") / max(elapsed, 1e-9),
-                     "step_time_s": elapsed / (len(window) / accum),
-                     "peak_rss_mb": _peak_rss_mb()}
-                )
-                logger.log(step, avg)
-                window, t_window = [], time.perf_counter()
-            step += 1
-            done = step >= total_steps
-            # ~100 bar updates a run: each one is a log line when stdout is not a terminal
-            if bar is not None and (step % max(1, total_steps // 100) == 0 or done):
-                bar.update(step - bar.n)
-            save_now = cfg["save_every"] > 0 and step % cfg["save_every"] == 0
-            if done or save_now:
-                logger.sync()
-                _report(model, tokenizer, optimizer, scheduler, step, epoch, rank, {"step": step})
-            if done:
-                break
+
+    def after_step(done: int, epoch: int) -> None:
+        # ~100 bar updates a run: each one is a log line when stdout is not a terminal
+        if bar is not None and (done % max(1, total_steps // 100) == 0 or done == total_steps):
+            bar.update(done - bar.n)
+        if done == total_steps or (cfg["save_every"] > 0 and done % cfg["save_every"] == 0):
+            logger.sync()
+            _report(model, tokenizer, optimizer, scheduler, done, epoch, rank, {"step": done})
+
+    train_steps(model, optimizer, scheduler, table, cfg, rank=rank, world=world,
+                start_step=step, pad_token_id=pad_id, log=logger.log, after_step=after_step,
+                reference_model=reference_model)
     logger.close()
     if bar is not None:
         bar.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
@@ -19,6 +20,8 @@ from pipeline.io import (
 )
 from pipeline.storage import local_copy
 from trainer.collate import tokenize_completions
+
+STAGE = "sft"
 
 
 @dataclass(frozen=True)
@@ -131,22 +134,35 @@ def chosen_table(pairs: str):
                      "response": pa.array([c for _, c in rows], type=pa.string())})
 
 
-def run_sft(cfg: SFTConfig) -> dict:
-    """Train, write `out/model`, evaluate it if `eval_prompts` is set; return a summary."""
-    import ray
-
-    from pipeline.manifest import input_digest
-    from trainer.launch import fit, plan_steps
+def check_config(cfg: SFTConfig) -> None:
+    """Every field checked on the driver, before Ray starts."""
+    from trainer.launch import check_training_config
 
     if (cfg.data is None) == (cfg.from_pairs is None):
         raise UserError("set exactly one of --data (prompt, response) and --from-pairs PAIRS_DIR")
     if cfg.too_long not in ("error", "drop"):
         raise UserError(f"too_long must be error or drop, got {cfg.too_long!r}")
-    if cfg.batch_size % (cfg.num_workers * cfg.grad_accum):
-        raise UserError(
-            f"batch_size {cfg.batch_size} is not divisible by num_workers x grad_accum "
-            f"= {cfg.num_workers * cfg.grad_accum}"
-        )
+    if cfg.max_length < 0:
+        raise UserError(f"max_length must be >= 0 (0: the model's context), got {cfg.max_length}")
+    if cfg.eval_samples < 1:
+        raise UserError(f"eval_samples must be >= 1, got {cfg.eval_samples}")
+    check_training_config(cfg)
+
+
+# What only the evaluation of the trained model reads: changing them re-evaluates, not retrains.
+EVAL_FIELDS = ("eval_prompts", "scorer", "eval_samples")
+
+
+def run_sft(cfg: SFTConfig, start_ray: Callable[[], None] | None = None) -> dict:
+    """Train, write `out/model`, evaluate it if `eval_prompts` is set; return a summary.
+
+    Skipped when `out/manifest.json` records a finished run with this config (eval settings
+    aside), these inputs and this code version; a half-done run of the same config resumes
+    from its checkpoints, one of another config is removed and trained anew. `start_ray` is
+    called once there is training to do."""
+    from pipeline.manifest import checkpoint_digest, current_run, finish_run, input_digest
+
+    check_config(cfg)
     cfg = dataclasses.replace(
         cfg,
         model=resolve_path(cfg.model),
@@ -159,6 +175,37 @@ def run_sft(cfg: SFTConfig) -> dict:
     check_checkpoint(cfg.model)
     max_length = cfg.max_length or model_context_length(cfg.model)
     source = cfg.data or cfg.from_pairs
+    config = {k: v for k, v in asdict(cfg).items() if k not in EVAL_FIELDS}
+    inputs = {"model": checkpoint_digest(cfg.model), "data": input_digest(source)}
+    manifest = current_run(cfg.out, STAGE, config, inputs)
+    if manifest is not None:
+        summary = {**manifest["summary"], "skipped": True}
+    else:
+        if start_ray is not None:
+            start_ray()
+        summary = {**_train(cfg, max_length, source, t0, (config, inputs)), "skipped": False}
+        finish_run(cfg.out, STAGE, config, inputs, "model",
+                   {"summary": {k: v for k, v in summary.items() if k != "skipped"}})
+    if cfg.eval_prompts:
+        from pipeline.evaluate import EvalConfig, run_eval
+
+        summary["eval"] = run_eval(EvalConfig(
+            model=summary["model"], prompts=cfg.eval_prompts, scorer=cfg.scorer,
+            samples=cfg.eval_samples, seed=cfg.seed, out=storage.join(cfg.out, "eval.json")),
+            start_ray=start_ray)
+    summary["total_s"] = time.perf_counter() - t0
+    write_json(storage.join(cfg.out, "sft_summary.json"), summary)
+    return json.loads(json.dumps(summary))
+
+
+def _train(cfg: SFTConfig, max_length: int, source: str, t0: float, run: tuple) -> dict:
+    """Tokenize, train with Ray Train, publish `out/model`; the run's summary. `run`: the
+    (config, inputs) its manifest records, started once the data has been read and checked."""
+    import ray
+
+    from pipeline.manifest import start_run
+    from trainer.launch import fit, plan_steps
+
     if cfg.from_pairs:
         table = chosen_table(cfg.from_pairs)  # blocks of 10k rows tokenize in parallel
         ds = ray.data.from_arrow([table.slice(i, 10_000)
@@ -178,6 +225,7 @@ def run_sft(cfg: SFTConfig) -> dict:
     steps = plan_steps(rows, cfg.batch_size, cfg.epochs, cfg.max_steps, source)
     loop_cfg = {**asdict(cfg), "objective": "sft", **steps}
     out = cfg.out
+    start_run(out, STAGE, *run)
     model_dir = fit(
         loop_cfg,
         ds,
@@ -187,28 +235,8 @@ def run_sft(cfg: SFTConfig) -> dict:
         use_gpu=cfg.use_gpu,
         max_failures=cfg.max_failures,
     )
-    train_s = time.perf_counter() - t0
-    summary = {
+    return {
         "model": str(model_dir), "rows": rows, "rows_in": rows_in, "dropped": dropped,
         "rows_left_over_per_epoch": steps["left_over_per_epoch"],  # after the last full batch
-        "steps": steps["total_steps"], "train_s": train_s,
+        "steps": steps["total_steps"], "train_s": time.perf_counter() - t0,
     }
-    if cfg.from_pairs:  # lets a pipeline tell a stale SFT from a current one
-        summary["from_pairs_digest"] = input_digest(cfg.from_pairs)
-    if cfg.eval_prompts:
-        from pipeline.evaluate import EvalConfig, run_eval
-
-        result = run_eval(
-            EvalConfig(
-                model=str(model_dir),
-                prompts=cfg.eval_prompts,
-                scorer=cfg.scorer,
-                samples=cfg.eval_samples,
-                seed=cfg.seed,
-            )
-        )
-        summary["eval"] = result
-        write_json(storage.join(out, "eval.json"), result)
-    summary["total_s"] = time.perf_counter() - t0
-    write_json(storage.join(out, "sft_summary.json"), summary)
-    return json.loads(json.dumps(summary))
