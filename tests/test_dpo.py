@@ -102,8 +102,17 @@ def test_step_zero_is_ln2_with_zero_rewards(cached_run):
     assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5
 
 
-def test_preference_is_learned(cached_run):
-    _, metrics = cached_run
+@pytest.fixture(scope="session")
+def learning_run(ray_local, policy_dir, ref_shards, tmp_path_factory):
+    """cached_run at 4x its lr: 24 steps at 5e-4 moved the margins by 0.01 to 0.08, depending
+    on the SFT model the session made, too close to the 0.05 below to pass every time."""
+    out = tmp_path_factory.mktemp("dpo") / "learning"
+    return _train(policy_dir, ref_shards, out, "--epochs", "6", "--max-steps", "24",
+                  "--lr", "2e-3")
+
+
+def test_preference_is_learned(learning_run):
+    metrics = learning_run
     assert metrics[-1]["rewards/accuracies"] > 0.5
     early = sum(m["rewards/margins"] for m in metrics[:4]) / 4
     late = sum(m["rewards/margins"] for m in metrics[-4:]) / 4
@@ -125,7 +134,8 @@ def test_live_reference_gives_the_same_losses(ray_local, cached_run, policy_dir,
 
 
 def _plain_pytorch_step(policy_dir, records):
-    """One DPO+NLL AdamW step over `records`, one sequence at a time, formulas written here."""
+    """One DPO+NLL AdamW step over `records`, one sequence at a time, formulas written here.
+    Returns the weights and the (clipped) gradients of the step."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(policy_dir)
@@ -139,9 +149,10 @@ def _plain_pytorch_step(policy_dir, records):
         losses.append(-F.logsigmoid(BETA * h) + ALPHA * nll)
     torch.stack(losses).mean().backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, betas=(0.9, 0.95), weight_decay=0.0)
     opt.step()
-    return model.state_dict()
+    return model.state_dict(), grads
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -154,10 +165,15 @@ def test_one_step_matches_plain_pytorch(ray_local, policy_dir, toy_data_dir, tmp
     out = tmp_path / "run"
     _train(policy_dir, tmp_path / "ref", out, "--max-steps", "1", "--num-workers", str(workers),
            "--cpus-per-worker", "1", "--torch-threads", "1", "--no-shuffle")
-    expected = _plain_pytorch_step(policy_dir, records)
+    expected, grads = _plain_pytorch_step(policy_dir, records)
     trained = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
     for name, value in expected.items():
-        torch.testing.assert_close(trained[name], value, atol=1e-5, rtol=0, msg=name)
+        # Adam's first step moves a weight by lr·g/(|g| + 1e-8): where |g| < 1e-7 that ratio
+        # rides on g's rounding noise (the two sum in different orders), so those weights are
+        # held to the step's size, lr (seen: |g| = 1.4e-9 moved 1.6e-5 apart at lr 5e-4).
+        tol = torch.where(grads[name].abs() < 1e-7, 5e-4, 1e-5)
+        diff = (trained[name] - value).abs()
+        assert (diff <= tol).all(), (name, diff.max().item())
 
 
 def test_checkpoint_samples_in_vllm(ray_local, cached_run, toy_data_dir, tmp_path):

@@ -38,6 +38,7 @@ def check_training_config(cfg) -> None:
          f"{cfg.dtype!r}"),
         (cfg.lr_schedule in LR_SCHEDULES,
          f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}"),
+        (cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}"),
         (cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}"),
         (cfg.max_steps >= 0, f"max_steps must be >= 0 (0: all epochs), got {cfg.max_steps}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),

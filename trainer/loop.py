@@ -411,7 +411,7 @@ def train_steps(
     total_steps, accum = cfg["total_steps"], cfg["grad_accum"]
     plan = plan_batches(
         table.num_rows, batch_size=cfg["batch_size"], grad_accum=accum, world=world, rank=rank,
-        seed=cfg["seed"], shuffle=cfg.get("shuffle", True), start_step=start_step,
+        seed=cfg["seed"], shuffle=cfg["shuffle"], start_step=start_step,
         total_steps=total_steps,
     )
     window: list[dict] = []

@@ -44,6 +44,7 @@ class SFTConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     seed: int = 0  # torch seed of every worker
+    shuffle: bool = True  # a new row order each epoch (seeded by seed, epoch); off: file order
     max_length: int = 0  # tokens per prompt+response; 0 means the model's context length
     # a row longer than max_length: `error` stops before training, naming it; `drop` leaves it
     # out and counts it (sft_summary.json `dropped`), as sample and reference do
