@@ -57,7 +57,7 @@ class ToyConfig:
     # char: one token per printable ASCII character | bpe: byte-level BPE trained here, with a
     # ChatML chat template and an end-of-turn token (module docstring)
     tokenizer: str = "char"
-    bpe_vocab_size: int = 2048  # bpe: vocabulary incl. 256 bytes + 4 specials (~1,800 merges)
+    bpe_vocab_size: int = 2048  # bpe: vocabulary incl. 256 bytes + 4 specials (1,788 merges)
     hidden_size: int = 128  # width; 128 x 3 layers is ~0.66M parameters, SFT-able in minutes
     num_layers: int = 3  # depth; three layers learn 3-digit addition, slowly enough to stop early
     num_heads: int = 4  # head_dim 32, a size vLLM's CPU attention supports
