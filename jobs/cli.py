@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    toy = sub.add_parser("toy", help="the toy world: tiny Llama + character or BPE chat tokenizer, task data")
+    toy = sub.add_parser("toy", help="the toy world: tiny Llama + character or BPE chat "
+                         "tokenizer, task data")
     toy_sub = toy.add_subparsers(dest="toy_command", required=True)
     p = toy_sub.add_parser("init", help="write a randomly initialised tiny Llama + tokenizer")
     add_dataclass_args(p, ToyConfig)
