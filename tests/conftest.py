@@ -156,3 +156,19 @@ def score_run(sample_run):
     assert main(["score", "--samples", str(sample_run), "--out", str(out),
                  "--scorer", "exact"]) == 0
     return out
+
+
+def write_digits_scorer(path) -> str:
+    """A scorer file giving partial credit (the share of answer digits in place), for runs from
+    the 40-step test SFT model, which is rarely exactly right: best-vs-worst pairs then always
+    exist. Returns the `file.py:function` spec."""
+    path.write_text(
+        "def score(prompts, responses, rows):\n"
+        "    out = []\n"
+        "    for r, row in zip(responses, rows):\n"
+        "        got, want = r.strip(), row['answer']\n"
+        "        hits = sum(a == b for a, b in zip(got, want))\n"
+        "        out.append(hits / max(len(got), len(want), 1))\n"
+        "    return out\n"
+    )
+    return f"{path}:score"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import write_digits_scorer
 
 from jobs.runtime import check_shared_storage, is_uri
 from pipeline.io import UserError
@@ -107,23 +108,14 @@ def _config(tmp: Path, sft_run, toy_data_dir, **extra) -> Path:
     # The 40-step SFT model is rarely exactly right (0 of 512 samples, seen), so the jobs score
     # partial credit (share of answer digits in place) and pair best against worst, as
     # test_iterate does: every round has pairs to train on.
-    scorer = tmp / "digits.py"
-    scorer.write_text(
-        "def score(prompts, responses, rows):\n"
-        "    out = []\n"
-        "    for r, row in zip(responses, rows):\n"
-        "        got, want = r.strip(), row['answer']\n"
-        "        hits = sum(a == b for a, b in zip(got, want))\n"
-        "        out.append(hits / max(len(got), len(want), 1))\n"
-        "    return out\n"
-    )
+    scorer = write_digits_scorer(tmp / "digits.py")
     config = {
         "run_dir": str(run),
         "rounds": 1,
         "policy": str(sft_run / "model"),
         "prompts": str(toy_data_dir / "prompts.parquet"),
         "eval_prompts": str(toy_data_dir / "heldout.parquet"),
-        "scorer": f"{scorer}:score",
+        "scorer": scorer,
         # a small vLLM memory budget: other Ray jobs and tests may share this machine
         "sample": {"k": 8, "max_tokens": 8, "engine": {"gpu_memory_utilization": 0.06}},
         "pair": {"mode": "best_worst"},

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import yaml
+from conftest import write_digits_scorer
 
 from jobs.cli import main
 
@@ -15,23 +16,14 @@ def iterate_run(ray_local, sft_run, toy_data_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("iterate") / "run"
     # The 40-step SFT model is rarely exactly right, so the test scores partial credit (share of
     # answer digits in place) and pairs best against worst: every round has pairs to train on.
-    scorer = run.parent / "digits.py"
-    scorer.write_text(
-        "def score(prompts, responses, rows):\n"
-        "    out = []\n"
-        "    for r, row in zip(responses, rows):\n"
-        "        got, want = r.strip(), row['answer']\n"
-        "        hits = sum(a == b for a, b in zip(got, want))\n"
-        "        out.append(hits / max(len(got), len(want), 1))\n"
-        "    return out\n"
-    )
+    scorer = write_digits_scorer(run.parent / "digits.py")
     config = {
         "run_dir": str(run),
         "rounds": 1,
         "policy": str(sft_run / "model"),
         "prompts": str(toy_data_dir / "prompts.parquet"),
         "eval_prompts": str(toy_data_dir / "heldout.parquet"),
-        "scorer": f"{scorer}:score",
+        "scorer": scorer,
         "sample": {"k": 4, "max_tokens": 8},
         "pair": {"mode": "best_worst"},
         "train": {"beta": 0.1, "alpha": 1.0, "lr": 5.0e-4, "batch_size": 8, "log_every": 1},
