@@ -172,3 +172,19 @@ def write_digits_scorer(path) -> str:
         "    return out\n"
     )
     return f"{path}:score"
+
+
+def char_ids(tok, text: str) -> list[int]:
+    """The toy tokenizer is one token per character: ids by hand, not via the project's code."""
+    return tok.convert_tokens_to_ids(list(text))
+
+
+def plain_logp(model, prompt_ids, completion_ids) -> float:
+    """Summed completion log-prob of one unpadded sequence: plain forward, float32 log-softmax."""
+    import torch
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([list(prompt_ids) + list(completion_ids)])).logits
+    logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+    n = len(prompt_ids)
+    return sum(float(logprobs[n + j - 1, t]) for j, t in enumerate(completion_ids))

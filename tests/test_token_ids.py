@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
+from conftest import char_ids as _char_ids
+from conftest import plain_logp as _plain_logp
 
 from jobs.cli import main
 from pipeline.manifest import read_manifest, write_stage
@@ -29,18 +30,6 @@ def _table(stage_dir):
     )
 
 
-def _char_ids(tok, text: str) -> list[int]:
-    """The toy tokenizer is one token per character: ids by hand, not via the project's code."""
-    return tok.convert_tokens_to_ids(list(text))
-
-
-def _plain_logp(model, prompt_ids, completion_ids) -> float:
-    """Summed completion log-prob of one unpadded sequence: plain forward, float32 log-softmax."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([list(prompt_ids) + list(completion_ids)])).logits
-    logprobs = torch.log_softmax(logits[0].float(), dim=-1)
-    n = len(prompt_ids)
-    return sum(float(logprobs[n + j - 1, t]) for j, t in enumerate(completion_ids))
 
 
 # ------------------------------------------------------------------ pure functions, no Ray
