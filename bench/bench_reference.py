@@ -63,7 +63,7 @@ def sequences(model_dir: Path, pairs: Path, context: int) -> tuple[list, list]:
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from pipeline.reference import tokenize_pairs
+    from trainer.reference import tokenize_pairs
 
     t = pq.read_table(sorted(pairs.glob("*.parquet")))
     _, p, c, r, _, _ = tokenize_pairs(
@@ -78,8 +78,8 @@ def bare_forward(model_dir: Path, seq_p: list, seq_c: list, batch_size: int, thr
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.reference import length_batches
     from trainer.collate import collate
+    from trainer.reference import length_batches
 
     torch.set_num_threads(threads)
     lengths = [len(p) + len(c) for p, c in zip(seq_p, seq_c, strict=True)]
@@ -100,7 +100,7 @@ def naive_padding(ref_dir: Path, batch_size: int) -> float:
     """Padding fraction of batches taken in file order (chosen, rejected of each pair)."""
     import pyarrow.parquet as pq
 
-    from pipeline.reference import padding_fraction
+    from trainer.reference import padding_fraction
 
     t = pq.read_table(sorted(ref_dir.glob("*.parquet")))
     p = [len(x) for x in t["prompt_input_ids"].to_pylist()]
@@ -127,8 +127,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-    from jobs.runtime import init_ray
-    from pipeline.reference import ReferenceConfig, run_reference
+    from pipeline.cluster import init_ray
+    from trainer.reference import ReferenceConfig, run_reference
 
     model = work / "model"
     if not model.exists():

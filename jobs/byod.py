@@ -28,7 +28,9 @@ from dataclasses import dataclass, field
 
 from jobs.config import build, build_section
 from pipeline import storage
-from pipeline.io import UserError, check_model_name, resolve_path, write_json
+from pipeline.checkpoint import check_model_name
+from pipeline.errors import UserError
+from pipeline.storage import resolve_path, write_json
 
 
 @dataclass(frozen=True)
@@ -58,9 +60,9 @@ def run_byod(cfg: BYODConfig, start_ray: Callable[[], None]) -> dict:
     """Run (or skip, when current) each stage; `start_ray` is called before the first stage that
     needs Ray. Returns each stage's summary."""
     from pipeline.importer import ImportConfig, run_import
-    from pipeline.reference import ReferenceConfig, run_reference
     from trainer.dpo import DPOConfig, run_dpo
     from trainer.dpo import check_config as check_dpo
+    from trainer.reference import ReferenceConfig, run_reference
     from trainer.sft import SFTConfig, run_sft
     from trainer.sft import check_config as check_sft
 

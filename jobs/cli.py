@@ -11,7 +11,7 @@ import sys
 import time
 
 from jobs.config import add_dataclass_args, from_args
-from pipeline.io import UserError
+from pipeline.errors import UserError
 
 
 def _cmd_toy_init(args) -> None:
@@ -34,7 +34,7 @@ def _cmd_toy_data(args) -> None:
 
 
 def _cmd_sft(args) -> None:
-    from jobs.runtime import stage_ray
+    from pipeline.cluster import stage_ray
     from trainer.sft import SFTConfig, run_sft
 
     cfg = from_args(SFTConfig, args)
@@ -55,7 +55,7 @@ def _cmd_sft(args) -> None:
 
 
 def _cmd_train(args) -> None:
-    from jobs.runtime import stage_ray
+    from pipeline.cluster import stage_ray
     from trainer.dpo import DPOConfig, run_dpo
 
     cfg = from_args(DPOConfig, args)
@@ -70,7 +70,7 @@ def _cmd_train(args) -> None:
 
 
 def _cmd_eval(args) -> None:
-    from jobs.runtime import stage_ray
+    from pipeline.cluster import stage_ray
     from pipeline.evaluate import EvalConfig, run_eval
 
     cfg = from_args(EvalConfig, args)
@@ -84,8 +84,8 @@ def _cmd_eval(args) -> None:
 
 
 def _cmd_reference(args) -> None:
-    from jobs.runtime import stage_ray
-    from pipeline.reference import ReferenceConfig, run_reference
+    from pipeline.cluster import stage_ray
+    from trainer.reference import ReferenceConfig, run_reference
 
     cfg = from_args(ReferenceConfig, args)
     start = stage_ray(args.address, cfg.out, inputs={"--model": cfg.model})
@@ -107,7 +107,7 @@ def _dropped(d: dict) -> str:
 
 
 def _cmd_sample(args) -> None:
-    from jobs.runtime import stage_ray
+    from pipeline.cluster import stage_ray
     from pipeline.sample import SampleConfig, run_sample
 
     cfg = from_args(SampleConfig, args)
@@ -126,7 +126,7 @@ def _cmd_sample(args) -> None:
 
 
 def _cmd_score(args) -> None:
-    from jobs.runtime import stage_ray
+    from pipeline.cluster import stage_ray
     from pipeline.score import ScoreConfig, run_score
 
     cfg = from_args(ScoreConfig, args)
@@ -146,7 +146,7 @@ def _cmd_score(args) -> None:
 
 
 def _cmd_pair(args) -> None:
-    from jobs.runtime import stage_ray
+    from pipeline.cluster import stage_ray
     from pipeline.pair import PairConfig, run_pair
 
     cfg = from_args(PairConfig, args)
@@ -162,7 +162,7 @@ def _cmd_pair(args) -> None:
 def _cmd_iterate(args) -> None:
     from jobs.config import build, load_yaml
     from jobs.iterate import IterateConfig, run_iterate
-    from jobs.runtime import stage_ray
+    from pipeline.cluster import stage_ray
 
     values = load_yaml(args.config)
     if args.run_dir:
@@ -179,14 +179,14 @@ def _cmd_iterate(args) -> None:
 
 
 def _cmd_report(args) -> None:
-    from pipeline.report import write_report
+    from jobs.report import write_report
 
     path = write_report(args.run_dir, compare=args.compare, beta=args.beta)
     print(f"report: {path}")
 
 
 def _cmd_import(args) -> None:
-    from jobs.runtime import stage_ray
+    from pipeline.cluster import stage_ray
     from pipeline.importer import ImportConfig, run_import
 
     cfg = from_args(ImportConfig, args)
@@ -205,7 +205,7 @@ def _cmd_import(args) -> None:
 def _cmd_byod(args) -> None:
     from jobs.byod import BYODConfig, run_byod
     from jobs.config import build, load_yaml
-    from jobs.runtime import stage_ray
+    from pipeline.cluster import stage_ray
 
     values = load_yaml(args.config)
     if args.run_dir:
@@ -236,11 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.evaluate import EvalConfig
     from pipeline.importer import ImportConfig
     from pipeline.pair import PairConfig
-    from pipeline.reference import ReferenceConfig
     from pipeline.sample import SampleConfig
     from pipeline.score import ScoreConfig
     from pipeline.toy import ToyConfig
     from trainer.dpo import DPOConfig
+    from trainer.reference import ReferenceConfig
     from trainer.sft import SFTConfig
 
     parser = argparse.ArgumentParser(

@@ -7,7 +7,7 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from pipeline.io import UserError
+from pipeline.errors import UserError
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}
 

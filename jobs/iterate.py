@@ -27,7 +27,9 @@ from pathlib import Path
 
 from jobs.config import build, build_section
 from pipeline import storage
-from pipeline.io import UserError, check_model_name, resolve_path, write_json
+from pipeline.checkpoint import check_model_name
+from pipeline.errors import UserError
+from pipeline.storage import resolve_path, write_json
 
 
 @dataclass(frozen=True)
@@ -103,11 +105,11 @@ def run_iterate(cfg: IterateConfig, start_ray: Callable[[], None]) -> dict:
     from pipeline.evaluate import EvalConfig
     from pipeline.evaluate import check_config as check_eval
     from pipeline.pair import PairConfig, run_pair
-    from pipeline.reference import ReferenceConfig, run_reference
     from pipeline.sample import SampleConfig, run_sample
     from pipeline.score import ScoreConfig, run_score
     from trainer.dpo import DPOConfig, run_dpo
     from trainer.dpo import check_config as check_dpo
+    from trainer.reference import ReferenceConfig, run_reference
     from trainer.sft import SFTConfig, run_sft
     from trainer.sft import check_config as check_sft
 
@@ -190,7 +192,7 @@ def run_iterate(cfg: IterateConfig, start_ray: Callable[[], None]) -> dict:
                                              storage.join(rdir, "eval.json")))})
         _log(f"round {k}: {_fmt(history[-1])}")
 
-    from pipeline.report import write_report
+    from jobs.report import write_report
 
     beta = float(cfg.train.get("beta", 0.1))
     report = write_report(run, beta=beta)

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from pipeline.io import UserError
+from pipeline.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline import storage
+from pipeline.checkpoint import check_checkpoint, checkpoint_digest
 from pipeline.engine import EngineConfig, actor_options, make_llm
-from pipeline.io import UserError, check_checkpoint, read_table
-from pipeline.manifest import (
-    checkpoint_digest,
-    current_result,
-    input_digest,
-    read_result,
-    write_result,
-)
+from pipeline.errors import UserError
+from pipeline.manifest import current_result, input_digest, read_result, write_result
 from pipeline.score import load_scorer
+from pipeline.tables import read_table
 
 STAGE = "eval"
 

@@ -38,8 +38,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.io import UserError, read_table, resolve_path
+from pipeline.errors import UserError
 from pipeline.manifest import input_digest, is_current, read_manifest, write_stage
+from pipeline.storage import resolve_path
+from pipeline.tables import read_table
 
 STAGE = "import"
 BAD_ROWS = ("drop", "error")
@@ -314,7 +316,7 @@ def run_import(cfg: ImportConfig) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.reference import tokenizer_digest
+    from pipeline.checkpoint import tokenizer_digest
     from pipeline.sample import prompt_id
 
     t0 = time.perf_counter()

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.io import UserError, atomic_dir, write_json
+from pipeline.errors import UserError
+from pipeline.storage import atomic_dir, write_json
 
 MANIFEST = "manifest.json"
 
@@ -189,18 +190,6 @@ def finish_run(out: str, stage: str, config: dict, inputs: dict[str, str], publi
     }
     write_json(storage.join(out, MANIFEST), manifest)
     return manifest
-
-
-def checkpoint_digest(model: str) -> str:
-    """Content digest of a model a step starts from: its weights, config and tokenizer files for
-    a checkpoint directory (local or a URI, through this node's copy); a hub id stands for
-    itself (the revision it resolves to is not pinned)."""
-    from pipeline.reference import tokenizer_digest, weights_digest
-
-    if not storage.is_uri(model) and not Path(model).is_dir():
-        return f"hub:{model}"
-    d = Path(storage.local_copy(model))
-    return hashlib.sha256(f"{weights_digest(d)}:{tokenizer_digest(d)}".encode()).hexdigest()
 
 
 def read_result(path: str, stage: str) -> dict | None:

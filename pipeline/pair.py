@@ -37,8 +37,10 @@ from dataclasses import dataclass
 
 from pipeline import storage
 from pipeline.engine import request_seed
-from pipeline.io import UserError, read_ray_dataset, resolve_path, user_errors
+from pipeline.errors import UserError, user_errors
 from pipeline.manifest import input_digest, is_current, read_manifest, verify_shards, write_stage
+from pipeline.storage import resolve_path
+from pipeline.tables import read_ray_dataset
 
 STAGE = "pair"
 SCORE_STAGE = "score"

@@ -20,7 +20,7 @@ stopped on; a response cut at max_tokens has none), then the input's other colum
 manifest's `tokenizer_vocab` (a digest of the sampling tokenizer's vocabulary) travels to the
 score and pair manifests, so the reference stage can refuse a tokenizer the ids do not belong to.
 Rows keep the prompts' order as Ray Data delivers it (with `preserve_order`, as
-`jobs.runtime.init_ray` sets); readers should key rows by (prompt_id, sample_index), not by
+`pipeline.cluster.init_ray` sets); readers should key rows by (prompt_id, sample_index), not by
 position.
 """
 
@@ -33,19 +33,19 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from pathlib import Path
 
 from pipeline import storage
-from pipeline.engine import EngineConfig, actor_options, make_llm, request_seed
-from pipeline.io import (
-    UserError,
+from pipeline.checkpoint import (
     check_checkpoint,
-    read_ray_dataset,
-    resolve_path,
-    user_errors,
+    checkpoint_digest,
+    context_length,
+    vocab_digest,
 )
+from pipeline.engine import EngineConfig, actor_options, make_llm, request_seed
+from pipeline.errors import UserError, user_errors
 from pipeline.manifest import input_digest, is_current, read_manifest, write_stage
-from pipeline.storage import local_copy
+from pipeline.storage import local_copy, resolve_path
+from pipeline.tables import read_ray_dataset
 
 STAGE = "sample"
 # Columns this stage writes; an input that already has one is probably not a prompts file.
@@ -287,34 +287,9 @@ def write_shards(ds, directory: str) -> None:
                      min_rows_per_file=MIN_ROWS_PER_SHARD, mode=ray.data.SaveMode.OVERWRITE)
 
 
-def model_context(model: str) -> int:
-    """The model's context length from its config (max_position_embeddings or equivalent)."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model, trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"model {model}: cannot load its config ({str(e).splitlines()[0]})") from e
-    config = getattr(config, "text_config", None) or config
-    for k in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if isinstance(getattr(config, k, None), int):
-            return getattr(config, k)
-    raise UserError(f"model {model}: config names no context length; set --engine-max-model-len")
-
-
 def vocab_digest_of(model: str) -> str:
     """Digest of the model's tokenizer vocabulary (what the sampled token ids mean)."""
-    from pipeline.reference import vocab_digest
-
     return vocab_digest(_tokenizer(model))
-
-
-def model_digest(model: str) -> str:
-    """Digest of a local checkpoint's weights, config and tokenizer (what sampling depends on)."""
-    from pipeline.reference import tokenizer_digest, weights_digest
-
-    d = Path(model)
-    return hashlib.sha256(f"{weights_digest(d)}:{tokenizer_digest(d)}".encode()).hexdigest()
 
 
 def _validate(cfg: SampleConfig) -> None:
@@ -353,7 +328,7 @@ def run_sample(cfg: SampleConfig, start_ray: Callable[[], None] | None = None) -
     check_checkpoint(local_model)
     cfg = dataclasses.replace(cfg, model=model, prompts=resolve_path(cfg.prompts),
                               out=storage.absolute(cfg.out))
-    context = model_context(local_model)
+    context = context_length(local_model)
     if cfg.engine.max_model_len > context:
         raise UserError(
             f"engine.max_model_len {cfg.engine.max_model_len} exceeds the model's context of "
@@ -362,7 +337,7 @@ def run_sample(cfg: SampleConfig, start_ray: Callable[[], None] | None = None) -
     max_model_len = cfg.engine.max_model_len or context
     if storage.exists(cfg.prompts) and storage.same(cfg.prompts, cfg.out):
         raise UserError(f"--out {cfg.out} is the prompts path; choose another directory")
-    inputs = {"prompts": input_digest(cfg.prompts), "model": model_digest(local_model)}
+    inputs = {"prompts": input_digest(cfg.prompts), "model": checkpoint_digest(local_model)}
     config = asdict(cfg)
     if is_current(cfg.out, STAGE, config, inputs):
         return _summary(read_manifest(cfg.out), cfg.out, t0, skipped=True)

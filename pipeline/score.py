@@ -10,7 +10,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.io import UserError, check_checkpoint
+from pipeline.checkpoint import check_checkpoint, config_context_length
+from pipeline.errors import UserError
 
 BUILTIN_SCORERS = {
     "addition": "pipeline.tasks.addition:verify",
@@ -140,7 +141,7 @@ class RewardModelScorer:
         # The model finds the last real token through pad_token_id: it must agree.
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.tokenizer.truncation_side = "left"
-        context = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        context = config_context_length(self.model.config.to_dict()) or 2048
         self.max_length = min(max_length or context, context)
         self.batch_size = batch_size
         self.device = device
@@ -300,10 +301,10 @@ def _scorer_digest(cfg: ScoreConfig, fn: Callable | None) -> str:
     from pipeline.manifest import input_digest
 
     if cfg.scorer == "reward_model":
-        from pipeline.sample import model_digest
+        from pipeline.checkpoint import checkpoint_digest
         from pipeline.storage import local_copy
 
-        return model_digest(local_copy(cfg.reward_model, "reward model"))
+        return checkpoint_digest(local_copy(cfg.reward_model, "reward model"))
     try:
         source = inspect.getsourcefile(fn)
     except TypeError:
@@ -339,9 +340,11 @@ def run_score(cfg: ScoreConfig, start_ray: Callable[[], None] | None = None) -> 
     import ray
 
     from pipeline import storage
-    from pipeline.io import read_ray_dataset, resolve_path, user_errors
+    from pipeline.errors import user_errors
     from pipeline.manifest import input_digest, is_current, read_manifest, write_stage
     from pipeline.sample import write_shards
+    from pipeline.storage import resolve_path
+    from pipeline.tables import read_ray_dataset
 
     t0 = time.perf_counter()
     cfg = dataclasses.replace(
@@ -431,7 +434,7 @@ def run_score(cfg: ScoreConfig, start_ray: Callable[[], None] | None = None) -> 
 
 def _resolve_scorer_path(spec: str) -> str:
     """`path/to/file.py:function` made absolute (Ray workers run elsewhere)."""
-    from pipeline.io import resolve_path
+    from pipeline.storage import resolve_path
 
     if ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):
         path, fn = spec.rsplit(":", 1)

@@ -2,7 +2,7 @@
 
 Everything goes through `pyarrow.fs` (credentials and endpoints from the usual environment, e.g.
 AWS_ACCESS_KEY_ID / AWS_ENDPOINT_URL for S3). A local path keeps the local behaviour (atomic
-renames, `io.atomic_dir`). An object store has no rename, so a directory on it is published
+renames, `atomic_dir`). An object store has no rename, so a directory on it is published
 "manifest last": its files are copied into place and the file that marks it complete
 (`manifest.json` for a stage, `config.json` for a model) is written after all the others;
 readers check that file (and a stage's checksums), so a half-published directory is never taken
@@ -15,17 +15,113 @@ local directories. Each actor or worker calls it on its own node.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline import io
+from pipeline.errors import UserError
 
 # The files that mark a directory complete, published after every other file.
 MARKERS = ("manifest.json", "config.json")
+
+
+def temp_name(name: str, kind: str = "tmp") -> str:
+    """The hidden sibling name a writer of `name` uses while it works: `.NAME.tmp-PID` (being
+    written) or `.NAME.old-PID` (the previous version, between the two renames of `atomic_dir`).
+    `parse_temp_name` reads it back; nothing else builds or parses these names."""
+    return f".{name}.{kind}-{os.getpid()}"
+
+
+def parse_temp_name(candidate: str, name: str) -> tuple[str | None, int]:
+    """(kind, pid) when `candidate` is a `temp_name` of `name`, else (None, 0)."""
+    prefix = f".{name}."
+    if not candidate.startswith(prefix):
+        return None, 0
+    kind, _, pid = candidate[len(prefix):].rpartition("-")
+    if kind not in ("tmp", "old") or not pid.isdigit():
+        return None, 0
+    return kind, int(pid)
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; rename it to `out` only if the block succeeds.
+
+    A crash leaves `out` as it was (absent or the previous complete version), never half-written.
+    """
+    out = Path(out)
+    clear_stale(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already exists and is not empty; choose another path or remove it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / temp_name(out.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / temp_name(out.name, "old")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clear_stale(out: str | os.PathLike) -> list[Path]:
+    """Remove what a killed writer of `out` left beside it: `.NAME.tmp-PID` directories of dead
+    processes. A `.NAME.old-PID` (killed between the two renames of `atomic_dir`) is the previous
+    complete version: it is put back when `out` is missing, else removed. Returns what was removed.
+    """
+    out = Path(out)
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for p in sorted(out.parent.glob(f".{glob.escape(out.name)}.*-*")):
+        kind, pid = parse_temp_name(p.name, out.name)
+        if kind is None or _pid_alive(pid):
+            continue
+        if kind == "old" and not out.exists():
+            p.rename(out)
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as JSON to a local path (atomically) or a URI (one PUT)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def resolve_path(p: str | None) -> str | None:
+    """An existing local path made absolute (Ray workers run in other directories); anything
+    else (a hub id, a URI) is returned unchanged."""
+    if p is None or "://" in p:
+        return p
+    path = Path(p)
+    return str(path.resolve()) if path.exists() else p
 
 
 def is_uri(path) -> bool:
@@ -80,7 +176,7 @@ def filesystem(path):
     try:
         return pafs.FileSystem.from_uri(str(path).rstrip("/"))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as e:
-        raise io.UserError(f"{path}: cannot open this URI ({str(e).splitlines()[0]})") from e
+        raise UserError(f"{path}: cannot open this URI ({str(e).splitlines()[0]})") from e
 
 
 def _info(path):
@@ -88,7 +184,7 @@ def _info(path):
     try:
         return fs.get_file_info(p)
     except OSError as e:
-        raise io.UserError(f"{path}: {str(e).splitlines()[0]}") from e
+        raise UserError(f"{path}: {str(e).splitlines()[0]}") from e
 
 
 def exists(path) -> bool:
@@ -121,7 +217,7 @@ def _listing(path) -> list:
     try:
         infos = fs.get_file_info(pafs.FileSelector(p, recursive=True, allow_not_found=True))
     except OSError as e:
-        raise io.UserError(f"{path}: {str(e).splitlines()[0]}") from e
+        raise UserError(f"{path}: {str(e).splitlines()[0]}") from e
     return sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path)
 
 
@@ -145,7 +241,7 @@ def children(path) -> list[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
     except OSError as e:
-        raise io.UserError(f"{path}: {str(e).splitlines()[0]}") from e
+        raise UserError(f"{path}: {str(e).splitlines()[0]}") from e
     return sorted(i.base_name for i in infos)
 
 
@@ -160,7 +256,7 @@ def open_input(path):
     try:
         return fs.open_input_file(p)
     except (FileNotFoundError, OSError) as e:
-        raise io.UserError(f"{path}: {str(e).splitlines()[0]}") from e
+        raise UserError(f"{path}: {str(e).splitlines()[0]}") from e
 
 
 def read_bytes(path) -> bytes:
@@ -182,13 +278,13 @@ def parquet_rows(path) -> int:
 
 def write_bytes(path, data: bytes) -> None:
     """Write a whole file: locally through a temporary and a rename (a killed writer's
-    temporary is removed by the next write, `io.clear_stale`); on an object store one PUT (an
+    temporary is removed by the next write, `clear_stale`); on an object store one PUT (an
     object appears whole or not at all)."""
     if not is_uri(path):
         p = Path(local(path))
         p.parent.mkdir(parents=True, exist_ok=True)
-        io.clear_stale(p)
-        tmp = p.parent / f".{p.name}.tmp-{os.getpid()}"
+        clear_stale(p)
+        tmp = p.parent / temp_name(p.name)
         tmp.write_bytes(data)
         tmp.replace(p)
         return
@@ -265,14 +361,14 @@ def publish(src_dir, out: str, pending: bytes | None = None) -> None:
 def output_dir(out, overwrite: bool = False) -> Iterator[str]:
     """Yield a directory to fill; it becomes `out` only if the block succeeds.
 
-    Local `out`: `io.atomic_dir` (a temporary sibling, then a rename). URI `out`: a local
+    Local `out`: `atomic_dir` (a temporary sibling, then a rename). URI `out`: a local
     temporary directory, then `publish` (markers last)."""
     if not is_uri(out):
-        with io.atomic_dir(local(out), overwrite=overwrite) as tmp:
+        with atomic_dir(local(out), overwrite=overwrite) as tmp:
             yield str(tmp)
         return
     if not overwrite and list_files(out):
-        raise io.UserError(f"{out} already exists and is not empty; choose another path or "
+        raise UserError(f"{out} already exists and is not empty; choose another path or "
                            f"remove it")
     with tempfile.TemporaryDirectory(prefix="odpo-publish-", dir=_staging_root()) as tmp:
         yield tmp
@@ -301,7 +397,7 @@ def local_copy(path, what: str = "model") -> str | None:
         return None if path is None else local(path)
     infos = _listing(path)
     if not infos:
-        raise io.UserError(f"{what} {path}: no such file or directory")
+        raise UserError(f"{what} {path}: no such file or directory")
     _, root = filesystem(path)
     h = hashlib.sha256(str(path).rstrip("/").encode())
     for i in infos:
@@ -310,7 +406,7 @@ def local_copy(path, what: str = "model") -> str | None:
     if dest.is_dir():
         return str(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+    tmp = dest.parent / temp_name(dest.name)
     shutil.rmtree(tmp, ignore_errors=True)
     from tqdm import tqdm
 

@@ -97,7 +97,7 @@ def ray_local():
     Ray Data tasks and a vLLM actor never wait on each other on a 2-core machine."""
     import ray
 
-    from jobs.runtime import init_ray
+    from pipeline.cluster import init_ray
 
     # Workers' output is not forwarded: it would arrive late, in whichever test's captured stderr
     # is open then (a vLLM actor's shutdown noise inside a one-line-error check).

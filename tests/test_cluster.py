@@ -19,8 +19,9 @@ import pytest
 import yaml
 from conftest import write_digits_scorer
 
-from jobs.runtime import check_shared_storage, is_uri
-from pipeline.io import UserError
+from pipeline.cluster import check_shared_storage
+from pipeline.errors import UserError
+from pipeline.storage import is_uri
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: ray, odpo

@@ -2,7 +2,7 @@ import pytest
 
 from jobs.cli import main
 from jobs.config import build
-from pipeline.io import UserError
+from pipeline.errors import UserError
 from trainer.sft import SFTConfig
 
 

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
-from pipeline.io import atomic_dir, clear_stale
 from pipeline.manifest import write_stage
+from pipeline.storage import atomic_dir, clear_stale
 
 pytestmark = pytest.mark.slow
 

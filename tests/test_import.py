@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from jobs.cli import main
+from pipeline.errors import UserError
 from pipeline.importer import common_prefix_split
-from pipeline.io import UserError
 from pipeline.manifest import read_manifest
 
 TEMPLATE = Path(__file__).parents[1] / "jobs" / "configs" / "toy_chat_template.jinja"

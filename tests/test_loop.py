@@ -171,7 +171,8 @@ def _train_layout(model_dir, table, cfg, rank, world):
     """`train_steps` as a Ray Train worker runs it: DDP over the process group when world > 1."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.loop import disable_dropout, make_optimizer, train_steps
+    from pipeline.checkpoint import disable_dropout
+    from trainer.loop import make_optimizer, train_steps
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -16,15 +16,14 @@ from conftest import char_ids as _char_ids
 from conftest import plain_logp as _plain_logp
 
 from jobs.cli import main
+from pipeline.checkpoint import tokenizer_digest, weights_digest
 from pipeline.manifest import read_manifest, write_stage
-from pipeline.reference import (
+from trainer.reference import (
     length_batches,
     padding_fraction,
     reference_logps,
     tokenize_pairs,
-    tokenizer_digest,
     truncate_pair,
-    weights_digest,
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from jobs.cli import main
-from pipeline.io import UserError
+from pipeline.errors import UserError
 from pipeline.score import exact_answer, score_rows
 
 

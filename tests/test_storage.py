@@ -12,8 +12,9 @@ import pytest
 
 from jobs.cli import main
 from pipeline import storage
-from pipeline.io import UserError, read_table
+from pipeline.errors import UserError
 from pipeline.manifest import input_digest, is_current, read_manifest, verify_shards, write_stage
+from pipeline.tables import read_table
 
 
 def _upload(local_path, uri: str) -> str:

@@ -83,7 +83,7 @@ def test_expand_samples_stores_the_generated_ids():
 
 
 def test_tokenize_pairs_uses_stored_ids_as_they_are(toy_tokenizer):
-    from pipeline.reference import tokenize_pairs
+    from trainer.reference import tokenize_pairs
 
     tok = toy_tokenizer
     bos, eos = tok.bos_token_id, tok.eos_token_id

@@ -13,7 +13,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from pipeline import storage
-from pipeline.io import UserError, check_checkpoint, resolve_path, write_json
+from pipeline.checkpoint import check_checkpoint
+from pipeline.errors import UserError
+from pipeline.storage import resolve_path, write_json
 from trainer.loss import LOSS_TYPES
 
 STAGE = "train"
@@ -121,13 +123,8 @@ def run_dpo(cfg: DPOConfig, start_ray: Callable[[], None] | None = None) -> dict
     `start_ray` is called once there is training to do."""
     import ray
 
-    from pipeline.manifest import (
-        checkpoint_digest,
-        current_run,
-        finish_run,
-        input_digest,
-        start_run,
-    )
+    from pipeline.checkpoint import checkpoint_digest
+    from pipeline.manifest import current_run, finish_run, input_digest, start_run
     from trainer.launch import fit, plan_steps
 
     check_config(cfg)

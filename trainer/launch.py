@@ -6,7 +6,7 @@ import shutil
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.io import UserError, user_errors
+from pipeline.errors import UserError, user_errors
 from trainer.loop import STATE_FILE, train_loop_per_worker
 
 
@@ -106,7 +106,7 @@ def fit(
         datasets={"train": train_ds},
         # Not split: every worker reads all of it and trains on the rows trainer.loop's plan
         # names. The plan indexes rows by position, so all workers read them in the stored order
-        # (as jobs.runtime.init_ray makes the driver's materialize keep its input's order).
+        # (as pipeline.cluster.init_ray makes the driver's materialize keep its input's order).
         dataset_config=DataConfig(datasets_to_split=[],
                                   execution_options=ExecutionOptions(preserve_order=True)),
     )

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from pipeline import storage
+from pipeline.checkpoint import disable_dropout
 from trainer.collate import collate
 from trainer.logps import per_token_logps, sequence_logps
 from trainer.loss import dpo_loss, nll_loss
@@ -177,17 +178,6 @@ def dpo_step_loss(
         "num_tokens": float(t["attention_mask"].sum()),
     }
     return loss, metrics
-
-
-def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout off in the policy (DESIGN.md): the log-probs DPO compares must be deterministic,
-    or policy and reference differ at step 0 by noise alone."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        # HF attention modules apply a float `attention_dropout` functionally in train mode.
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -474,7 +464,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         state = torch.load(os.path.join(ckpt_dir, STATE_FILE), weights_only=True)
     else:
         model_path = storage.local_copy(cfg["model"])  # a URI: this node's copy
-    # Never the checkpoint's own code, never pickle (the driver checked: io.check_checkpoint).
+    # Never the checkpoint's own code, never pickle (the driver checked: check_checkpoint).
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=False,
                                                  use_safetensors=True)

@@ -10,15 +10,10 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 from pipeline import storage
-from pipeline.io import (
-    UserError,
-    check_checkpoint,
-    read_ray_dataset,
-    resolve_path,
-    user_errors,
-    write_json,
-)
-from pipeline.storage import local_copy
+from pipeline.checkpoint import check_checkpoint, context_length
+from pipeline.errors import UserError, user_errors
+from pipeline.storage import local_copy, resolve_path, write_json
+from pipeline.tables import read_ray_dataset
 from trainer.collate import tokenize_completions
 
 STAGE = "sft"
@@ -104,13 +99,6 @@ def _kept_rows(table):
     return table.filter(table["keep"]).drop_columns(["keep"])
 
 
-def model_context_length(model: str) -> int:
-    from transformers import AutoConfig
-
-    return int(AutoConfig.from_pretrained(local_copy(model), trust_remote_code=False)
-               .max_position_embeddings)
-
-
 def chosen_table(pairs: str):
     """(prompt, response) from a pairs stage dir: each distinct (prompt, chosen) once, in first-
     seen order (a pair stage repeats a chosen response across its pairs)."""
@@ -161,7 +149,8 @@ def run_sft(cfg: SFTConfig, start_ray: Callable[[], None] | None = None) -> dict
     aside), these inputs and this code version; a half-done run of the same config resumes
     from its checkpoints, one of another config is removed and trained anew. `start_ray` is
     called once there is training to do."""
-    from pipeline.manifest import checkpoint_digest, current_run, finish_run, input_digest
+    from pipeline.checkpoint import checkpoint_digest
+    from pipeline.manifest import current_run, finish_run, input_digest
 
     check_config(cfg)
     cfg = dataclasses.replace(
@@ -174,7 +163,7 @@ def run_sft(cfg: SFTConfig, start_ray: Callable[[], None] | None = None) -> dict
     )
     t0 = time.perf_counter()
     check_checkpoint(cfg.model)
-    max_length = cfg.max_length or model_context_length(cfg.model)
+    max_length = cfg.max_length or context_length(cfg.model)
     source = cfg.data or cfg.from_pairs
     config = {k: v for k, v in asdict(cfg).items() if k not in EVAL_FIELDS}
     inputs = {"model": checkpoint_digest(cfg.model), "data": input_digest(source)}

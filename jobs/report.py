@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.io import UserError
+from pipeline.errors import UserError
 
 FUNNEL_STAGES = ("samples", "scored", "pairs")
 

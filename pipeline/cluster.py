@@ -1,10 +1,12 @@
-"""Starting or joining Ray the way this project needs it (DESIGN.md, Platforms)."""
+"""Starting or joining Ray the way this project needs it (docs: Platforms): one `ensure_ray()`
+that every stage calls once it knows it has work."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
 
+from pipeline.errors import UserError
 from pipeline.storage import is_uri
 
 # Environment every job driver and worker gets on a cluster (also in jobs/runtime_env.yaml, which
@@ -29,7 +31,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         return
     address = address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": dict(CLUSTER_ENV_VARS),
-           "worker_process_setup_hook": "jobs.runtime.worker_setup"}
+           "worker_process_setup_hook": "pipeline.cluster.worker_setup"}
     if address:
         _defer_to_job_env(env)
         ray.init(address=address, runtime_env=env, log_to_driver=log_to_driver)
@@ -78,8 +80,6 @@ def check_shared_storage(path: str, what: str, num_nodes: int | None = None) -> 
     running). A shared mount (NFS, ...) that looks like a local path is accepted with
     ODPO_SHARED_STORAGE=1 in the environment.
     """
-    from pipeline.io import UserError
-
     if is_uri(path) or os.environ.get("ODPO_SHARED_STORAGE", "") not in ("", "0"):
         return
     if num_nodes is None:
@@ -91,6 +91,26 @@ def check_shared_storage(path: str, what: str, num_nodes: int | None = None) -> 
             f"{what} {path!r} is a local path but the Ray cluster has {num_nodes} nodes: use "
             "shared storage (a URI such as s3://bucket/run, or a shared mount with "
             "ODPO_SHARED_STORAGE=1)")
+
+
+def cluster_named() -> bool:
+    """Whether a Ray cluster is named (RAY_ADDRESS: `--address`, or `ray job submit`): then a
+    stage joins and checks it before any work, even one that turns out to be a skip."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def ensure_ray(out: str | None = None, inputs: dict[str, str | None] | None = None,
+               what: str = "out") -> None:
+    """Start or join Ray (`init_ray`; a no-op when this process is already connected), then
+    refuse a local `out` on a multi-node cluster (`check_shared_storage`) before the stage
+    writes, and likewise a local path among `inputs` ({name: path}: models, datasets that Ray
+    tasks, actors or workers read on any node) that exists here (a hub id is no local path)."""
+    init_ray()
+    if out:
+        check_shared_storage(out, what)
+    for name, path in (inputs or {}).items():
+        if path and not is_uri(path) and os.path.exists(path):
+            check_shared_storage(path, name)
 
 
 def stage_ray(address: str | None, out: str | None, what: str = "out",

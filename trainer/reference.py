@@ -46,13 +46,16 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import storage
-from pipeline.io import (
-    UserError,
+from pipeline.checkpoint import (
     check_checkpoint,
-    read_table,
-    user_errors,
+    config_context_length,
+    tokenizer_digest,
+    vocab_digest,
+    weights_digest,
 )
+from pipeline.errors import UserError, user_errors
 from pipeline.manifest import input_digest, read_manifest, verify_shards, write_stage
+from pipeline.tables import read_table
 
 STAGE = "reference"
 PAIR_STAGES = ("pair", "import")  # manifests whose shards hold pairs
@@ -66,10 +69,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 CACHE_MODES = ("auto", "require", "recompute")
 TRUNCATION_MODES = ("truncate", "drop")
 ROWS_PER_SHARD = 50_000  # pairs per output file: several files let Ray Train read in parallel
-WEIGHT_SUFFIXES = (".safetensors",)  # the only weights loaded (io.check_checkpoint)
-TOKENIZER_PREFIXES = (
-    "tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "chat_template",
-)
 
 
 @dataclass(frozen=True)
@@ -235,7 +234,7 @@ class ReferenceForward:
             import torch
             from transformers import AutoModelForCausalLM
 
-            from trainer.loop import disable_dropout
+            from pipeline.checkpoint import disable_dropout
 
             if torch_threads > 0:
                 torch.set_num_threads(torch_threads)
@@ -272,13 +271,6 @@ class ReferenceForward:
 # ---------------------------------------------------------------- cache key
 
 
-def _files_digest(root: Path, files: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.relative_to(root)}:{storage.sha256(f)}\n".encode())
-    return h.hexdigest()
-
-
 def _local_dir(path: str, what: str) -> Path:
     """A local checkpoint directory, or this node's copy of one named by URI."""
     if storage.is_uri(path):
@@ -292,38 +284,6 @@ def _local_dir(path: str, what: str) -> Path:
             f"cache key, so it needs a checkpoint directory, local or a URI (download it first)"
         )
     return p.resolve()
-
-
-def weights_digest(model_dir: Path) -> str:
-    """sha256 over config.json and every weight file (and shard index) of an HF checkpoint."""
-    files = sorted(
-        f for f in model_dir.iterdir()
-        if f.is_file() and not f.name.startswith("training_args")
-        and (f.name == "config.json" or f.suffix in WEIGHT_SUFFIXES
-             or f.name.endswith(".index.json"))
-    )
-    if not any(f.suffix in WEIGHT_SUFFIXES for f in files):
-        raise UserError(f"{model_dir}: no *.safetensors weights in this directory")
-    return _files_digest(model_dir, files)
-
-
-def tokenizer_digest(tokenizer_dir: Path) -> str:
-    """sha256 over the tokenizer's files (tokenizer*.json, vocab, merges, sentencepiece model)."""
-    files = sorted(
-        f for f in tokenizer_dir.iterdir()
-        if f.is_file() and (f.name.startswith(TOKENIZER_PREFIXES) or f.suffix == ".model")
-    )
-    if not files:
-        raise UserError(f"{tokenizer_dir}: no tokenizer files (tokenizer.json, vocab, ...)")
-    return _files_digest(tokenizer_dir, files)
-
-
-def vocab_digest(tokenizer) -> str:
-    """sha256 over a tokenizer's vocabulary (token -> id, added tokens included): what stored
-    token ids mean, whatever else its files say (model_max_length, chat template, ...)."""
-    return hashlib.sha256(
-        json.dumps(sorted(tokenizer.get_vocab().items())).encode()
-    ).hexdigest()
 
 
 def cache_key(parts: dict) -> str:
@@ -340,14 +300,6 @@ def _model_config(model_dir: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: cannot read the model config ({e})") from e
-
-
-def _context_length(config: dict) -> int | None:
-    for c in (config, config.get("text_config") or {}):
-        for k in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            if isinstance(c.get(k), int):
-                return c[k]
-    return None
 
 
 # ---------------------------------------------------------------- the stage
@@ -478,7 +430,7 @@ def _validate(cfg: ReferenceConfig) -> None:
 def run_reference(cfg: ReferenceConfig, start_ray: Callable[[], None] | None = None) -> dict:
     """Fill `cfg.out` with reference shards: from `out` or the store when the key is equal
     (without loading the model), else by computing them. `start_ray` (e.g. `lambda:
-    jobs.runtime.init_ray(address)`) is called only when the model must run; without it Ray
+    pipeline.cluster.init_ray(address)`) is called only when the model must run; without it Ray
     must already be up. Returns a summary (`cache`: "hit" or "computed")."""
     t0 = time.perf_counter()
     _validate(cfg)
@@ -491,7 +443,7 @@ def run_reference(cfg: ReferenceConfig, start_ray: Callable[[], None] | None = N
     check_checkpoint(model_dir)
     tok_dir = _local_dir(cfg.tokenizer or cfg.model, "tokenizer")
     model_config = _model_config(model_dir)
-    context = _context_length(model_config)
+    context = config_context_length(model_config)
     max_length = cfg.max_length or context
     if not max_length:
         raise UserError(f"{model_dir}/config.json names no context length; set --max-length")
