@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 EXTRA ?= cpu
 
-.PHONY: setup test lint
+.PHONY: setup test test-fast lint
 
 setup:
 	$(PY) -m venv $(VENV)
@@ -18,3 +18,8 @@ setup:
 test:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
+
+# Everything that needs neither Ray nor vLLM (pure functions, stage logic, S3 on loopback), in
+# under a minute; the tests marked `slow` (tests/conftest.py marks those using Ray) are left out.
+test-fast:
+	$(VENV)/bin/python -m pytest -q -m "not slow"

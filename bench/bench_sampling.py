@@ -94,8 +94,7 @@ def bench_hf(model_path: str, prompts: list[str], args) -> dict:
 
 
 def bench_vllm(model_path: str, prompts: list[str], args) -> dict:
-    from pipeline.engine import EngineConfig, make_llm
-    from pipeline.sample import sampling_params_for
+    from pipeline.engine import EngineConfig, make_llm, sampling_params_for
 
     t0 = time.perf_counter()
     llm = make_llm(model_path, EngineConfig(), seed=args.seed)

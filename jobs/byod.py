@@ -23,14 +23,18 @@ training, and re-runs a changed step and everything after it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from jobs.config import build, build_section
 from pipeline import storage
 from pipeline.checkpoint import check_model_name
 from pipeline.errors import UserError
+from pipeline.evaluate import EvalConfig, run_eval
 from pipeline.storage import resolve_path, write_json
+from trainer.dpo import DPOConfig, run_dpo
+from trainer.dpo import check_config as check_dpo
+from trainer.sft import SFTConfig, eval_settings, run_sft
+from trainer.sft import check_config as check_sft
 
 
 @dataclass(frozen=True)
@@ -56,15 +60,11 @@ def _section(cls, cfg: BYODConfig, name: str, fixed: dict, defaults: dict | None
     return build_section(cls, getattr(cfg, name), fixed, name, "byod", defaults)
 
 
-def run_byod(cfg: BYODConfig, start_ray: Callable[[], None]) -> dict:
-    """Run (or skip, when current) each stage; `start_ray` is called before the first stage that
-    needs Ray. Returns each stage's summary."""
+def run_byod(cfg: BYODConfig) -> dict:
+    """Run (or skip, when current) each stage; each starts or joins Ray itself when it has work
+    (`ensure_ray`). Returns each stage's summary."""
     from pipeline.importer import ImportConfig, run_import
-    from trainer.dpo import DPOConfig, run_dpo
-    from trainer.dpo import check_config as check_dpo
     from trainer.reference import ReferenceConfig, run_reference
-    from trainer.sft import SFTConfig, run_sft
-    from trainer.sft import check_config as check_sft
 
     t0 = time.perf_counter()
     # Every section's keys and types before any work: a typo in `train:` would otherwise
@@ -106,19 +106,13 @@ def run_byod(cfg: BYODConfig, start_ray: Callable[[], None]) -> dict:
     _log(f"import: {imp['rows']} rows -> {imp['pairs']} pairs ({imp['form']}; dropped: "
          f"{dropped}){', skipped: up to date' if imp['skipped'] else ''}")
 
-    started = False
-
-    def ray_once() -> None:
-        nonlocal started
-        if not started:
-            start_ray()
-            started = True
-
     # A preference set nearly always has a few pairs longer than the context: SFT leaves them
     # out and counts them (reference truncates them, TRL's rule) instead of stopping the path.
-    sft = run_sft(_section(SFTConfig, cfg, "sft",
-                           {"model": model, "from_pairs": pairs, "out": sft_dir},
-                           {"too_long": "drop"}), start_ray=ray_once)
+    sft_cfg = _section(SFTConfig, cfg, "sft", {"model": model, "from_pairs": pairs, "out": sft_dir},
+                       {"too_long": "drop"})
+    sft = run_sft(sft_cfg)
+    if sft_cfg.eval_prompts:  # `sft: {eval_prompts: ...}` as `odpo sft` has it: sft/eval.json
+        sft["eval"] = run_eval(EvalConfig(**eval_settings(sft_cfg, sft["model"])))
     if sft["skipped"]:
         _log("sft on chosen: skipped, up to date")
     else:
@@ -127,12 +121,11 @@ def run_byod(cfg: BYODConfig, start_ray: Callable[[], None]) -> dict:
              f"{f' ({too_long} too long, dropped)' if too_long else ''} -> {sft['model']}")
 
     ref = run_reference(_section(ReferenceConfig, cfg, "reference_stage", {
-        "pairs": pairs, "model": sft_model, "out": ref_dir}), start_ray=ray_once)
+        "pairs": pairs, "model": sft_model, "out": ref_dir}))
     _log(f"reference: {ref['pairs']} pairs, cache {ref['cache']}")
 
     train = run_dpo(_section(DPOConfig, cfg, "train",
-                             {"model": sft_model, "data": ref_dir, "out": train_dir}),
-                    start_ray=ray_once)
+                             {"model": sft_model, "data": ref_dir, "out": train_dir}))
     if train["skipped"]:
         _log("train: skipped, up to date")
     else:

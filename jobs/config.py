@@ -28,14 +28,16 @@ def _nested(cls, f: dataclasses.Field):
 
 def field_comments(cls) -> dict[str, str]:
     """Each field's comment in the class source, which says its unit, meaning and why its
-    default: the comment on the field's line plus comment-only lines that continue it, or, for a
-    field without one, the comment-only lines just above it."""
+    default: the comment on the field's line plus the comment-only lines below it that continue
+    it (starting in lower case), or the comment-only lines just above the field (a field without
+    a comment of its own, or a note that starts a sentence, put after the field's comment)."""
     import inspect
     import io
+    import textwrap
     import tokenize
 
     try:
-        source = inspect.getsource(cls)
+        source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):
         return {}
     names = {f.name for f in dataclasses.fields(cls)}
@@ -56,11 +58,17 @@ def field_comments(cls) -> dict[str, str]:
     last: str | None = None  # the last field, if it had its own comment
     for line in range(1, len(source.splitlines()) + 1):
         if line in field_at:
-            name = field_at[line]
+            name, prev = field_at[line], last
             if line in comments:
-                if last is not None and pending:
-                    out[last] += " " + " ".join(pending)
                 out[name], last = comments[line], name
+                # Lower-case lines continue the last field's comment; from the first line that
+                # starts a sentence on, they are a note about this field.
+                cut = next((i for i, c in enumerate(pending) if c[:1].isupper()), len(pending))
+                if prev is not None and cut:
+                    out[prev] += " " + " ".join(pending[:cut])
+                if pending[cut:]:
+                    out[name] += ("" if out[name].endswith(".") else ".") + " " + " ".join(
+                        pending[cut:])
             else:
                 out[name], last = " ".join(pending), None
             pending = []
@@ -71,31 +79,50 @@ def field_comments(cls) -> dict[str, str]:
     return {k: v for k, v in out.items() if v}
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "",
+                       choices: dict[str, tuple[str, ...]] | None = None) -> None:
     """One `--flag` per field (nested dataclass fields as `--engine-dtype` etc.), its help the
-    field's comment (`field_comments`) and its default."""
+    field's comment (`field_comments`: unit, meaning, why the default) and its default.
+
+    `choices` ({dotted field name: allowed values}) names the constants the code validates a
+    field against, so that argparse lists them in the help and refuses anything else up front.
+    """
     comments = field_comments(cls)
+    choices = choices or {}
     for f in dataclasses.fields(cls):
+        name = prefix + f.name
         sub = _nested(cls, f)
         if sub is not None:
-            add_dataclass_args(parser, sub, prefix=f"{prefix}{f.name}.")
+            add_dataclass_args(parser, sub, prefix=f"{name}.", choices=choices)
             continue
         kind, _ = _field_kind(f)
         if kind == "dict":  # a section of another entry point's config: YAML only
             continue
-        flag = "--" + (prefix + f.name).replace(".", "-").replace("_", "-")
+        flag = "--" + name.replace(".", "-").replace("_", "-")
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         default = None if required else (
             f.default if f.default is not dataclasses.MISSING else f.default_factory()
         )
-        help_ = "required (flag or config file)" if required else f"default: {default}"
-        if comments.get(f.name):
-            help_ = f"{comments[f.name]} ({help_})".replace("%", "%%")
-        kw = {"dest": prefix + f.name, "default": argparse.SUPPRESS, "help": help_}
+        said = "required: flag or config file" if required else f"default: {default}"
+        help_ = f"{comments.get(f.name, '')} ({said})".strip().replace("%", "%%")
+        kw = {"dest": name, "default": argparse.SUPPRESS, "help": help_}
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif name in choices:
+            parser.add_argument(flag, choices=choices[name], **kw)
         else:
             parser.add_argument(flag, type=_SCALARS.get(kind, str), metavar=kind.upper(), **kw)
+    if not prefix and set(choices) - _dotted_fields(cls):  # a renamed field: say so, not skip
+        raise ValueError(f"choices for no field of {cls.__name__}: "
+                         f"{sorted(set(choices) - _dotted_fields(cls))}")
+
+
+def _dotted_fields(cls, prefix: str = "") -> set[str]:
+    names = set()
+    for f in dataclasses.fields(cls):
+        sub = _nested(cls, f)
+        names |= _dotted_fields(sub, f"{prefix}{f.name}.") if sub else {prefix + f.name}
+    return names
 
 
 def _check_type(cls_name: str, key: str, value, kind: str, optional: bool, source: str):

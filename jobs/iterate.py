@@ -21,15 +21,20 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jobs.config import build, build_section
 from pipeline import storage
 from pipeline.checkpoint import check_model_name
+from pipeline.cluster import cluster_named, ensure_ray
 from pipeline.errors import UserError
+from pipeline.evaluate import EvalConfig, run_eval
 from pipeline.storage import resolve_path, write_json
+from trainer.dpo import DPOConfig, run_dpo
+from trainer.dpo import check_config as check_dpo
+from trainer.sft import SFTConfig, eval_settings, run_sft
+from trainer.sft import check_config as check_sft
 
 
 @dataclass(frozen=True)
@@ -90,8 +95,6 @@ def _toy(cfg: IterateConfig, run: str) -> tuple[str | None, dict]:
 
 
 def _evaluate(model: str, cfg: IterateConfig, eval_prompts: str, out: str) -> dict:
-    from pipeline.evaluate import EvalConfig, run_eval
-
     return run_eval(_section(EvalConfig, cfg, "eval", {
         "model": model, "prompts": eval_prompts, "scorer": cfg.scorer, "out": out}))
 
@@ -100,18 +103,13 @@ def _skipped(summary: dict) -> str:
     return " (skipped: up to date)" if summary.get("skipped") else ""
 
 
-def run_iterate(cfg: IterateConfig, start_ray: Callable[[], None]) -> dict:
-    """Run the rounds; `start_ray` is called once the config has been checked."""
-    from pipeline.evaluate import EvalConfig
+def run_iterate(cfg: IterateConfig) -> dict:
+    """Run the rounds; each stage starts or joins Ray itself when it has work (`ensure_ray`)."""
     from pipeline.evaluate import check_config as check_eval
     from pipeline.pair import PairConfig, run_pair
     from pipeline.sample import SampleConfig, run_sample
     from pipeline.score import ScoreConfig, run_score
-    from trainer.dpo import DPOConfig, run_dpo
-    from trainer.dpo import check_config as check_dpo
     from trainer.reference import ReferenceConfig, run_reference
-    from trainer.sft import SFTConfig, run_sft
-    from trainer.sft import check_config as check_sft
 
     if cfg.reference not in ("policy", "initial"):
         raise UserError(f"reference must be policy or initial, got {cfg.reference!r}")
@@ -136,9 +134,11 @@ def run_iterate(cfg: IterateConfig, start_ray: Callable[[], None]) -> dict:
             check(section)
     if cfg.policy is not None:
         check_model_name(cfg.policy, "policy")
-    start_ray()
     t0 = time.perf_counter()
     run = storage.absolute(cfg.run_dir)
+    if cluster_named():  # joined and its storage checked before anything is written
+        ensure_ray(run, {"policy": cfg.policy, "prompts": cfg.prompts,
+                         "sft_data": cfg.sft_data}, "run_dir")
     storage.makedirs(run)
     write_json(storage.join(run, "iterate_config.json"), dataclasses.asdict(cfg))
     policy, toy_paths = _toy(cfg, run)
@@ -156,8 +156,11 @@ def run_iterate(cfg: IterateConfig, start_ray: Callable[[], None]) -> dict:
 
     if sft_data:
         _log(f"SFT of {policy} on {sft_data}")
-        sft = run_sft(_section(SFTConfig, cfg, "sft", {
-            "model": policy, "data": sft_data, "out": storage.join(run, "sft")}))
+        sft_cfg = _section(SFTConfig, cfg, "sft", {
+            "model": policy, "data": sft_data, "out": storage.join(run, "sft")})
+        sft = run_sft(sft_cfg)
+        if sft_cfg.eval_prompts:  # `sft: {eval_prompts: ...}` as `odpo sft` has it: sft/eval.json
+            run_eval(EvalConfig(**eval_settings(sft_cfg, sft["model"])))
         _log(f"SFT: {sft['steps']} steps{_skipped(sft)}")
         policy = sft["model"]
     initial = policy

@@ -4,7 +4,6 @@ that every stage calls once it knows it has work."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 from pipeline.errors import UserError
 from pipeline.storage import is_uri
@@ -45,6 +44,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         )
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same inputs -> same row order in every stage
+    # One progress bar per Ray Data pass (a stage makes one to three), not one per operator as
+    # well: the operators' progress is in Ray Data's own log.
+    ctx.enable_operator_progress_bars = False
 
 
 def worker_setup() -> None:
@@ -111,28 +113,3 @@ def ensure_ray(out: str | None = None, inputs: dict[str, str | None] | None = No
     for name, path in (inputs or {}).items():
         if path and not is_uri(path) and os.path.exists(path):
             check_shared_storage(path, name)
-
-
-def stage_ray(address: str | None, out: str | None, what: str = "out",
-              inputs: dict[str, str | None] | None = None) -> Callable[[], None]:
-    """The `start_ray` of a command that writes `out`: it starts or joins Ray (init_ray), then
-    refuses a local `out` on a multi-node cluster (check_shared_storage) before the stage writes,
-    and likewise a local path among `inputs` (what Ray tasks, actors or workers read on any node:
-    models, datasets; {name: path}) that exists here (a hub id is no local path).
-
-    A named cluster (`address`, or RAY_ADDRESS as under `ray job submit`) is joined and checked
-    here and now, before any work (a skip or a cache hit writes too); the embedded local Ray is one
-    node, so it still starts only when the stage calls `start_ray`.
-    """
-    def start() -> None:
-        init_ray(address)
-        if out:
-            check_shared_storage(out, what)
-        for name, path in (inputs or {}).items():
-            if path and not is_uri(path) and os.path.exists(path):
-                check_shared_storage(path, name)
-
-    if address or os.environ.get("RAY_ADDRESS"):
-        start()
-        return lambda: None  # joined and checked: the stage's own call has nothing left to do
-    return start

@@ -6,6 +6,8 @@ import hashlib
 import os
 from dataclasses import dataclass
 
+from pipeline.storage import local_copy
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -29,13 +31,28 @@ def request_seed(seed: int, key: str) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
+def sampling_params_for(prompts: list[str], cfg: dict) -> list:
+    """One `SamplingParams(n=k)` per prompt (`cfg`: k, temperature, top_p, max_tokens, seed),
+    seeded by the run seed and the prompt text (`request_seed`)."""
+    from vllm import SamplingParams
+
+    return [
+        SamplingParams(
+            n=cfg["k"],
+            temperature=cfg["temperature"],
+            top_p=cfg["top_p"],
+            max_tokens=cfg["max_tokens"],
+            seed=request_seed(cfg["seed"], p),
+        )
+        for p in prompts
+    ]
+
+
 def make_llm(model: str, cfg: EngineConfig, seed: int = 0):
     """Create a `vllm.LLM`. Call it inside a Ray actor or under `__main__` (it spawns).
     A model named by URI is loaded from this node's copy (`storage.local_copy`)."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vllm import LLM
-
-    from pipeline.storage import local_copy
 
     model = local_copy(model)
     kwargs = {}

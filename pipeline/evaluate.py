@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipeline import storage
 from pipeline.checkpoint import check_checkpoint, checkpoint_digest
-from pipeline.engine import EngineConfig, actor_options, make_llm
+from pipeline.cluster import ensure_ray
+from pipeline.engine import EngineConfig, actor_options, make_llm, sampling_params_for
 from pipeline.errors import UserError
 from pipeline.manifest import current_result, input_digest, read_result, write_result
-from pipeline.score import load_scorer
+from pipeline.scorers import load_scorer
+from pipeline.stage import join_named_cluster
 from pipeline.tables import read_table
 
 STAGE = "eval"
@@ -35,8 +36,6 @@ class EvalConfig:
 
 def _generate(model: str, engine: EngineConfig, prompts: list[str], cfg: dict) -> dict:
     from vllm import SamplingParams
-
-    from pipeline.sample import sampling_params_for
 
     llm = make_llm(model, engine, seed=cfg["seed"])
     greedy = llm.generate(
@@ -63,37 +62,33 @@ def check_config(cfg: EvalConfig) -> None:
             raise UserError(msg)
 
 
-def run_eval(cfg: EvalConfig, start_ray: Callable[[], None] | None = None) -> dict:
+def run_eval(cfg: EvalConfig) -> dict:
     """Greedy and sampled mean task reward of `cfg.model` on `cfg.prompts` (a Ray task), with
     `skipped` True when `cfg.out` already holds it for this config, these inputs (the model's
-    and the prompts' digests) and this code version. `start_ray` is called when there is work."""
+    and the prompts' digests) and this code version."""
     import ray
 
     check_config(cfg)
     check_checkpoint(cfg.model)
+    reads = {"--model": cfg.model}
     if cfg.out is not None:
         cfg = dataclasses.replace(cfg, out=storage.absolute(cfg.out))
+        join_named_cluster(cfg.out, reads)
         config = dataclasses.asdict(cfg)
         inputs = {"model": checkpoint_digest(cfg.model), "prompts": input_digest(cfg.prompts)}
         done = current_result(cfg.out, STAGE, config, inputs)
         if done is not None:
             return {**done, "skipped": True}
         read_result(cfg.out, STAGE)  # refuses to overwrite a file that is no eval result
-    if start_ray is not None:
-        start_ray()
+    ensure_ray(cfg.out, reads)
     table = read_table(cfg.prompts, required=("prompt",))
     rows = table.to_pylist()
     prompts = [r["prompt"] for r in rows]
     scorer = load_scorer(cfg.scorer)
     remote = ray.remote(_generate).options(**actor_options(cfg.engine), max_retries=0)
-    texts = ray.get(
-        remote.remote(
-            cfg.model,
-            cfg.engine,
-            prompts,
-            {k: getattr(cfg, k) for k in ("samples", "temperature", "top_p", "max_tokens", "seed")},
-        )
-    )
+    sampling = {k: getattr(cfg, k) for k in ("samples", "temperature", "top_p", "max_tokens",
+                                              "seed")}
+    texts = ray.get(remote.remote(cfg.model, cfg.engine, prompts, sampling))
     greedy = scorer(prompts, texts["greedy"], rows)
     flat_prompts = [p for p in prompts for _ in range(cfg.samples)]
     flat_rows = [r for r in rows for _ in range(cfg.samples)]

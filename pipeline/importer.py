@@ -34,18 +34,22 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import pyarrow as pa
+
 from pipeline import storage
+from pipeline.checkpoint import tokenizer_digest
 from pipeline.errors import UserError
-from pipeline.manifest import input_digest, is_current, read_manifest, write_stage
+from pipeline.manifest import input_digest
+from pipeline.records import prompt_id
+from pipeline.stage import Shards, run_stage
 from pipeline.storage import resolve_path
 from pipeline.tables import read_table
 
 STAGE = "import"
 BAD_ROWS = ("drop", "error")
-ROWS_PER_SHARD = 50_000  # pairs per output file: several files let Ray read in parallel
 # Why a row is dropped (counted in the manifest under these names).
 REASONS = {
     "empty_prompt": "the prompt is null or empty",
@@ -65,6 +69,9 @@ REASONS = {
 SCORE_COLUMNS = (("chosen_score", "rejected_score"), ("score_chosen", "score_rejected"))
 OUT_COLUMNS = ("prompt_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score",
                "round", "prompt_messages", "chosen_messages", "rejected_messages")
+# The run's summary: {its key: the manifest's key}.
+SUMMARY = {"rows": "rows_in", "pairs": "rows_out", "dropped": "dropped", "form": "form",
+           "prompt_source": "prompt_source", "prompt_extraction": "prompt_extraction"}
 
 
 @dataclass(frozen=True)
@@ -221,8 +228,6 @@ def convert_row(
 
 def _form(table, prompt_column: str | None, source: str) -> bool:
     """True for the conversational form, False for the standard form; one error if mixed."""
-    import pyarrow as pa
-
     def kind(name: str) -> str:
         t = table.schema.field(name).type
         if pa.types.is_string(t) or pa.types.is_large_string(t):
@@ -252,8 +257,6 @@ def _form(table, prompt_column: str | None, source: str) -> bool:
 
 
 def _scores(table, n: int) -> tuple[list, list, list[str]]:
-    import pyarrow as pa
-
     for c, r in SCORE_COLUMNS:
         if c in table.column_names and r in table.column_names:
             try:
@@ -311,94 +314,93 @@ def _validate(cfg: ImportConfig) -> None:
 
 
 def run_import(cfg: ImportConfig) -> dict:
-    """Convert `cfg.data` into pairs shards in `cfg.out` (skipped when already current); no Ray.
-    Returns a summary: rows in / pairs out, dropped by reason, form, prompt extraction."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.checkpoint import tokenizer_digest
-    from pipeline.sample import prompt_id
-
+    """Convert `cfg.data` into pairs shards in `cfg.out` (skipped when already current), in this
+    process: no Ray (but a named cluster is joined, for its storage check). Returns a summary:
+    rows in / pairs out, dropped by reason, form, prompt extraction."""
     t0 = time.perf_counter()
     _validate(cfg)
-    data = resolve_path(cfg.data)
-    if not storage.exists(data):
-        raise UserError(f"{cfg.data}: no such file or directory")
-    out = storage.absolute(cfg.out)
-    if storage.same(out, data):
-        raise UserError(f"--out {cfg.out} is the --data path; choose another directory")
-    cfg_abs = ImportConfig(**{**asdict(cfg), "data": data, "out": str(out),
-                              "tokenizer": resolve_path(cfg.tokenizer),
-                              "chat_template": resolve_path(cfg.chat_template)})
-    table = read_table(data, required=("chosen", "rejected"))
+    source = cfg.data  # as the user named it, in errors
+    cfg = replace(cfg, data=resolve_path(cfg.data), out=storage.absolute(cfg.out),
+                  tokenizer=resolve_path(cfg.tokenizer),
+                  chat_template=resolve_path(cfg.chat_template))
+    if not storage.exists(cfg.data):
+        raise UserError(f"{source}: no such file or directory")
+    table = read_table(cfg.data, required=("chosen", "rejected"))
     if cfg.prompt_column not in ("", "prompt", *table.column_names):
-        raise UserError(f"{cfg.data}: no column `{cfg.prompt_column}` (prompt_column); found "
+        raise UserError(f"{source}: no column `{cfg.prompt_column}` (prompt_column); found "
                         f"{table.column_names}")
     prompt_column = cfg.prompt_column if cfg.prompt_column in table.column_names else None
-    conversational = _form(table, prompt_column, cfg.data)
-    inputs = {"data": input_digest(data)}
-    render = bos = eos = None
+    conversational = _form(table, prompt_column, source)
+    inputs = {"data": input_digest(cfg.data)}
+    renderer = (None, None, None)  # (render, BOS to strip, EOS to strip) for conversations
     if conversational:
-        tok = _tokenizer(cfg_abs)
-        render, bos, eos = _renderer(tok, cfg.data)
-        inputs["tokenizer"] = tokenizer_digest(
-            Path(storage.local_copy(cfg_abs.tokenizer, "tokenizer")))
+        renderer = _renderer(_tokenizer(cfg), source)
+        inputs["tokenizer"] = tokenizer_digest(Path(storage.local_copy(cfg.tokenizer, "tokenizer")))
         if cfg.chat_template:
-            inputs["chat_template"] = storage.sha256(cfg_abs.chat_template)
-    config = asdict(cfg_abs)
-    if is_current(out, STAGE, config, inputs):
-        return _summary(read_manifest(out), out, t0, skipped=True)
+            inputs["chat_template"] = storage.sha256(cfg.chat_template)
 
-    n = table.num_rows
-    prompts = table[prompt_column].to_pylist() if prompt_column else [None] * n
-    chosen, rejected = table["chosen"].to_pylist(), table["rejected"].to_pylist()
-    chosen_scores, rejected_scores, score_columns = _scores(table, n)
+    def build() -> Shards:
+        scores = _scores(table, table.num_rows)
+        rows, kept, dropped, counts = _convert(table, prompt_column, conversational, renderer,
+                                               cfg.bad_rows, source)
+        pairs = _pairs_table(table, rows, kept, scores, prompt_column, conversational)
+        return Shards(pairs, table.num_rows, dict(dropped), extra={
+            "form": "conversational" if conversational else "standard",
+            "prompt_source": "column" if prompt_column else "extracted",
+            "prompt_extraction": _extraction(prompt_column, counts, dropped),
+            "score_columns": scores[2],
+            "rendering": {k: counts[k] for k in ("bos_stripped", "eos_stripped")}
+            if conversational else None,
+            "stats": {"import_s": time.perf_counter() - t0},
+        })
+
+    return run_stage(cfg.out, STAGE, asdict(cfg), inputs, build, summary=SUMMARY, started=t0,
+                     sources={"--data": cfg.data}, reads={}, ray=False)
+
+
+def _convert(table, prompt_column: str | None, conversational: bool, renderer: tuple,
+             bad_rows: str, source: str) -> tuple[list[dict], list[int], Counter, Counter]:
+    """`convert_row` over the input rows: (converted rows, their input row indices, dropped
+    rows by reason, rendering counts); with `bad_rows="error"` the first bad row stops it."""
+    render, bos, eos = renderer
     rows, kept, dropped, counts = [], [], Counter(), Counter()
-    for i in range(n):
-        result = convert_row(prompts[i], chosen[i], rejected[i], conversational=conversational,
+    for i, (prompt, chosen, rejected) in enumerate(zip(
+            table[prompt_column].to_pylist() if prompt_column else [None] * table.num_rows,
+            table["chosen"].to_pylist(), table["rejected"].to_pylist(), strict=True)):
+        result = convert_row(prompt, chosen, rejected, conversational=conversational,
                              extract=prompt_column is None, render=render, bos_token=bos,
                              eos_token=eos)
         if isinstance(result, str):
-            if cfg.bad_rows == "error":
-                raise UserError(f"{cfg.data}: row {i}: {REASONS[result]} ({result}); "
+            if bad_rows == "error":
+                raise UserError(f"{source}: row {i}: {REASONS[result]} ({result}); "
                                 f"--bad-rows drop drops and counts such rows instead")
             dropped[result] += 1
             continue
-        row, c = result
-        counts.update(c)
+        rows.append(result[0])
+        counts.update(result[1])
+        kept.append(i)
+    return rows, kept, dropped, counts
+
+
+def _pairs_table(table, rows: list[dict], kept: list[int], scores: tuple[list, list, list[str]],
+                 prompt_column: str | None, conversational: bool):
+    """The output table: the converted `rows` (of input rows `kept`) with their ids, `scores`
+    (`_scores`) and round, then the input's other columns."""
+    chosen_scores, rejected_scores, score_columns = scores
+    for row, i in zip(rows, kept, strict=True):
         row["prompt_id"] = prompt_id(row["prompt"])
         row["chosen_score"], row["rejected_score"] = chosen_scores[i], rejected_scores[i]
         row["round"] = 0
-        rows.append(row)
-        kept.append(i)
-
     used = {prompt_column, "chosen", "rejected", *score_columns, *OUT_COLUMNS}
     names = OUT_COLUMNS if conversational else OUT_COLUMNS[:7]
-    columns = {name: [r[name] for r in rows] for name in names}
     types = {"chosen_score": pa.float64(), "rejected_score": pa.float64(), "round": pa.int64()}
-    result = pa.table({name: pa.array(v, type=types.get(name, pa.string()))
-                       for name, v in columns.items()})
+    result = pa.table({name: pa.array([r[name] for r in rows], type=types.get(name, pa.string()))
+                       for name in names})
     rest = table.select([c for c in table.column_names if c not in used])
     rest = rest.take(pa.array(kept, type=pa.int64()))
     for name in rest.column_names:
         result = result.append_column(name, rest[name])
-
-    def write(tmp: str) -> None:
-        for s, start in enumerate(range(0, max(result.num_rows, 1), ROWS_PER_SHARD)):
-            pq.write_table(result.slice(start, ROWS_PER_SHARD),
-                           storage.join(tmp, f"part-{s:05d}.parquet"))
-
-    extra = {
-        "form": "conversational" if conversational else "standard",
-        "prompt_source": "column" if prompt_column else "extracted",
-        "prompt_extraction": _extraction(prompt_column, counts, dropped),
-        "score_columns": score_columns,
-        "rendering": {k: counts[k] for k in ("bos_stripped", "eos_stripped")}
-        if conversational else None,
-        "stats": {"import_s": time.perf_counter() - t0},
-    }
-    manifest = write_stage(out, STAGE, config, inputs, write, n, dict(dropped), extra)
-    return _summary(manifest, out, t0, skipped=False)
+    return result
 
 
 def _extraction(prompt_column, counts, dropped) -> dict | None:
@@ -406,17 +408,3 @@ def _extraction(prompt_column, counts, dropped) -> dict | None:
     if prompt_column is not None:
         return None
     return {"extracted": counts["prompt_extracted"], "failed": dropped["no_common_prefix"]}
-
-
-def _summary(manifest: dict, out: str, t0: float, skipped: bool) -> dict:
-    return {
-        "out": str(out),
-        "skipped": skipped,
-        "rows": manifest["rows_in"],
-        "pairs": manifest["rows_out"],
-        "dropped": manifest["dropped"],
-        "form": manifest["form"],
-        "prompt_source": manifest["prompt_source"],
-        "prompt_extraction": manifest["prompt_extraction"],
-        "seconds": time.perf_counter() - t0,
-    }

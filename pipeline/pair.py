@@ -32,24 +32,29 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline import storage
 from pipeline.engine import request_seed
-from pipeline.errors import UserError, user_errors
-from pipeline.manifest import input_digest, is_current, read_manifest, verify_shards, write_stage
+from pipeline.errors import UserError
+from pipeline.manifest import input_digest
+from pipeline.records import SAMPLE_COLUMNS
+from pipeline.stage import Shards, Upstream, read_rows, read_stage, run_stage
 from pipeline.storage import resolve_path
-from pipeline.tables import read_ray_dataset
 
 STAGE = "pair"
-SCORE_STAGE = "score"
 MODES = ("best_worst", "correct_incorrect")
+REQUIRED = ("prompt_id", "prompt", "response", "sample_index", "score")
 # A sample's own columns; the others are the prompt's and are carried into its pairs.
-SAMPLE_ONLY = ("response", "sample_index", "finish_reason", "num_response_tokens", "score",
-               "response_token_ids")
+SAMPLE_ONLY = SAMPLE_COLUMNS + ("score",)
 TOKEN_IDS = "response_token_ids"  # the sampled ids; pairs carry them as chosen_/rejected_token_ids
 ROWS_PER_PARTITION = 10_000  # samples per groupby partition: few reduce tasks on small inputs
+# The run's summary: {its key: the manifest's key}.
+SUMMARY = {"prompts": "rows_in", "prompts_paired": "rows_kept", "pairs": "rows_out",
+           "dropped": "dropped", "stats": "stats"}
 
 
 @dataclass(frozen=True)
@@ -118,8 +123,6 @@ def make_pairs(
 
 def output_schema(input_schema):
     """The pair rows' schema (plus `drop_reason`, removed before writing)."""
-    import pyarrow as pa
-
     text = input_schema.field("response").type
     fields = [
         pa.field("prompt_id", input_schema.field("prompt_id").type),
@@ -143,8 +146,6 @@ def output_schema(input_schema):
 def pair_group(table, *, cfg: PairConfig, schema):
     """Ray Data `map_groups`: one prompt's samples -> its pair rows, or one row that carries
     only its `drop_reason`."""
-    import pyarrow as pa
-
     rows = table.to_pylist()
     pairs, reason = make_pairs(
         rows, mode=cfg.mode, max_pairs_per_prompt=cfg.max_pairs_per_prompt,
@@ -174,8 +175,6 @@ def pair_group(table, *, cfg: PairConfig, schema):
 
 
 def _kept_pairs(table):
-    import pyarrow.compute as pc
-
     return table.filter(pc.equal(table["drop_reason"], "")).drop_columns(["drop_reason"])
 
 
@@ -189,33 +188,8 @@ def _validate(cfg: PairConfig) -> None:
         raise UserError(f"min_margin must be a finite number >= 0, got {cfg.min_margin}")
 
 
-def _read_scored(scored: str):
-    import ray
-
-    required = ("prompt_id", "prompt", "response", "sample_index", "score")
-    manifest = read_manifest(scored) if storage.is_dir(scored) else None
-    if manifest is None:
-        ds = read_ray_dataset(scored, required=required)
-    else:
-        if manifest.get("stage") != SCORE_STAGE:
-            raise UserError(
-                f"{scored} holds '{manifest.get('stage')}' output; --scored needs the output of "
-                f"`odpo score`"
-            )
-        verify_shards(scored, SCORE_STAGE)
-        if not manifest["files"]:
-            return None
-        ds = ray.data.read_parquet([storage.join(scored, f["name"]) for f in manifest["files"]])
-        missing = [c for c in required if c not in ds.schema().names]
-        if missing:
-            raise UserError(f"{scored}: missing column(s) {missing}")
-    return ds
-
-
 def _check_scores(table):
     """Ray Data task: a non-finite score cannot be ranked; `odpo score` never writes one."""
-    import pyarrow.compute as pc
-
     bad = pc.invert(pc.is_finite(table["score"]))
     if pc.any(bad).as_py():
         row = table.filter(bad).slice(0, 1).to_pylist()[0]
@@ -227,11 +201,9 @@ def _check_scores(table):
     return table
 
 
-def _pair_dataset(cfg: PairConfig, scored: str):
+def _pair_dataset(cfg: PairConfig, up: Upstream):
     """(pairs dataset or None, samples in, prompts in, prompts kept, dropped by reason)."""
-    import pyarrow as pa
-
-    ds = _read_scored(scored)
+    ds = read_rows(up)
     if ds is None:
         return None, 0, 0, 0, {}
     # Read and checked once; the counts, the schema and the grouping reuse it.
@@ -263,55 +235,24 @@ def _pair_dataset(cfg: PairConfig, scored: str):
     return pairs, samples_in, prompts_in, kept, dropped
 
 
-def run_pair(cfg: PairConfig, start_ray: Callable[[], None] | None = None) -> dict:
-    """Pair the scored samples into `cfg.out` (skipped when already current). Needs Ray:
-    `start_ray` is called once the stage knows it has work."""
-    from pipeline.sample import write_shards
-
+def run_pair(cfg: PairConfig) -> dict:
+    """Pair the scored samples into `cfg.out` (skipped when already current)."""
     t0 = time.perf_counter()
     _validate(cfg)
     cfg = dataclasses.replace(cfg, scored=resolve_path(cfg.scored),
                               out=storage.absolute(cfg.out))
-    scored = cfg.scored
-    if not storage.exists(scored):
-        raise UserError(f"{cfg.scored}: no such file or directory")
-    if storage.same(scored, cfg.out):
-        raise UserError(f"--out {cfg.out} is the --scored directory; choose another directory")
-    inputs = {"scored": input_digest(scored)}
-    config = dataclasses.asdict(cfg)
+    up = read_stage(cfg.scored, ("score",), REQUIRED, flag="--scored")
     # The sampling tokenizer's vocabulary, passed on for the reference stage's check.
-    vocab = ((read_manifest(scored) if storage.is_dir(scored) else None) or {}).get(
-        "tokenizer_vocab")
-    if is_current(cfg.out, STAGE, config, inputs):
-        return _summary(read_manifest(cfg.out), cfg.out, t0, skipped=True)
-    if start_ray is not None:
-        start_ray()
+    vocab = (up.manifest or {}).get("tokenizer_vocab")
 
-    with user_errors():
-        pairs, samples_in, prompts_in, kept, dropped = _pair_dataset(cfg, scored)
-        stats = {"samples_in": samples_in}
+    def build() -> Shards:
+        pairs, samples_in, prompts_in, kept, dropped = _pair_dataset(cfg, up)
+        return Shards(pairs, prompts_in, dropped, rows_kept=kept,
+                      extra={"units": {"in": "prompts", "out": "pairs"},
+                             **({"tokenizer_vocab": vocab} if vocab else {})},
+                      after=lambda tmp: {"stats": {"samples_in": samples_in,
+                                                   "pair_s": time.perf_counter() - t0}})
 
-        def write(tmp: str) -> None:
-            if pairs is not None:
-                write_shards(pairs, tmp)
-            stats["pair_s"] = time.perf_counter() - t0
-
-        manifest = write_stage(
-            cfg.out, STAGE, config, inputs, write, rows_in=prompts_in, dropped=dropped,
-            rows_kept=kept, extra={"units": {"in": "prompts", "out": "pairs"}, "stats": stats,
-                                   **({"tokenizer_vocab": vocab} if vocab else {})},
-        )
-    return _summary(manifest, cfg.out, t0, skipped=False)
-
-
-def _summary(manifest: dict, out: str, t0: float, skipped: bool) -> dict:
-    return {
-        "out": out,
-        "skipped": skipped,
-        "prompts": manifest["rows_in"],
-        "prompts_paired": manifest.get("rows_kept", 0),
-        "pairs": manifest["rows_out"],
-        "dropped": manifest["dropped"],
-        "stats": manifest.get("stats", {}),
-        "seconds": time.perf_counter() - t0,
-    }
+    return run_stage(cfg.out, STAGE, dataclasses.asdict(cfg), {"scored": input_digest(cfg.scored)},
+                     build, summary=SUMMARY, started=t0, sources={"--scored": cfg.scored},
+                     reads={"--scored": cfg.scored})

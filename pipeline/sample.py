@@ -27,34 +27,34 @@ position.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import json
 import time
+import unicodedata
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from pipeline import storage
-from pipeline.checkpoint import (
-    check_checkpoint,
-    checkpoint_digest,
-    context_length,
-    vocab_digest,
-)
-from pipeline.engine import EngineConfig, actor_options, make_llm, request_seed
-from pipeline.errors import UserError, user_errors
-from pipeline.manifest import input_digest, is_current, read_manifest, write_stage
+from pipeline.checkpoint import check_checkpoint, checkpoint_digest, context_length, vocab_digest
+from pipeline.engine import EngineConfig, actor_options, make_llm, sampling_params_for
+from pipeline.errors import UserError
+from pipeline.manifest import input_digest
+from pipeline.records import SAMPLE_COLUMNS, prompt_id
+from pipeline.stage import Shards, run_stage
 from pipeline.storage import local_copy, resolve_path
 from pipeline.tables import read_ray_dataset
 
 STAGE = "sample"
-# Columns this stage writes; an input that already has one is probably not a prompts file.
-SAMPLE_COLUMNS = ("response", "sample_index", "finish_reason", "num_response_tokens",
-                  "response_token_ids")
 # unencodable_prompt: the tokenizer cannot represent the text (an unk token, or decoding does not
 # give it back): vLLM would sample silently for some other prompt.
 DROP_REASONS = ("empty_prompt", "unencodable_prompt", "prompt_too_long", "duplicate_prompt")
-MIN_ROWS_PER_SHARD = 50_000  # samples per output file (fewer, larger files; Ray may write more)
+# The run's summary: {its key: the manifest's key}.
+SUMMARY = {"prompts": "rows_in", "prompts_sampled": "rows_kept", "samples": "rows_out",
+           "dropped": "dropped", "stats": "stats"}
 
 
 @dataclass(frozen=True)
@@ -77,11 +77,6 @@ class SampleConfig:
 # ---------------------------------------------------------------- pure functions (tested bare)
 
 
-def prompt_id(prompt: str) -> str:
-    """Stable id of a prompt: the first 16 hex digits of sha256 over its UTF-8 text."""
-    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
-
-
 def drop_reason(prompt: str | None, num_prompt_tokens: int, max_model_len: int,
                 unencodable: bool = False) -> str:
     """Why a prompt cannot be sampled ("" when it can). vLLM rejects a prompt that leaves no
@@ -100,8 +95,6 @@ def unencodable(tokenizer, texts: list[str], ids: list[list[int]] | None = None)
     text. With an unk token: its encoding `ids` (computed here when None) holds it. Without
     one (byte-level BPE encodes anything): the text does not decode back from its ids, compared
     after NFC normalisation (a tokenizer's NFC normaliser changes no meaning)."""
-    import unicodedata
-
     if not texts:
         return []
     unk = tokenizer.unk_token_id
@@ -115,22 +108,6 @@ def unencodable(tokenizer, texts: list[str], ids: list[list[int]] | None = None)
             for b, t in zip(back, texts, strict=True)]
 
 
-def sampling_params_for(prompts: list[str], cfg: dict) -> list:
-    """One `SamplingParams(n=k)` per prompt, seeded by the run seed and the prompt text."""
-    from vllm import SamplingParams
-
-    return [
-        SamplingParams(
-            n=cfg["k"],
-            temperature=cfg["temperature"],
-            top_p=cfg["top_p"],
-            max_tokens=cfg["max_tokens"],
-            seed=request_seed(cfg["seed"], p),
-        )
-        for p in prompts
-    ]
-
-
 def expand_samples(table, outputs, k: int, prompt_token_ids: list[list[int]] | None = None):
     """Prompt rows + vLLM `RequestOutput`s (same order) -> one row per sample.
 
@@ -139,8 +116,6 @@ def expand_samples(table, outputs, k: int, prompt_token_ids: list[list[int]] | N
     (the reference stage rebuilds the prompt ids from the text: they must be what was sampled).
     Returns a (P * k)-row table: the prompt row's columns repeated, plus the sample columns.
     """
-    import pyarrow as pa
-
     if len(outputs) != table.num_rows:
         raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {table.num_rows} prompts")
     responses, index, finish, ntok, ids = [], [], [], [], []
@@ -189,8 +164,6 @@ def check_prompts(table, *, model: str, max_model_len: int):
     """Ray Data task: add `prompt_id`, `num_prompt_tokens` and `drop_reason` to prompt rows.
 
     Tokenizes as vLLM does (the model's tokenizer, special tokens added)."""
-    import pyarrow as pa
-
     prompts = table["prompt"].to_pylist()
     texts = [p if p else "" for p in prompts]
     tokenizer = _tokenizer(model)
@@ -219,9 +192,6 @@ def mark_duplicates(prompt_ids: list[str], reasons: list[str]) -> list[str]:
 
 def _select_ids(table, *, ids: list[str], keep: bool):
     """Ray Data task: the rows whose prompt_id is (keep=True) or is not (False) in `ids`."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     mask = pc.is_in(table["prompt_id"], value_set=pa.array(ids, pa.string()))
     return table.filter(mask if keep else pc.invert(mask))
 
@@ -229,8 +199,6 @@ def _select_ids(table, *, ids: list[str], keep: bool):
 def _one_copy(table):
     """Ray Data `map_groups`: one row of a repeated prompt; the same row whatever the input
     order (the copies may differ in their metadata)."""
-    import json
-
     rows = table.to_pylist()
     first = min(range(len(rows)), key=lambda i: json.dumps(rows[i], sort_keys=True, default=str))
     return table.slice(first, 1)
@@ -238,8 +206,6 @@ def _one_copy(table):
 
 def _keep_valid(table):
     """Ray Data task: the rows without a drop reason, minus the `drop_reason` column."""
-    import pyarrow.compute as pc
-
     return table.filter(pc.equal(table["drop_reason"], "")).drop_columns(["drop_reason"])
 
 
@@ -272,26 +238,6 @@ class VLLMSampler:
 # ---------------------------------------------------------------- the stage
 
 
-def write_shards(ds, directory: str) -> None:
-    """`ds.write_parquet` into an empty (temporary) stage directory with names
-    `part-00000-0.parquet`, ... instead of uuids, so a stage's file list reads the same on every
-    run. OVERWRITE mode is what lets Ray accept names without the write's uuid."""
-    import ray
-    from ray.data.datasource import FilenameProvider
-
-    class PartNames(FilenameProvider):
-        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
-            return f"part-{task_index:05d}"
-
-    ds.write_parquet(str(directory), filename_provider=PartNames(),
-                     min_rows_per_file=MIN_ROWS_PER_SHARD, mode=ray.data.SaveMode.OVERWRITE)
-
-
-def vocab_digest_of(model: str) -> str:
-    """Digest of the model's tokenizer vocabulary (what the sampled token ids mean)."""
-    return vocab_digest(_tokenizer(model))
-
-
 def _validate(cfg: SampleConfig) -> None:
     checks = (
         (cfg.k >= 1, f"k must be >= 1, got {cfg.k}"),
@@ -310,15 +256,9 @@ def _validate(cfg: SampleConfig) -> None:
             raise UserError(msg)
 
 
-def run_sample(cfg: SampleConfig, start_ray: Callable[[], None] | None = None) -> dict:
-    """Sample `cfg.k` responses per prompt into `cfg.out` (skipped when already current).
-
-    Needs Ray: `start_ray` is called once the stage knows it has work (a skip starts nothing).
-    Returns a summary with the manifest's counts."""
-    import pyarrow as pa
-    import ray
-
-    t0 = time.perf_counter()
+def _checked(cfg: SampleConfig) -> tuple[SampleConfig, str, int]:
+    """(cfg with absolute paths, this node's copy of the model, the engine's max_model_len),
+    after the config's and the model's checks."""
     _validate(cfg)
     model = resolve_path(cfg.model)
     if not storage.is_dir(model):
@@ -326,65 +266,75 @@ def run_sample(cfg: SampleConfig, start_ray: Callable[[], None] | None = None) -
                         f"local or a URI, is needed)")
     local_model = local_copy(model)  # a URI: this node's copy, for the checks below
     check_checkpoint(local_model)
-    cfg = dataclasses.replace(cfg, model=model, prompts=resolve_path(cfg.prompts),
-                              out=storage.absolute(cfg.out))
     context = context_length(local_model)
     if cfg.engine.max_model_len > context:
         raise UserError(
             f"engine.max_model_len {cfg.engine.max_model_len} exceeds the model's context of "
             f"{context}"
         )
-    max_model_len = cfg.engine.max_model_len or context
-    if storage.exists(cfg.prompts) and storage.same(cfg.prompts, cfg.out):
-        raise UserError(f"--out {cfg.out} is the prompts path; choose another directory")
-    inputs = {"prompts": input_digest(cfg.prompts), "model": checkpoint_digest(local_model)}
-    config = asdict(cfg)
-    if is_current(cfg.out, STAGE, config, inputs):
-        return _summary(read_manifest(cfg.out), cfg.out, t0, skipped=True)
-    if start_ray is not None:
-        start_ray()
+    cfg = dataclasses.replace(cfg, model=model, prompts=resolve_path(cfg.prompts),
+                              out=storage.absolute(cfg.out))
+    return cfg, local_model, cfg.engine.max_model_len or context
 
-    ds = read_ray_dataset(cfg.prompts, required=("prompt",))
+
+def _read_prompts(path: str):
+    """The prompts as a Ray Dataset; refused when `prompt` holds no text or the data already has
+    columns this stage writes (it is probably not a prompts file)."""
+    ds = read_ray_dataset(path, required=("prompt",))
     schema = ds.schema()
     prompt_type = schema.types[schema.names.index("prompt")]
     if not (pa.types.is_string(prompt_type) or pa.types.is_large_string(prompt_type)):
-        raise UserError(f"{cfg.prompts}: column `prompt` must hold strings, found {prompt_type}")
+        raise UserError(f"{path}: column `prompt` must hold strings, found {prompt_type}")
     clash = [c for c in SAMPLE_COLUMNS + ("num_prompt_tokens", "score") if c in schema.names]
     if clash:
         raise UserError(
-            f"{cfg.prompts}: already has column(s) {clash}; is it a prompts file? (sample "
-            f"writes these columns itself)"
+            f"{path}: already has column(s) {clash}; is it a prompts file? (sample writes these "
+            f"columns itself)"
         )
+    return ds
 
+
+def _valid_prompts(checked):
+    """(the prompts to sample, one copy of each; prompts in; dropped prompts by reason) from
+    the rows `check_prompts` marked."""
+    # Two short columns per prompt come to the driver to count the drops and find the repeated
+    # prompts (a second copy would draw the very same samples).
+    meta = pa.concat_tables(
+        checked.select_columns(["prompt_id", "drop_reason"])
+        .iter_batches(batch_format="pyarrow", batch_size=None)
+    ) if checked.count() else pa.table({"prompt_id": [], "drop_reason": []})
+    ids = meta["prompt_id"].to_pylist()
+    reasons = mark_duplicates(ids, meta["drop_reason"].to_pylist())
+    valid = checked.map_batches(_keep_valid, batch_format="pyarrow")
+    repeated = sorted({i for i, r in zip(ids, reasons, strict=True) if r == "duplicate_prompt"})
+    if repeated:
+        # One copy of each repeated prompt, through a group-by of those prompts only; the other
+        # rows keep their order.
+        valid = valid.map_batches(
+            _select_ids, batch_format="pyarrow", fn_kwargs={"ids": repeated, "keep": False}
+        ).union(valid.map_batches(
+            _select_ids, batch_format="pyarrow", fn_kwargs={"ids": repeated, "keep": True}
+        ).groupby("prompt_id").map_groups(_one_copy, batch_format="pyarrow"))
+    return valid, len(reasons), dict(Counter(r for r in reasons if r))
+
+
+def run_sample(cfg: SampleConfig) -> dict:
+    """Sample `cfg.k` responses per prompt into `cfg.out` (skipped when already current).
+    Returns a summary with the manifest's counts."""
+    t0 = time.perf_counter()
+    cfg, local_model, max_model_len = _checked(cfg)
+    inputs = {"prompts": input_digest(cfg.prompts), "model": checkpoint_digest(local_model)}
     sampling = {k: getattr(cfg, k) for k in ("k", "temperature", "top_p", "max_tokens", "seed")}
-    with user_errors():
-        checked = ds.map_batches(
-            check_prompts,
-            batch_format="pyarrow",
+
+    def build() -> Shards:
+        import ray
+
+        checked = _read_prompts(cfg.prompts).map_batches(
+            check_prompts, batch_format="pyarrow",
             fn_kwargs={"model": cfg.model, "max_model_len": max_model_len},
         ).materialize()
-        # Two short columns per prompt come to the driver to count the drops and find the
-        # repeated prompts (a second copy would draw the very same samples).
-        meta = pa.concat_tables(
-            checked.select_columns(["prompt_id", "drop_reason"])
-            .iter_batches(batch_format="pyarrow", batch_size=None)
-        ) if checked.count() else pa.table({"prompt_id": [], "drop_reason": []})
-        ids = meta["prompt_id"].to_pylist()
-        reasons = mark_duplicates(ids, meta["drop_reason"].to_pylist())
-        rows_in = len(reasons)
-        dropped = dict(Counter(r for r in reasons if r))
+        valid, rows_in, dropped = _valid_prompts(checked)
         kept = rows_in - sum(dropped.values())
-        valid = checked.map_batches(_keep_valid, batch_format="pyarrow")
-        repeated = sorted({i for i, r in zip(ids, reasons, strict=True)
-                           if r == "duplicate_prompt"})
-        if repeated:
-            # One copy of each repeated prompt, through a group-by of those prompts only; the
-            # other rows keep their order.
-            valid = valid.map_batches(
-                _select_ids, batch_format="pyarrow", fn_kwargs={"ids": repeated, "keep": False}
-            ).union(valid.map_batches(
-                _select_ids, batch_format="pyarrow", fn_kwargs={"ids": repeated, "keep": True}
-            ).groupby("prompt_id").map_groups(_one_copy, batch_format="pyarrow"))
         samples = valid.map_batches(
             VLLMSampler,
             batch_size=cfg.batch_size,
@@ -394,35 +344,27 @@ def run_sample(cfg: SampleConfig, start_ray: Callable[[], None] | None = None) -
                                    "sampling": sampling},
             **actor_options(cfg.engine),
         )
+        t = time.perf_counter()
+        return Shards(samples if kept else None, rows_in, dropped, rows_kept=kept,
+                      extra={"k": cfg.k, "units": {"in": "prompts", "out": "samples"},
+                             "tokenizer_vocab": vocab_digest(_tokenizer(local_model))},
+                      after=lambda tmp: _read_back(tmp, kept * cfg.k, time.perf_counter() - t))
 
-        def write(tmp: str) -> None:
-            if kept:
-                write_shards(samples, tmp)
-            written = _count_rows(tmp)
-            if written != kept * cfg.k:
-                raise RuntimeError(f"sample: wrote {written} rows for {kept} prompts x k={cfg.k}")
-            stats.update(_stats(tmp, time.perf_counter() - t_sample))
-
-        stats: dict = {}  # filled by `write` once the shards exist, before the manifest
-        t_sample = time.perf_counter()
-        manifest = write_stage(cfg.out, STAGE, config, inputs, write, rows_in=rows_in,
-                               dropped=dropped, rows_kept=kept,
-                               extra={"k": cfg.k, "units": {"in": "prompts", "out": "samples"},
-                                      "stats": stats,
-                                      "tokenizer_vocab": vocab_digest_of(local_model)})
-    return _summary(manifest, cfg.out, t0, skipped=False)
+    return run_stage(cfg.out, STAGE, asdict(cfg), inputs, build, summary=SUMMARY, started=t0,
+                     sources={"--prompts": cfg.prompts},
+                     reads={"--model": cfg.model, "--prompts": cfg.prompts})
 
 
-def _count_rows(directory: str) -> int:
-    return sum(storage.parquet_rows(f) for f in storage.list_files(directory, (".parquet",)))
+def _read_back(directory: str, samples: int, seconds: float) -> dict:
+    """The written shards hold `samples` rows: their stats (finish reasons, token counts)."""
+    written = sum(storage.parquet_rows(f) for f in storage.list_files(directory, (".parquet",)))
+    if written != samples:
+        raise RuntimeError(f"sample: wrote {written} rows, expected {samples} (prompts x k)")
+    return {"stats": _stats(directory, seconds)}
 
 
 def _stats(directory: str, seconds: float) -> dict:
     """Finish reasons and token counts read back from the written shards."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
     tables = [pq.read_table(f, columns=["finish_reason", "num_response_tokens"])
               for f in storage.list_files(directory, (".parquet",))]
     if not tables:
@@ -438,17 +380,4 @@ def _stats(directory: str, seconds: float) -> dict:
         "response_tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
         "mean_response_tokens": tokens / t.num_rows,
         "finish_reason": dict(sorted(finish.items())),
-    }
-
-
-def _summary(manifest: dict, out: str, t0: float, skipped: bool) -> dict:
-    return {
-        "out": out,
-        "skipped": skipped,
-        "prompts": manifest["rows_in"],
-        "prompts_sampled": manifest.get("rows_kept", manifest["rows_out"]),
-        "samples": manifest["rows_out"],
-        "dropped": manifest["dropped"],
-        "stats": manifest.get("stats", {}),
-        "seconds": time.perf_counter() - t0,
     }

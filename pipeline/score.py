@@ -1,59 +1,43 @@
-"""Scorers: (prompts, responses, rows) -> list[float]."""
+"""`odpo score`: the samples scored as a Ray Data stage.
+
+An actor pool whose actors load the scorer once (`pipeline.scorers`: a reward model's weights, a
+user module) and call it on batches of rows. Output: the samples' columns, unchanged
+(`response_token_ids` included), plus `score` (float64). A response cut at max_tokens
+(`finish_reason` "length") is dropped before scoring, counted as `truncated`: it is no complete
+answer, and an EOS after it would teach the model to stop there (`keep_truncated` keeps it; it is
+then trained on without an EOS, as it was sampled).
+"""
 
 from __future__ import annotations
 
-import hashlib
-import importlib
+import dataclasses
+import inspect
 import math
-import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from pipeline.checkpoint import check_checkpoint, config_context_length
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.checkpoint import check_checkpoint, checkpoint_digest
 from pipeline.errors import UserError
-
-BUILTIN_SCORERS = {
-    "addition": "pipeline.tasks.addition:verify",
-    "exact": "pipeline.score:exact_answer",
-}
-
-
-def load_scorer(spec: str) -> Callable:
-    """A scorer from `module:function`, `path/to/file.py:function`, or a built-in task name."""
-    if spec.rsplit(":", 1)[0].endswith(".py"):
-        return load_scorer_file(spec)
-    target = BUILTIN_SCORERS.get(spec, spec)
-    if ":" not in target:
-        raise UserError(
-            f"scorer {spec!r}: expected `module:function` or one of {sorted(BUILTIN_SCORERS)}"
-        )
-    module_name, fn_name = target.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(module_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise UserError(f"scorer {spec!r}: cannot import: {e}") from e
-    if not callable(fn):
-        raise UserError(f"scorer {spec!r} is not callable")
-    return fn
-
-
-# ---------------------------------------------------------------- the `odpo score` stage
-#
-# Scorers run as a Ray Data stage over the samples: an actor pool whose actors load the scorer
-# once (a reward model's weights, a user module) and call it on batches of rows. Output: the
-# samples' columns, unchanged (`response_token_ids` included), plus `score` (float64).
-# A response cut at max_tokens (`finish_reason` "length") is dropped before scoring, counted as
-# `truncated`: it is no complete answer, and an EOS after it would teach the model to stop there
-# (`keep_truncated` keeps it; it is then trained on without an EOS, as it was sampled).
+from pipeline.manifest import input_digest
+from pipeline.scorers import RewardModelScorer, load_scorer, resolve_scorer
+from pipeline.stage import Shards, read_rows, read_stage, run_stage
+from pipeline.storage import local_copy, resolve_path
 
 STAGE = "score"
-SAMPLE_STAGE = "sample"
 # Each row's own columns; every other column (e.g. `answer`) is the row's metadata.
 ROW_ID_COLUMNS = ("prompt_id", "sample_index")
 NONFINITE_MODES = ("error", "drop")
 TRUNCATED = "length"  # vLLM's finish_reason for a response cut at max_tokens
 RM_DTYPES = ("float32", "bfloat16", "float16")
+# The run's summary: {its key: the manifest's key}.
+SUMMARY = {"samples": "rows_in", "scored": "rows_out", "dropped": "dropped", "stats": "stats"}
 
 
 @dataclass(frozen=True)
@@ -78,118 +62,18 @@ class ScoreConfig:
     keep_truncated: bool = False
 
 
-def exact_answer(prompts: Sequence[str], responses: Sequence[str], rows: Sequence[dict]) -> list:
-    """Exact-answer verifier (Iterative RPO's correct / incorrect): 1.0 when the response,
-    stripped of surrounding whitespace, equals the row's `answer`, else 0.0."""
-    return [
-        1.0 if str(resp).strip() == str(row["answer"]).strip() else 0.0
-        for resp, row in zip(responses, rows, strict=True)
-    ]
-
-
-def load_scorer_file(spec: str) -> Callable:
-    """A scorer from `path/to/file.py:function` (the file need not be on sys.path)."""
-    import importlib.util
-
-    path, fn_name = spec.rsplit(":", 1)
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"scorer {spec!r}: {path}: no such file")
-    module_name = "odpo_scorer_" + hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:12]
-    module = sys.modules.get(module_name)
-    if module is None:
-        loader_spec = importlib.util.spec_from_file_location(module_name, p)
-        module = importlib.util.module_from_spec(loader_spec)
-        try:
-            loader_spec.loader.exec_module(module)
-        except Exception as e:  # noqa: BLE001 - the user's file: any error is theirs to fix
-            raise UserError(f"scorer {spec!r}: importing {path} failed: {e!r}") from e
-        sys.modules[module_name] = module
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise UserError(f"scorer {spec!r}: {path} has no callable {fn_name!r}")
-    return fn
-
-
-class RewardModelScorer:
-    """A scorer (prompts, responses, rows) -> rewards from a local
-    `AutoModelForSequenceClassification` with one label: the logit the model reads at the last
-    non-padding token of prompt + response (the tokenizer's chat template when it has one)."""
-
-    def __init__(self, path: str, *, dtype: str = "float32", max_length: int = 0,
-                 batch_size: int = 32, device: str = "cpu"):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from pipeline.storage import local_copy
-
-        try:
-            files = local_copy(path, "reward model")  # a URI: this node's copy
-            self.tokenizer = AutoTokenizer.from_pretrained(files, trust_remote_code=False)
-            self.model = AutoModelForSequenceClassification.from_pretrained(
-                files, dtype=getattr(torch, dtype), trust_remote_code=False, use_safetensors=True
-            )
-        except (OSError, ValueError) as e:
-            raise UserError(f"reward model {path}: cannot load ({str(e).splitlines()[0]})") from e
-        if self.model.config.num_labels != 1:
-            raise UserError(
-                f"reward model {path}: has {self.model.config.num_labels} labels; a reward model "
-                f"has exactly one (num_labels=1)"
-            )
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        # The model finds the last real token through pad_token_id: it must agree.
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.tokenizer.truncation_side = "left"
-        context = config_context_length(self.model.config.to_dict()) or 2048
-        self.max_length = min(max_length or context, context)
-        self.batch_size = batch_size
-        self.device = device
-        self.model.to(device).eval()
-
-    def texts(self, prompts: Sequence[str], responses: Sequence[str]) -> list[str]:
-        if self.tokenizer.chat_template:
-            return [
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                    tokenize=False,
-                )
-                for p, r in zip(prompts, responses, strict=True)
-            ]
-        return [p + r for p, r in zip(prompts, responses, strict=True)]
-
-    def __call__(self, prompts, responses, rows) -> list[float]:
-        import torch
-
-        texts = self.texts(prompts, responses)
-        special = not self.tokenizer.chat_template  # a template writes its own BOS
-        scores: list[float] = []
-        with torch.inference_mode():
-            for i in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(
-                    texts[i : i + self.batch_size], padding=True, truncation=True,
-                    max_length=self.max_length, add_special_tokens=special, return_tensors="pt",
-                ).to(self.device)
-                logits = self.model(**enc).logits
-                scores += logits[:, 0].float().cpu().tolist()
-        return scores
-
-
 def make_scorer(cfg: ScoreConfig) -> Callable:
     """The callable `cfg.scorer` names (a reward model is loaded here: call it in the actor)."""
-    if cfg.scorer == "reward_model":
-        import torch
+    if cfg.scorer != "reward_model":
+        return load_scorer(cfg.scorer)
+    import torch
 
-        if not cfg.use_gpu:
-            torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
-        return RewardModelScorer(
-            cfg.reward_model, dtype=cfg.rm_dtype, max_length=cfg.rm_max_length,
-            batch_size=cfg.rm_batch_size, device="cuda" if cfg.use_gpu else "cpu",
-        )
-    module = cfg.scorer.rsplit(":", 1)[0]
-    if module.endswith(".py"):
-        return load_scorer_file(cfg.scorer)
-    return load_scorer(cfg.scorer)
+    if not cfg.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
+    return RewardModelScorer(
+        cfg.reward_model, dtype=cfg.rm_dtype, max_length=cfg.rm_max_length,
+        batch_size=cfg.rm_batch_size, device="cuda" if cfg.use_gpu else "cpu",
+    )
 
 
 def _row_name(row: dict, i: int) -> str:
@@ -254,21 +138,36 @@ class ScoreBatch:
         self.fn = make_scorer(cfg)
 
     def __call__(self, table):
-        import pyarrow as pa
-
         scores = score_rows(self.fn, self.name, table.to_pylist(), self.cfg.nonfinite)
         return table.append_column("score", pa.array(scores, type=pa.float64()))
 
 
-def _drop_truncated(table):
-    import pyarrow.compute as pc
+def _drop_truncated(ds):
+    """(`ds` without the responses cut at max_tokens, how many there were)."""
+    if "finish_reason" not in ds.schema().names:
+        return ds, 0
+    # Finish reasons come to the driver (a short string a row) to count the cut ones.
+    reasons = ds.select_columns(["finish_reason"]).iter_batches(batch_format="numpy",
+                                                                batch_size=None)
+    cut = int(sum((b["finish_reason"] == TRUNCATED).sum() for b in reasons))
+    return (ds.map_batches(_finished, batch_format="pyarrow"), cut) if cut else (ds, 0)
 
+
+def _finished(table):
     return table.filter(pc.fill_null(pc.not_equal(table["finish_reason"], TRUNCATED), True))
 
 
-def _keep_finite(table):
-    import pyarrow.compute as pc
+def _drop_nonfinite(scored):
+    """(`scored` computed, without its NaN / inf scores; how many there were)."""
+    scored = scored.materialize()
+    # Scores come to the driver (8 bytes a row) to count what is dropped.
+    values = [b["score"] for b in scored.select_columns(["score"]).iter_batches(
+        batch_format="numpy", batch_size=None)]
+    bad = int((~np.isfinite(np.concatenate(values or [np.zeros(0)]))).sum())
+    return (scored.map_batches(_finite, batch_format="pyarrow"), bad) if bad else (scored, 0)
 
+
+def _finite(table):
     return table.filter(pc.is_finite(table["score"]))
 
 
@@ -283,8 +182,6 @@ def _validate(cfg: ScoreConfig) -> None:
     if cfg.scorer == "reward_model":
         if not cfg.reward_model:
             raise UserError("scorer reward_model needs --reward-model PATH (an HF dir or URI)")
-        from pipeline import storage
-
         if not storage.is_dir(cfg.reward_model):
             raise UserError(f"reward model {cfg.reward_model}: no such directory")
         check_checkpoint(cfg.reward_model, "reward model")
@@ -296,14 +193,7 @@ def _validate(cfg: ScoreConfig) -> None:
 def _scorer_digest(cfg: ScoreConfig, fn: Callable | None) -> str:
     """What the scores depend on besides the samples: the reward model's files, or the source
     file of the scoring function (an edited scorer re-scores)."""
-    import inspect
-
-    from pipeline.manifest import input_digest
-
     if cfg.scorer == "reward_model":
-        from pipeline.checkpoint import checkpoint_digest
-        from pipeline.storage import local_copy
-
         return checkpoint_digest(local_copy(cfg.reward_model, "reward model"))
     try:
         source = inspect.getsourcefile(fn)
@@ -312,143 +202,50 @@ def _scorer_digest(cfg: ScoreConfig, fn: Callable | None) -> str:
     return input_digest(source) if source else cfg.scorer
 
 
-def _sample_files(samples: str) -> list[str] | None:
-    """Shard files of a sample stage dir (checked against its manifest), or None for plain
-    data without a manifest."""
-    from pipeline import storage
-    from pipeline.manifest import read_manifest, verify_shards
-
-    manifest = read_manifest(samples) if storage.is_dir(samples) else None
-    if manifest is None:
-        return None
-    if manifest.get("stage") != SAMPLE_STAGE:
-        raise UserError(
-            f"{samples} holds '{manifest.get('stage')}' output; --samples needs the output of "
-            f"`odpo sample`"
-        )
-    verify_shards(samples, SAMPLE_STAGE)
-    return [storage.join(samples, f["name"]) for f in manifest["files"]]
-
-
-def run_score(cfg: ScoreConfig, start_ray: Callable[[], None] | None = None) -> dict:
-    """Score every sample into `cfg.out` (skipped when already current). Needs Ray:
-    `start_ray` is called once the stage knows it has work."""
-    import dataclasses
-    import time
-
-    import numpy as np
-    import ray
-
-    from pipeline import storage
-    from pipeline.errors import user_errors
-    from pipeline.manifest import input_digest, is_current, read_manifest, write_stage
-    from pipeline.sample import write_shards
-    from pipeline.storage import resolve_path
-    from pipeline.tables import read_ray_dataset
-
+def run_score(cfg: ScoreConfig) -> dict:
+    """Score every sample into `cfg.out` (skipped when already current)."""
     t0 = time.perf_counter()
     cfg = dataclasses.replace(
         cfg, samples=resolve_path(cfg.samples), out=storage.absolute(cfg.out),
-        reward_model=resolve_path(cfg.reward_model),
-        scorer=_resolve_scorer_path(cfg.scorer),
+        reward_model=resolve_path(cfg.reward_model), scorer=resolve_scorer(cfg.scorer),
     )
     _validate(cfg)
-    samples = cfg.samples
-    if not storage.exists(samples):
-        raise UserError(f"{cfg.samples}: no such file or directory")
-    if storage.same(samples, cfg.out):
-        raise UserError(f"--out {cfg.out} is the --samples directory; choose another directory")
     fn = None if cfg.scorer == "reward_model" else make_scorer(cfg)  # import errors fail here
-    files = _sample_files(samples)
-    inputs = {"samples": input_digest(samples), "scorer": _scorer_digest(cfg, fn)}
-    config = dataclasses.asdict(cfg)
-    if is_current(cfg.out, STAGE, config, inputs):
-        return _score_summary(read_manifest(cfg.out), cfg.out, t0, skipped=True)
-    if start_ray is not None:
-        start_ray()
-
-    required = ("prompt", "response") + (("answer",) if cfg.scorer in ("exact", "addition")
-                                         else ())
-    if files is None:
-        ds = read_ray_dataset(cfg.samples, required=required)
-    else:
-        if not files:
-            ds = None
-        else:
-            ds = ray.data.read_parquet(files)
-            missing = [c for c in required if c not in ds.schema().names]
-            if missing:
-                raise UserError(f"{cfg.samples}: missing column(s) {missing} (scorer "
-                                f"{cfg.scorer!r} reads them)")
-    if ds is not None and "score" in ds.schema().names:
-        raise UserError(f"{cfg.samples}: already has a `score` column; score the samples")
-
-    stats: dict = {}
+    verifier = ("answer",) if cfg.scorer in ("exact", "addition") else ()
+    up = read_stage(cfg.samples, ("sample",), ("prompt", "response") + verifier, flag="--samples")
+    inputs = {"samples": input_digest(cfg.samples), "scorer": _scorer_digest(cfg, fn)}
     # The sampling tokenizer's vocabulary, passed on for the reference stage's check.
-    vocab = (read_manifest(samples) or {}).get("tokenizer_vocab") if files is not None else None
+    vocab = (up.manifest or {}).get("tokenizer_vocab")
+    extra = {"tokenizer_vocab": vocab} if vocab else {}
 
-    def write(tmp: str) -> None:
+    def build() -> Shards:
+        import ray
+
+        ds = read_rows(up)
         if ds is None:
-            return
-        kept = ds
-        if not cfg.keep_truncated and "finish_reason" in ds.schema().names:
-            # Finish reasons come to the driver (a short string a row) to count the cut ones.
-            reasons = [b["finish_reason"] for b in ds.select_columns(["finish_reason"])
-                       .iter_batches(batch_format="numpy", batch_size=None)]
-            cut = int(sum((r == TRUNCATED).sum() for r in reasons))
-            if cut:
-                dropped["truncated"] = cut
-                kept = ds.map_batches(_drop_truncated, batch_format="pyarrow")
-        scored = kept.map_batches(
-            ScoreBatch,
-            batch_size=cfg.batch_size,
-            batch_format="pyarrow",
+            return Shards(None, 0, extra={**extra, "stats": {}})
+        if "score" in ds.schema().names:
+            raise UserError(f"{cfg.samples}: already has a `score` column; score the samples")
+        t = time.perf_counter()
+        rows_in = ds.count()  # reads the input: its errors are named
+        ds, cut = (ds, 0) if cfg.keep_truncated else _drop_truncated(ds)
+        scored = ds.map_batches(
+            ScoreBatch, batch_size=cfg.batch_size, batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
-            fn_constructor_kwargs={"cfg": cfg},
-            num_cpus=cfg.cpus_per_replica,
+            fn_constructor_kwargs={"cfg": cfg}, num_cpus=cfg.cpus_per_replica,
             num_gpus=1 if cfg.use_gpu else None,
         )
-        if cfg.nonfinite == "drop":
-            # Scores come to the driver (8 bytes a row) to count what is dropped.
-            scored = scored.materialize()
-            values = np.concatenate([
-                b["score"] for b in scored.select_columns(["score"]).iter_batches(
-                    batch_format="numpy", batch_size=None)
-            ]) if scored.count() else np.zeros(0)
-            bad = int((~np.isfinite(values)).sum())
-            if bad:
-                dropped["nonfinite_score"] = bad
-                scored = scored.map_batches(_keep_finite, batch_format="pyarrow")
-        write_shards(scored, tmp)
-        stats.update(_score_stats(tmp, time.perf_counter() - t_score))
+        scored, bad = _drop_nonfinite(scored) if cfg.nonfinite == "drop" else (scored, 0)
+        dropped = {k: n for k, n in (("truncated", cut), ("nonfinite_score", bad)) if n}
+        return Shards(scored, rows_in, dropped, extra=extra,
+                      after=lambda tmp: {"stats": _stats(tmp, time.perf_counter() - t)})
 
-    dropped: dict[str, int] = {}
-    t_score = time.perf_counter()
-    with user_errors():
-        rows_in = ds.count() if ds is not None else 0  # reads the input: its errors are named
-        manifest = write_stage(cfg.out, STAGE, config, inputs, write, rows_in=rows_in,
-                               dropped=dropped, extra={"stats": stats, **(
-                                   {"tokenizer_vocab": vocab} if vocab else {})})
-    return _score_summary(manifest, cfg.out, t0, skipped=False)
+    return run_stage(cfg.out, STAGE, dataclasses.asdict(cfg), inputs, build, summary=SUMMARY,
+                     started=t0, sources={"--samples": cfg.samples},
+                     reads={"--samples": cfg.samples, "--reward-model": cfg.reward_model})
 
 
-def _resolve_scorer_path(spec: str) -> str:
-    """`path/to/file.py:function` made absolute (Ray workers run elsewhere)."""
-    from pipeline.storage import resolve_path
-
-    if ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):
-        path, fn = spec.rsplit(":", 1)
-        return f"{resolve_path(path)}:{fn}"
-    return spec
-
-
-def _score_stats(directory: str, seconds: float) -> dict:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-
-    from pipeline import storage
-
+def _stats(directory: str, seconds: float) -> dict:
     tables = [pq.read_table(f, columns=["score"])
               for f in storage.list_files(directory, (".parquet",))]
     if not tables:
@@ -464,17 +261,3 @@ def _score_stats(directory: str, seconds: float) -> dict:
     if pc.all(pc.is_in(s, pa.array([0.0, 1.0]))).as_py():
         stats["share_correct"] = stats["mean_score"]  # a verifier's 0/1 scores
     return stats
-
-
-def _score_summary(manifest: dict, out: str, t0: float, skipped: bool) -> dict:
-    import time
-
-    return {
-        "out": out,
-        "skipped": skipped,
-        "samples": manifest["rows_in"],
-        "scored": manifest["rows_out"],
-        "dropped": manifest["dropped"],
-        "stats": manifest.get("stats", {}),
-        "seconds": time.perf_counter() - t0,
-    }

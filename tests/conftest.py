@@ -1,5 +1,6 @@
 """Shared fixtures. Anything that starts Ray or vLLM is session-scoped and shared."""
 
+import json
 import os
 import socket
 import subprocess
@@ -28,6 +29,34 @@ os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{S3_PORT}", AWS_ACCESS_KEY
                   AWS_EC2_METADATA_DISABLED="true")
 for _key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
     os.environ.pop(_key, None)
+
+
+# ---------------------------------------------------------------- `slow`: Ray or vLLM
+
+# Fixtures that start Ray (and with it any vLLM engine), directly or through the fixtures they
+# use: a test that needs one is `slow` without saying so. `make test-fast` runs the rest.
+SLOW_FIXTURES = {"ray_local", "head"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_unless_slow(request, monkeypatch):
+    """A test not marked `slow` runs without Ray, whatever ran before it: starting Ray there
+    fails the test (vLLM runs only inside Ray actors or a slow test's own process)."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts Ray: mark it slow")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
 
 
 @pytest.fixture(scope="session")
@@ -83,11 +112,11 @@ def toy_tokenizer(toy_model_dir):
 
 @pytest.fixture(scope="session")
 def toy_data_dir(tmp_path_factory):
-    from jobs.cli import main
+    """The addition task's sft (4096 rows), prompts (64) and heldout (64) Parquet files."""
+    from pipeline.toy import write_task_data
 
     out = tmp_path_factory.mktemp("data") / "addition"
-    assert main(["toy", "data", "--out", str(out), "--sft-rows", "4096", "--prompts", "64",
-                 "--heldout", "64"]) == 0
+    write_task_data(out, sft_rows=4096, prompts=64, heldout=64)
     return out
 
 
@@ -107,20 +136,6 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def sft_run(ray_local, toy_model_dir, toy_data_dir, tmp_path_factory):
-    """A short real `odpo sft` run (40 steps) with vLLM evaluation: the tests' SFT model."""
-    from jobs.cli import main
-
-    out = tmp_path_factory.mktemp("sft") / "run"
-    rc = main(["sft", "--model", toy_model_dir, "--data", str(toy_data_dir / "sft.parquet"),
-               "--out", str(out), "--max-steps", "40", "--batch-size", "64", "--log-every", "10",
-               "--warmup-steps", "5", "--eval-prompts", str(toy_data_dir / "heldout.parquet"),
-               "--eval-samples", "2"])
-    assert rc == 0
-    return out
-
-
-@pytest.fixture(scope="session")
 def sample_prompts(toy_data_dir, tmp_path_factory):
     """16 addition prompts plus one empty, one longer than the toy's 64-token context and one
     repeat of the first: 19 rows, of which 16 can be sampled."""
@@ -135,26 +150,84 @@ def sample_prompts(toy_data_dir, tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
-def sample_run(ray_local, sft_run, sample_prompts, tmp_path_factory):
-    """One real `odpo sample` (vLLM on CPU in a Ray Data actor): 16 prompts x k=4 from the
-    tests' SFT model. Returns the stage directory."""
-    from jobs.cli import main
+class Interrupted(Exception):
+    """A run stopped at a chosen step (Ctrl-C, a lost driver), raised by a stand-in step."""
 
-    out = tmp_path_factory.mktemp("stages") / "samples"
-    assert main(["sample", "--model", str(sft_run / "model"), "--prompts", str(sample_prompts),
-                 "--out", str(out), "--k", "4", "--max-tokens", "8", "--seed", "3"]) == 0
-    return out
+
+@pytest.fixture(scope="session")
+def e2e_run(ray_local, toy_model_dir, toy_data_dir, sample_prompts, tmp_path_factory):
+    """The suite's one real end-to-end run: `odpo iterate`, one round from the toy model: SFT
+    (40 steps, on JSONL), round 0 eval, sample -> score -> pair -> reference -> DPO+NLL train ->
+    round 1 eval, report. It is stopped once where round 1's training starts and run again, as a
+    user re-runs the command after a Ctrl-C. Its SFT model (`sft_run`) and its round 1 samples
+    (`sample_run`) are the other tests' model and samples; tests/test_iterate.py checks the run.
+
+    Returns {"run": run dir, "cfg": its IterateConfig, "stopped": {path: mtime_ns} of every
+    manifest.json / eval.json the stopped run had written}."""
+    import pyarrow.parquet as pq
+
+    from jobs import iterate
+    from jobs.iterate import IterateConfig, run_iterate
+    from trainer import dpo
+
+    root = tmp_path_factory.mktemp("e2e")
+    jsonl = {}
+    for name in ("sft", "heldout"):  # JSONL, as a user's own task data often is
+        jsonl[name] = root / f"{name}.jsonl"
+        jsonl[name].write_text("".join(json.dumps(r) + "\n" for r in pq.read_table(
+            toy_data_dir / f"{name}.parquet").to_pylist()))
+    cfg = IterateConfig(
+        run_dir=str(root / "run"), rounds=1, policy=toy_model_dir, sft_data=str(jsonl["sft"]),
+        prompts=str(sample_prompts), eval_prompts=str(jsonl["heldout"]),
+        # The 40-step SFT model is rarely exactly right: partial credit, best against worst,
+        # so that the round has pairs to train on.
+        scorer=write_digits_scorer(root / "digits.py"),
+        seed=2,  # round 1 samples with seed 3
+        sft={"max_steps": 40, "batch_size": 64, "lr": 3e-3, "lr_schedule": "constant",
+             "warmup_steps": 5, "log_every": 10},
+        sample={"k": 4, "max_tokens": 8},
+        pair={"mode": "best_worst"},
+        reference_stage={"cache_dir": str(root / "cache")},
+        train={"beta": 0.1, "alpha": 1.0, "lr": 5e-4, "lr_schedule": "constant", "epochs": 2,
+               "batch_size": 4, "log_every": 1},
+        eval={"samples": 2},
+    )
+
+    def stopped(cfg):
+        raise Interrupted
+
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (iterate, dpo):
+            mp.setattr(module, "run_dpo", stopped, raising=False)
+        with pytest.raises(Interrupted):
+            run_iterate(cfg)
+    run = root / "run"
+    written = {p: p.stat().st_mtime_ns for p in run.rglob("*.json")
+               if p.name in ("manifest.json", "eval.json")}
+    run_iterate(cfg)
+    return {"run": run, "cfg": cfg, "stopped": written}
+
+
+@pytest.fixture(scope="session")
+def sft_run(e2e_run):
+    """The tests' SFT model: the end-to-end run's SFT step (`RUN/sft`: model/, metrics.jsonl)."""
+    return e2e_run["run"] / "sft"
+
+
+@pytest.fixture(scope="session")
+def sample_run(e2e_run):
+    """The tests' samples: the end-to-end run's round 1 `odpo sample` (vLLM on CPU in a Ray
+    Data actor), `sample_prompts` x k=4 from `sft_run`, seed 3, max_tokens 8."""
+    return e2e_run["run"] / "round_1" / "samples"
 
 
 @pytest.fixture(scope="session")
 def score_run(sample_run):
     """`odpo score` of `sample_run` with the built-in exact-answer verifier."""
-    from jobs.cli import main
+    from pipeline.score import ScoreConfig, run_score
 
-    out = sample_run.parent / "scored"
-    assert main(["score", "--samples", str(sample_run), "--out", str(out),
-                 "--scorer", "exact"]) == 0
+    out = sample_run.parent.parent.parent / "scored_exact"
+    run_score(ScoreConfig(samples=str(sample_run), out=str(out), scorer="exact"))
     return out
 
 
@@ -188,3 +261,83 @@ def plain_logp(model, prompt_ids, completion_ids) -> float:
     logprobs = torch.log_softmax(logits[0].float(), dim=-1)
     n = len(prompt_ids)
     return sum(float(logprobs[n + j - 1, t]) for j, t in enumerate(completion_ids))
+
+
+# ---------------------------------------------------------------- stand-in steps
+
+# Every step `odpo iterate` and `odpo byod` run: (module, function). `stub_steps` replaces each
+# in its module and in the entry points that imported it.
+STEPS = {
+    "sft": ("trainer.sft", "run_sft"), "eval": ("pipeline.evaluate", "run_eval"),
+    "sample": ("pipeline.sample", "run_sample"), "score": ("pipeline.score", "run_score"),
+    "pair": ("pipeline.pair", "run_pair"), "reference": ("trainer.reference", "run_reference"),
+    "train": ("trainer.dpo", "run_dpo"), "import": ("pipeline.importer", "run_import"),
+}
+
+
+def stub_steps(monkeypatch) -> list[tuple[str, object]]:
+    """Replace every step of iterate / byod by a stand-in that records (step, its config) in the
+    returned list and writes, at the path or URI it is given, the few small files the entry
+    point and the report read (manifests, eval.json, metrics.jsonl, a model dir). No Ray, no
+    model: for what runs in which order with which inputs; the steps themselves are tested on
+    their own, and tests/test_iterate.py runs one real round."""
+    import importlib
+
+    from pipeline import cluster, storage
+
+    calls: list[tuple[str, object]] = []
+
+    def write_json(path, value):
+        storage.write_text(path, json.dumps(value))
+
+    def stage(name, stage_name, rows_in, rows_out, extra=None):
+        def run(cfg, **_):
+            calls.append((name, cfg))
+            write_json(storage.join(cfg.out, "manifest.json"), {
+                "stage": stage_name, "complete": True, "rows_in": rows_in, "rows_out": rows_out,
+                "dropped": {}, "files": []})
+            return {"out": cfg.out, "skipped": False, "dropped": {}, "seconds": 0.0,
+                    **(extra or {})}
+        return run
+
+    def model_step(name, summary):
+        def run(cfg, **_):
+            calls.append((name, cfg))
+            model = storage.join(cfg.out, "model")
+            write_json(storage.join(model, "config.json"), {"stand_in": True})
+            if name == "train":
+                write_json(storage.join(cfg.out, "metrics.jsonl"), {
+                    "step": 0, "loss": 0.69, "logps/chosen": -3.0, "logps/rejected": -4.0,
+                    "rewards/margins": 0.0, "rewards/accuracies": 0.5})
+            return {"model": model, "skipped": False, "dropped": {}, **summary}
+        return run
+
+    def evaluate(cfg, **_):
+        calls.append(("eval", cfg))
+        n = len([c for c in calls if c[0] == "eval"])
+        result = {"model": cfg.model, "prompts": cfg.prompts, "num_prompts": 2,
+                  "greedy_reward": n / 10, "sampled_reward": n / 20, "samples_per_prompt": 1,
+                  "greedy_texts": ["1", "2"]}
+        if cfg.out is not None:
+            write_json(cfg.out, result)
+        return {**result, "skipped": False}
+
+    fakes = {
+        "sft": model_step("sft", {"steps": 3, "rows": 8}),
+        "train": model_step("train", {"steps": 2, "pairs": 2}),
+        "eval": evaluate,
+        "sample": stage("sample", "sample", 2, 8, {"prompts": 2, "samples": 8}),
+        "score": stage("score", "score", 8, 8, {"samples": 8, "scored": 8}),
+        "pair": stage("pair", "pair", 2, 2, {"prompts": 2, "pairs": 2}),
+        "reference": stage("reference", "reference", 2, 2, {"pairs": 2, "cache": "computed"}),
+        "import": stage("import", "import", 2, 2, {"rows": 2, "pairs": 2, "form": "standard",
+                                                   "prompt_source": "column",
+                                                   "prompt_extraction": {}}),
+    }
+    entry_points = [importlib.import_module(m) for m in ("jobs.iterate", "jobs.byod")]
+    for name, (module, function) in STEPS.items():
+        for target in (importlib.import_module(module), *entry_points):
+            monkeypatch.setattr(target, function, fakes[name], raising=False)
+    # Nothing here needs Ray: an entry point that starts it for its steps starts nothing.
+    monkeypatch.setattr(cluster, "init_ray", lambda *args, **kwargs: None)
+    return calls

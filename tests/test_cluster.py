@@ -1,7 +1,8 @@
 """Issue 8: run on a Ray cluster. A real head started with `ray start --head` on loopback (its own
 temp dir and ports, so other Ray instances on the machine are untouched), jobs sent with
-`ray job submit` exactly as README's "Run on a cluster" shows, and the storage check for
-multi-node clusters."""
+`ray job submit` and `odpo submit` exactly as README's "Run on a cluster" shows (cheap commands:
+what runs inside a job is tested on its own), and one two-node cluster (one node with a fake GPU)
+for the storage checks, placement across nodes with everything on S3, and GPU requests."""
 
 import json
 import os
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_digits_scorer
 
 from pipeline.cluster import check_shared_storage
 from pipeline.errors import UserError
@@ -89,12 +89,12 @@ def head(tmp_path_factory):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _submit(head: dict, config: Path, timeout: int = 400) -> subprocess.CompletedProcess:
+def _submit(head: dict, entrypoint: list[str], timeout: int = 400):
     """README: `ray job submit --address ... --working-dir . --runtime-env jobs/runtime_env.yaml
-    -- odpo iterate --config FILE` (waits for the job, streams its logs, exits with its status)."""
+    -- odpo iterate --config FILE` (waits for the job, streams its logs, exits with its status),
+    with `entrypoint` after the `--`."""
     cmd = ["ray", "job", "submit", "--address", head["address"], "--working-dir", ".",
-           "--runtime-env", "jobs/runtime_env.yaml", "--", "odpo", "iterate", "--config",
-           str(config)]
+           "--runtime-env", "jobs/runtime_env.yaml", "--", *entrypoint]
     for _ in range(10):  # the head's job agent registers a few seconds after `ray start`
         out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
                              timeout=timeout)
@@ -104,55 +104,40 @@ def _submit(head: dict, config: Path, timeout: int = 400) -> subprocess.Complete
     return out
 
 
-def _config(tmp: Path, sft_run, toy_data_dir, **extra) -> Path:
-    run = tmp / "run"
-    # The 40-step SFT model is rarely exactly right (0 of 512 samples, seen), so the jobs score
-    # partial credit (share of answer digits in place) and pair best against worst, as
-    # test_iterate does: every round has pairs to train on.
-    scorer = write_digits_scorer(tmp / "digits.py")
-    config = {
-        "run_dir": str(run),
-        "rounds": 1,
-        "policy": str(sft_run / "model"),
-        "prompts": str(toy_data_dir / "prompts.parquet"),
-        "eval_prompts": str(toy_data_dir / "heldout.parquet"),
-        "scorer": scorer,
-        # a small vLLM memory budget: other Ray jobs and tests may share this machine
-        "sample": {"k": 8, "max_tokens": 8, "engine": {"gpu_memory_utilization": 0.06}},
-        "pair": {"mode": "best_worst"},
-        "train": {"beta": 0.1, "alpha": 1.0, "lr": 5.0e-4, "batch_size": 4, "log_every": 1},
-        "eval": {"samples": 2, "engine": {"gpu_memory_utilization": 0.06}},
-        **extra,
-    }
-    path = tmp / "job.yaml"
-    path.write_text(yaml.safe_dump(config))
+def _samples_file(path: Path) -> Path:
+    """Three samples of one prompt, for a stage that runs on Ray Data in a few seconds."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt_id": ["p0"] * 3, "prompt": ["1+1="] * 3,
+                             "response": ["2", "3", " 2"], "sample_index": [0, 1, 2],
+                             "answer": ["2"] * 3}), path)
     return path
 
 
 @pytest.mark.slow
-def test_job_submit_succeeds_and_fails(head, sft_run, toy_data_dir, tmp_path):
-    ok = tmp_path / "ok"
-    ok.mkdir()
-    out = _submit(head, _config(ok, sft_run, toy_data_dir))
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-4000:]
+def test_job_submit_succeeds_and_fails(head, tmp_path):
+    """A stage as a job: its driver joins the head (RAY_ADDRESS, the job's runtime env) and runs
+    its Ray Data pipeline there; a bad config fails the job and the error reaches the
+    submitter."""
+    out = tmp_path / "scored"
+    job = _submit(head, ["odpo", "score", "--samples", str(_samples_file(tmp_path / "s.parquet")),
+                         "--scorer", "exact", "--out", str(out)])
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-4000:]
     assert "succeeded" in log.lower(), log[-4000:]
-    run = ok / "run"
-    summary = json.loads((run / "iterate_summary.json").read_text())
-    assert [r["round"] for r in summary["rounds"]] == [0, 1]
-    e = json.loads((run / "round_1" / "eval.json").read_text())
-    assert 0.0 <= e["greedy_reward"] <= 1.0 and e["num_prompts"] == 64
-    assert (run / "round_1" / "train" / "model" / "model.safetensors").exists()
-    assert "iterate: 1 rounds" in log  # the driver's own output streamed back
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and (m["rows_in"], m["rows_out"]) == (3, 3)
+    assert str(out) in job.stdout  # the driver's own summary line, streamed back
 
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    out = _submit(head, _config(bad, sft_run, toy_data_dir, no_such_key=1))
-    log = out.stdout + out.stderr
-    assert out.returncode != 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "no_such_key": 1}))
+    job = _submit(head, ["odpo", "iterate", "--config", str(bad)])
+    log = job.stdout + job.stderr
+    assert job.returncode != 0
     assert "failed" in log.lower(), log[-4000:]
     assert "no_such_key" in log, log[-4000:]  # the config error reaches the submitter
-    assert not (bad / "run").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_uri_detection():
@@ -191,85 +176,6 @@ def _own_cluster(script: str, args: list[str], prefix: str, timeout: int) -> str
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     return log
-
-
-TWO_NODES = r"""
-import json, os, sys
-import ray
-from ray.cluster_utils import Cluster
-from jobs.cli import main
-
-local_config, mixed_config, s3_config, temp_dir = sys.argv[1:5]
-c = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "temp_dir": temp_dir})
-c.add_node(num_cpus=3)
-c.wait_for_nodes()
-try:
-    rejected = main(["iterate", "--config", local_config, "--address", c.address])
-    rejected_input = main(["iterate", "--config", mixed_config, "--address", c.address])
-    ok = main(["iterate", "--config", s3_config, "--address", c.address])
-    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-    ran = {}
-    for a in ray._private.state.actors().values():  # dead ones too: every stage's actors
-        ran.setdefault(a["ActorClassName"], set()).add(a["Address"]["NodeID"])
-    print("RESULT " + json.dumps({"rejected": rejected, "rejected_input": rejected_input,
-                                  "ok": ok, "nodes": nodes,
-                                  "ran": {k: sorted(v) for k, v in ran.items()}}))
-finally:
-    ray.shutdown()
-    c.shutdown()
-"""
-
-
-@pytest.mark.slow
-def test_two_nodes_sample_and_train_on_both(sft_run, toy_data_dir, tmp_path, s3_server):
-    """A two-node cluster on this machine: a local run_dir is refused; with everything on S3 (the
-    policy, the prompts, the run directory) one round runs with two vLLM engines and two DDP
-    train workers, one on each node, each reading the model from its own node-local copy."""
-    from pipeline import storage
-
-    config = _config(tmp_path, sft_run, toy_data_dir,
-                     sample={"k": 8, "max_tokens": 8,
-                             "engine": {"replicas": 2, "cpus_per_replica": 2.0,
-                                        "gpu_memory_utilization": 0.06}})
-    values = yaml.safe_load(config.read_text())
-    values["train"].update(num_workers=2, cpus_per_worker=2.0)
-    config.write_text(yaml.safe_dump(values))
-    bucket = s3_server("twonodes")
-    for f in sorted((sft_run / "model").iterdir()):
-        storage.copy(str(f), f"{bucket}/sft/{f.name}")
-    for name in ("prompts", "heldout"):
-        storage.copy(str(toy_data_dir / f"{name}.parquet"), f"{bucket}/data/{name}.parquet")
-    run = f"{bucket}/run"
-    values.update(run_dir=run, policy=f"{bucket}/sft", prompts=f"{bucket}/data/prompts.parquet",
-                  eval_prompts=f"{bucket}/data/heldout.parquet")
-    s3_config = tmp_path / "s3.yaml"
-    s3_config.write_text(yaml.safe_dump(values))
-    mixed = tmp_path / "mixed.yaml"  # run_dir on S3, but the policy on this node's disk
-    mixed.write_text(yaml.safe_dump({**values, "policy": str(sft_run / "model")}))
-    log = _own_cluster(TWO_NODES, [str(config), str(mixed), str(s3_config)], "odpo2n",
-                       timeout=600)
-    assert "is a local path but the Ray cluster has 2 nodes" in log
-    result = json.loads(log.split("RESULT ", 1)[1].splitlines()[0])
-    print(json.dumps(result, indent=1))
-    errors = [line for line in log.splitlines() if "odpo iterate: error" in line]
-    assert result["rejected"] == 2 and result["rejected_input"] == 2 and result["ok"] == 0, errors
-    assert (f"odpo iterate: error: policy '{sft_run / 'model'}' is a local path but the Ray "
-            "cluster has 2 nodes") in log
-    assert len(result["nodes"]) == 2
-    trainers = result["ran"]["RayTrainWorker"]
-    engines = [v for k, v in result["ran"].items() if "MapWorker" in k]
-    assert sorted(trainers) == result["nodes"], result
-    assert any(sorted(v) == result["nodes"] for v in engines), result
-    assert not (tmp_path / "run").exists()  # the refused local run wrote nothing
-    e = json.loads(storage.read_text(f"{run}/round_1/eval.json"))
-    assert e["num_prompts"] == 64 and e["model"] == f"{run}/round_1/train/model"
-    summary = json.loads(storage.read_text(f"{run}/iterate_summary.json"))
-    assert summary["report"] == f"{run}/report/report.md"
-    assert storage.is_file(f"{run}/report/reward.png")
-    for stage in ("samples", "scored", "pairs", "reference"):
-        assert json.loads(storage.read_text(f"{run}/round_1/{stage}/manifest.json"))["complete"]
-    assert storage.is_file(f"{run}/round_1/train/model/model.safetensors")
-    assert storage.read_text(f"{run}/round_1/train/metrics.jsonl").count("\n") >= 1
 
 
 # --- odpo submit ------------------------------------------------------------------------------
@@ -354,24 +260,31 @@ def test_odpo_submit_ctrl_c_leaves_the_job_running(head):
     assert f"Job '{job_id}' was stopped" in status.stdout + status.stderr, status.stdout
 
 
-# --- every writing command checks its storage; GPU requests on a fake-GPU node ---------------
+# --- two nodes, one with a fake GPU -----------------------------------------------------------
 
 
-FAKE_GPU = r"""
+TWO_NODES = r"""
 import json, os, sys
 import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 from jobs.cli import main
 
-model, data, pairs, work, temp_dir = sys.argv[1:6]
-c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "temp_dir": temp_dir})
-c.add_node(num_cpus=2, num_gpus=1)  # a fake GPU: Ray counts it, nothing uses CUDA
+a, temp_dir = json.loads(sys.argv[1]), sys.argv[2]
+model, data, pairs, work, s3 = a["model"], a["data"], a["pairs"], a["work"], a["s3"]
+c = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "temp_dir": temp_dir})
+c.add_node(num_cpus=3, num_gpus=1)  # a fake GPU: Ray counts it, nothing uses CUDA
 c.wait_for_nodes()
 A = ["--address", c.address]
 rc = {}
+
+
+def actors():
+    return list_actors(detail=True, limit=1000)  # dead ones too: every stage's actors
+
+
 try:
-    # A local --out on a two-node cluster: refused before any work (no paths need to exist).
+    # A local --out (run_dir, policy) on a two-node cluster: refused before any work.
     out = f"{work}/refused"
     rc["refused"] = {
         "sample": main(["sample", *A, "--model", model, "--prompts", data, "--out", out]),
@@ -384,7 +297,27 @@ try:
         "eval": main(["eval", *A, "--model", model, "--prompts", data, "--out", out]),
         "import": main(["import", *A, "--data", pairs, "--out", out]),
     }
-    rc["refused_wrote"] = os.path.exists(out)
+    rc["iterate_run_dir"] = main(["iterate", *A, "--config", a["local_config"]])
+    rc["iterate_policy"] = main(["iterate", *A, "--config", a["mixed_config"]])
+    rc["refused_wrote"] = os.path.exists(out) or os.path.exists(f"{work}/run")
+
+    # Everything on S3: two vLLM engines and two DDP workers, too big for one node each, so
+    # one on each node, each reading the model from its node's copy of the S3 checkpoint.
+    rc["s3_sample"] = main(["sample", *A, "--model", s3["model"], "--prompts", s3["prompts"],
+                            "--out", f"{s3['run']}/samples", "--k", "4", "--max-tokens", "8",
+                            "--engine-replicas", "2", "--engine-cpus-per-replica", "2",
+                            "--engine-gpu-memory-utilization", "0.06"])
+    rc["s3_reference"] = main(["reference", *A, "--pairs", s3["pairs"], "--model", s3["model"],
+                               "--out", f"{s3['run']}/reference", "--cache-dir", ""])
+    rc["s3_train"] = main(["train", *A, "--model", s3["model"], "--data",
+                           f"{s3['run']}/reference", "--out", f"{s3['run']}/train", "--beta",
+                           "0.1", "--lr", "5e-4", "--batch-size", "4", "--max-steps", "2",
+                           "--num-workers", "2", "--cpus-per-worker", "2", "--log-every", "1"])
+    ran = {}
+    for x in actors():
+        ran.setdefault(x.class_name, set()).add(x.node_id)
+    before = {x.actor_id for x in actors()}
+
     os.environ["ODPO_SHARED_STORAGE"] = "1"  # one machine: both nodes share its disk
     # With use_gpu each stage asks Ray for the GPU; the stage then fails on this CPU-only torch /
     # vLLM (no CUDA), after Ray has placed it.
@@ -400,15 +333,98 @@ try:
                           "--max-steps", "1", "--batch-size", "4"])
     except Exception as e:  # noqa: BLE001 - a CUDA/NCCL failure is the expected end here
         rc["sft"] = type(e).__name__
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
     gpu_node = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")][0]
-    placed = [{"cls": a.class_name, "node_gpu": a.node_id == gpu_node,
-               "resources": a.required_resources}
-              for a in list_actors(detail=True, limit=1000)]
-    print("RESULT " + json.dumps({"rc": rc, "placed": placed}))
+    placed = [{"cls": x.class_name, "node_gpu": x.node_id == gpu_node,
+               "resources": x.required_resources} for x in actors() if x.actor_id not in before]
+    print("RESULT " + json.dumps({"rc": rc, "nodes": nodes, "placed": placed,
+                                  "ran": {k: sorted(v) for k, v in ran.items()}}))
 finally:
     ray.shutdown()
     c.shutdown()
 """
+
+
+@pytest.fixture(scope="module")
+def two_nodes(toy_model_dir, toy_data_dir, sample_prompts, s3_server, tmp_path_factory):
+    """One run of TWO_NODES in a fresh interpreter: its log and parsed RESULT."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import storage
+
+    tmp = tmp_path_factory.mktemp("two_nodes")
+    pairs = tmp / "pairs.parquet"
+    pq.write_table(pa.table({"prompt": [f"{i}+2=" for i in range(8)],
+                             "chosen": [str(i + 2) for i in range(8)],
+                             "rejected": [str(i + 3) for i in range(8)]}), pairs)
+    work = tmp / "work"
+    work.mkdir()
+    b = s3_server("twonodes")
+    for f in sorted(Path(toy_model_dir).iterdir()):
+        storage.copy(str(f), f"{b}/model/{f.name}")
+    storage.copy(str(sample_prompts), f"{b}/data/prompts.parquet")
+    storage.copy(str(pairs), f"{b}/data/pairs.parquet")
+    s3 = {"model": f"{b}/model", "prompts": f"{b}/data/prompts.parquet",
+          "pairs": f"{b}/data/pairs.parquet", "run": f"{b}/run"}
+    config = {"rounds": 1, "prompts": s3["prompts"], "eval_prompts": s3["prompts"],
+              "scorer": "addition", "train": {"beta": 0.1}}
+    configs = {
+        "local_config": {**config, "run_dir": str(work / "run"), "policy": s3["model"]},
+        # run_dir on S3, but the policy on this node's disk
+        "mixed_config": {**config, "run_dir": f"{b}/iterate", "policy": toy_model_dir},
+    }
+    for name, values in configs.items():
+        (tmp / f"{name}.yaml").write_text(yaml.safe_dump(values))
+    args = {"model": toy_model_dir, "data": str(toy_data_dir), "pairs": str(pairs),
+            "work": str(work), "s3": s3, **{n: str(tmp / f"{n}.yaml") for n in configs}}
+    log = _own_cluster(TWO_NODES, [json.dumps(args)], "odpo2n", timeout=600)
+    assert "RESULT " in log, log[-4000:]
+    result = json.loads(log.split("RESULT ", 1)[1].splitlines()[0])
+    print(json.dumps({k: v for k, v in result.items() if k != "placed"}, indent=1))
+    return {"log": log, "result": result, "work": work, "s3": s3, "bucket": b,
+            "model": toy_model_dir}
+
+
+@pytest.mark.slow
+def test_local_paths_refused_on_two_nodes(two_nodes):
+    """Every command that writes refuses a local --out with one line and writes nothing;
+    iterate refuses a local run_dir, and a local policy beside an S3 run_dir."""
+    log, rc = two_nodes["log"], two_nodes["result"]["rc"]
+    refused = rc["refused"]
+    assert refused == dict.fromkeys(refused, 2) and len(refused) == 8, log[-4000:]
+    local = f"{two_nodes['work']}/refused"
+    for cmd in refused:
+        line = (f"odpo {cmd}: error: out {local!r} is a local path but the Ray cluster has 2 "
+                "nodes: use shared storage (a URI such as s3://bucket/run, or a shared mount "
+                "with ODPO_SHARED_STORAGE=1)")
+        assert log.count(line) == 1, (cmd, log[-4000:])
+    assert (rc["iterate_run_dir"], rc["iterate_policy"]) == (2, 2), log[-4000:]
+    assert (f"odpo iterate: error: run_dir '{two_nodes['work'] / 'run'}' is a local path but "
+            "the Ray cluster has 2 nodes") in log
+    assert (f"odpo iterate: error: policy '{two_nodes['model']}' is a local path but the Ray "
+            "cluster has 2 nodes") in log
+    assert not rc["refused_wrote"]
+
+
+@pytest.mark.slow
+def test_sample_and_train_on_both_nodes_with_everything_on_s3(two_nodes):
+    from pipeline import storage
+
+    result, s3 = two_nodes["result"], two_nodes["s3"]
+    rc = result["rc"]
+    assert (rc["s3_sample"], rc["s3_reference"], rc["s3_train"]) == (0, 0, 0), \
+        two_nodes["log"][-4000:]
+    assert len(result["nodes"]) == 2
+    assert sorted(result["ran"]["RayTrainWorker"]) == result["nodes"], result
+    engines = [v for k, v in result["ran"].items() if "VLLMSampler" in k]
+    assert any(sorted(v) == result["nodes"] for v in engines), result
+    run = s3["run"]
+    samples = json.loads(storage.read_text(f"{run}/samples/manifest.json"))
+    assert samples["complete"] and samples["rows_out"] == 16 * 4
+    assert json.loads(storage.read_text(f"{run}/reference/manifest.json"))["rows_out"] == 8
+    assert storage.is_file(f"{run}/train/model/model.safetensors")
+    assert storage.read_text(f"{run}/train/metrics.jsonl").count("\n") >= 1
 
 
 def _placed(result: dict, name: str) -> list[dict]:
@@ -422,36 +438,13 @@ def _placed(result: dict, name: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_storage_check_and_gpu_requests_on_cluster(toy_model_dir, toy_data_dir, tmp_path):
-    """Two nodes, one with a fake GPU. Every command that writes refuses a local --out with one
-    line and writes nothing; with ODPO_SHARED_STORAGE=1, `reference --use-gpu`, `sample
-    --engine-use-gpu` and `sft --use-gpu` put their actors / workers on the GPU node, each
-    requesting one GPU and the fractional CPUs asked for."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pairs = tmp_path / "pairs.parquet"
-    pq.write_table(pa.table({"prompt": ["1+2=", "3+4="], "chosen": ["3", "7"],
-                             "rejected": ["4", "8"]}), pairs)
-    work = tmp_path / "work"
-    work.mkdir()
-    log = _own_cluster(FAKE_GPU, [toy_model_dir, str(toy_data_dir), str(pairs), str(work)],
-                       "odpogpu", timeout=500)
-    assert "RESULT " in log, log[-4000:]
-    result = json.loads(log.split("RESULT ", 1)[1].splitlines()[0])
-    print(json.dumps({"rc": result["rc"], **{k: _placed(result, k) for k in (
-        "ReferenceForward", "VLLMSampler", "RayTrainWorker")}}, indent=1))
-
-    refused = result["rc"]["refused"]
-    assert refused == dict.fromkeys(refused, 2) and len(refused) == 8, log[-4000:]
-    local = f"{work}/refused"
-    for cmd in refused:
-        line = (f"odpo {cmd}: error: out {local!r} is a local path but the Ray cluster has 2 "
-                "nodes: use shared storage (a URI such as s3://bucket/run, or a shared mount "
-                "with ODPO_SHARED_STORAGE=1)")
-        assert log.count(line) == 1, (cmd, log[-4000:])
-    assert not result["rc"]["refused_wrote"]
-
+def test_gpu_requests_land_on_the_gpu_node(two_nodes):
+    """With ODPO_SHARED_STORAGE=1, `reference --use-gpu`, `sample --engine-use-gpu` and `sft
+    --use-gpu` put their actors / workers on the GPU node, each requesting one GPU and the
+    fractional CPUs asked for."""
+    log, result = two_nodes["log"], two_nodes["result"]
+    print(json.dumps({k: _placed(result, k) for k in (
+        "ReferenceForward", "VLLMSampler", "RayTrainWorker")}, indent=1))
     assert result["rc"]["reference"] == 2 and "CUDA" in log  # no CUDA here: fails once placed
     refs = _placed(result, "ReferenceForward")
     assert refs and all(a["node_gpu"] and a["resources"] == {"GPU": 1.0, "CPU": 0.5}

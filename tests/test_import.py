@@ -3,7 +3,9 @@ same reference + train path. Trusted values: hand-derived splits and counts, a c
 prompt-extraction rule, the tokenizer's own `apply_chat_template(tokenize=True)`, `datasets`, and
 log-probs from a plain `transformers` forward written here."""
 
+import contextlib
 import hashlib
+import io
 import json
 import math
 import random
@@ -296,7 +298,7 @@ def test_schema_problems_are_one_line_errors(chat_toy, toy_model_dir, tmp_path, 
             {"prompt": "a", "chosen": 1, "rejected": 2}]))], "expected strings"),
         (["--data", str(_write_jsonl(tmp_path / "m.jsonl", [{"prompt": "a", "chosen": "b"}]))],
          "missing column"),
-        (["--data", str(mixed), "--bad-rows", "maybe"], "bad_rows must be"),
+        (["--data", str(mixed), "--bad-rows", "maybe"], "--bad-rows: invalid choice: 'maybe'"),
     ]
     for i, (args, message) in enumerate(cases):
         capsys.readouterr()
@@ -402,84 +404,180 @@ def _chosen_logps(model_dir, tok, rows) -> list[float]:
     return out
 
 
-@pytest.mark.slow
-def test_import_sft_on_chosen_reference_train(ray_local, chat_toy, chat_tok, tmp_path, capsys):
+# ---------------------------------------------------------------- byod: the order (no Ray)
+
+
+def test_byod_runs_import_sft_reference_train_in_order(tmp_path, monkeypatch):
+    """`odpo byod`: import (the model's tokenizer renders chat rows) -> SFT on chosen (over-long
+    rows dropped and counted) -> reference with the SFT model -> DPO from the SFT model, each
+    section reaching its step, a section's own value over byod's default; a re-run runs every
+    step again (each skips itself when current) with the same configs but the changed section's."""
+    import dataclasses
+
+    from conftest import stub_steps
+
+    from jobs.byod import BYODConfig, run_byod
+
+    calls = stub_steps(monkeypatch)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "prefs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    run, model = str(tmp_path / "run"), str(tmp_path / "model")
+    cfg = BYODConfig(run_dir=run, data=str(tmp_path / "prefs.jsonl"), model=model,
+                     sft={"max_steps": 4}, reference_stage={"cache_dir": str(tmp_path / "c")},
+                     train={"beta": 0.1})
+    summary = run_byod(cfg)
+    sft = f"{run}/sft/model"
+    expected = [
+        ("import", {"data": str(tmp_path / "prefs.jsonl"), "out": f"{run}/pairs",
+                    "tokenizer": model}),
+        ("sft", {"model": model, "from_pairs": f"{run}/pairs", "out": f"{run}/sft",
+                 "max_steps": 4, "too_long": "drop"}),
+        ("reference", {"pairs": f"{run}/pairs", "model": sft, "out": f"{run}/reference",
+                       "cache_dir": str(tmp_path / "c")}),
+        ("train", {"model": sft, "data": f"{run}/reference", "out": f"{run}/train",
+                   "beta": 0.1}),
+    ]
+    assert [step for step, _ in calls] == [step for step, _ in expected]
+    assert [(step, {k: getattr(c, k) for k in want}) for (step, c), (_, want)
+            in zip(calls, expected, strict=True)] == expected
+    assert summary["train"]["model"] == f"{run}/train/model"
+    assert json.loads((tmp_path / "run" / "byod_summary.json").read_text())["run_dir"] == run
+
+    first = list(calls)
+    calls.clear()
+    run_byod(dataclasses.replace(cfg, train={"beta": 0.5},
+                                 sft={"max_steps": 4, "too_long": "error"}))
+    for (step, again), (_, before) in zip(calls, first, strict=True):
+        changed = {"train": {"beta": 0.5}, "sft": {"too_long": "error"}}.get(step, {})
+        assert again == dataclasses.replace(before, **changed), step
+
+
+def test_byod_toy_model(tmp_path, monkeypatch):
+    """`toy_model:` instead of `model:`: the toy is made in the run dir and is the model."""
+    from conftest import stub_steps
+
+    from jobs.byod import BYODConfig, run_byod
+
+    calls = stub_steps(monkeypatch)
+    (tmp_path / "prefs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    run_byod(BYODConfig(run_dir=str(tmp_path / "run"), data=str(tmp_path / "prefs.jsonl"),
+                        toy_model={}, train={"beta": 0.1}))
+    toy = str(tmp_path / "run" / "toy")
+    assert [(step, getattr(c, "tokenizer", None) or c.model) for step, c in calls[:2]] == [
+        ("import", toy), ("sft", toy)]
+    assert json.loads((tmp_path / "run" / "toy" / "config.json").read_text())["model_type"] == \
+        "llama"
+
+
+# ---------------------------------------------------------------- the whole path (Ray)
+
+
+def _addition_prefs(n: int, seed: int) -> list[dict]:
+    """Conversational addition preferences "made by another model": chosen the right sum,
+    rejected a near miss; some prompts carry a system turn."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        prompt = [user(f"{a}+{b}=")]
+        if i % 4 == 0:
+            prompt = [{"role": "system", "content": "add"}, *prompt]
+        wrong = a + b + rng.choice([-10, -1, 1, 10])
+        rows.append({"prompt": prompt, "chosen": [assistant(str(a + b))],
+                     "rejected": [assistant(str(wrong))]})
+    return rows
+
+
+def _chosen_logps(model_dir, tok, rows) -> list[float]:
+    """Summed log-prob of each chosen completion: a plain forward on the template's ids."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    out = []
+    with torch.inference_mode():
+        for r in rows:
+            p, c = _template_ids(tok, r["prompt"], r["chosen"])
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([p + c])).logits[0].float(),
+                                         -1)
+            out.append(float(sum(logprobs[len(p) + j - 1, t] for j, t in enumerate(c))))
+    return out
+
+
+LONG = "1+" * 40 + "1="  # with the template's "Q:" and " A:", longer than the 64-token context
+
+
+@pytest.fixture(scope="module")
+def byod_run(ray_local, chat_toy, tmp_path_factory):
+    """One real `odpo byod --config`: 256 conversational preference rows (plus one identical
+    pair and one too long for the context) -> import -> SFT on chosen (40 steps) -> reference
+    with the SFT model -> 8 DPO steps; then the same command again."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("byod")
     rows = _addition_prefs(256, seed=0)
     rows.append({"prompt": [user("1+1=")], "chosen": [assistant("2")],
-                 "rejected": [assistant("2")]})  # identical: dropped and counted
-    data = _write_jsonl(tmp_path / "prefs.jsonl", rows)
-    pairs, sft, ref, train = (tmp_path / n for n in ("pairs", "sft", "reference", "train"))
-    assert main(["import", "--data", str(data), "--tokenizer", str(chat_toy),
-                 "--out", str(pairs)]) == 0
-    assert read_manifest(pairs)["dropped"] == {"identical": 1}
-    assert main(["sft", "--model", str(chat_toy), "--from-pairs", str(pairs), "--out", str(sft),
-                 "--max-steps", "40", "--batch-size", "32", "--warmup-steps", "5",
-                 "--log-every", "10"]) == 0
-    assert main(["reference", "--pairs", str(pairs), "--model", str(sft / "model"),
-                 "--out", str(ref), "--cache-dir", str(tmp_path / "cache")]) == 0
-    assert main(["train", "--model", str(sft / "model"), "--data", str(ref), "--out", str(train),
-                 "--beta", "0.1", "--lr", "5e-4", "--epochs", "1", "--batch-size", "32",
-                 "--log-every", "1"]) == 0
-    print(capsys.readouterr().out)
+                 "rejected": [assistant("2")]})  # identical: dropped at import, counted
+    rows.append({"prompt": [user(LONG)], "chosen": [assistant("41")],
+                 "rejected": [assistant("40")]})  # too long: SFT drops it, reference cuts it
+    config = {
+        "run_dir": str(root / "run"), "data": str(_write_jsonl(root / "prefs.jsonl", rows)),
+        "model": str(chat_toy),
+        "sft": {"max_steps": 40, "batch_size": 32, "lr": 3e-3, "lr_schedule": "constant",
+                "warmup_steps": 5, "log_every": 10},
+        "reference_stage": {"cache_dir": str(root / "cache")},
+        "train": {"beta": 0.1, "lr": 5e-4, "lr_schedule": "constant", "epochs": 1,
+                  "batch_size": 32, "log_every": 1},
+    }
+    path = root / "byod.yaml"
+    path.write_text(yaml.safe_dump(config))
+    rc, printed, weights = [], [], []
+    for _ in range(2):
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            rc.append(main(["byod", "--config", str(path)]))
+        printed.append(out.getvalue())
+        weights.append((root / "run" / "train" / "model" / "model.safetensors").read_bytes())
+    return {"run": root / "run", "rows": rows, "rc": rc, "printed": printed, "weights": weights}
 
+
+def test_byod_sft_on_chosen_reference_and_train(byod_run, chat_toy, chat_tok):
+    run, rows = byod_run["run"], byod_run["rows"]
+    assert byod_run["rc"] == [0, 0]
+    assert [read_manifest(run / d)["stage"] for d in ("pairs", "reference")] == [
+        "import", "reference"]
+    assert read_manifest(run / "pairs")["dropped"] == {"identical": 1}
+    # SFT on chosen (each distinct prompt + chosen once): the over-long row left out and
+    # counted, the others trained on.
+    distinct = len({json.dumps([r["prompt"], r["chosen"]]) for r in rows[:256]})
+    sft = json.loads((run / "sft" / "sft_summary.json").read_text())
+    assert (sft["rows_in"], sft["rows"], sft["dropped"]) == (distinct + 1, distinct,
+                                                             {"too_long": 1})
+    assert f"{distinct} rows (1 too long, dropped)" in byod_run["printed"][0]
+    # The reference is the SFT model; the over-long pair is cut (TRL's rule), not dropped.
+    ref = read_manifest(run / "reference")
+    assert ref["config"]["model"] == str(run / "sft" / "model")
+    assert ref["rows_out"] == 257 and ref["stats"]["truncated_pairs"] == 1
     kept = rows[:256]
-    shards = _pairs(ref)
-    assert len(shards) == 256
+    shards = _pairs(run / "reference")
+    assert [json.loads(s["prompt_messages"]) for s in shards] == [r["prompt"] for r in
+                                                                   rows[:256] + rows[257:]]
     # The stage's reference log-probs are the SFT model's, on the template's exact tokens.
-    sft_logps = _chosen_logps(sft / "model", chat_tok, kept)
-    assert [s["ref_chosen_logps"] for s in shards] == pytest.approx(sft_logps, abs=1e-4)
+    sft_logps = _chosen_logps(run / "sft" / "model", chat_tok, kept)
+    assert [s["ref_chosen_logps"] for s in shards[:256]] == pytest.approx(sft_logps, abs=1e-4)
     # SFT on chosen raised the chosen responses' log-prob (the point of the step).
     base_logps = _chosen_logps(chat_toy, chat_tok, kept)
     rise = sum(sft_logps) / len(kept) - sum(base_logps) / len(kept)
-    print(f"mean chosen log-prob: base {sum(base_logps) / len(kept):.3f}, after SFT on chosen "
-          f"{sum(sft_logps) / len(kept):.3f} (rise {rise:.3f} nats)")
     assert rise > 1.0
     assert sum(s > b for s, b in zip(sft_logps, base_logps, strict=True)) > 0.9 * len(kept)
     # The policy starts at the reference: the step-0 DPO loss is ln 2.
-    metrics = [json.loads(x) for x in (train / "metrics.jsonl").read_text().splitlines()]
-    print(f"step-0 dpo_loss {metrics[0]['dpo_loss']:.8f} (ln 2 = {math.log(2):.8f})")
+    metrics = [json.loads(x) for x in (run / "train" / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["step"] == 0
     assert abs(metrics[0]["dpo_loss"] - math.log(2)) < 1e-5
-    assert json.loads((train / "train_summary.json").read_text())["steps"] == 256 // 32
+    assert json.loads((run / "train" / "train_summary.json").read_text())["steps"] == 257 // 32
 
 
-@pytest.mark.slow
-def test_byod_one_config_runs_the_whole_path_and_skips_when_current(ray_local, chat_toy,
-                                                                     tmp_path, capsys):
-    import yaml
-
-    data = _write_jsonl(tmp_path / "prefs.jsonl", _addition_prefs(64, seed=1))
-    config = {
-        "run_dir": str(tmp_path / "run"), "data": str(data), "model": str(chat_toy),
-        "sft": {"max_steps": 4, "batch_size": 16, "warmup_steps": 0},
-        "reference_stage": {"cache_dir": str(tmp_path / "cache")},
-        "train": {"beta": 0.1, "lr": 5e-4, "batch_size": 32, "log_every": 1},
-    }
-    path = tmp_path / "byod.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["byod", "--config", str(path)]) == 0
-    run = tmp_path / "run"
-    assert [read_manifest(run / d)["stage"] for d in ("pairs", "reference")] == [
-        "import", "reference"]
-    assert read_manifest(run / "reference")["config"]["model"] == str(run / "sft" / "model")
-    metrics = [json.loads(x) for x in (run / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert abs(metrics[0]["dpo_loss"] - math.log(2)) < 1e-5
-    first = (run / "train" / "model" / "model.safetensors").read_bytes()
-
-    capsys.readouterr()
-    assert main(["byod", "--config", str(path)]) == 0
-    out = capsys.readouterr().out
+def test_byod_rerun_skips_every_step(byod_run):
+    out = byod_run["printed"][1]
     assert "import:" in out and "skipped: up to date" in out
     assert "sft on chosen: skipped" in out and "train: skipped" in out
     assert "cache hit" in out
-    assert (run / "train" / "model" / "model.safetensors").read_bytes() == first
-
-    # A changed `train:` section retrains (from the start) and skips what came before it.
-    config["train"]["beta"] = 0.5
-    path.write_text(yaml.safe_dump(config))
-    assert main(["byod", "--config", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "sft on chosen: skipped" in out and "train: skipped" not in out
-    assert "holds a run with another config; starting over" in out
-    assert (run / "train" / "model" / "model.safetensors").read_bytes() != first
-    assert read_manifest(run / "train")["config"]["beta"] == 0.5
+    assert byod_run["weights"][1] == byod_run["weights"][0]

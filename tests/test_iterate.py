@@ -1,153 +1,307 @@
-"""`odpo iterate` end to end on a small config: layout, accounting, report, resume."""
+"""`odpo iterate`: one real round, the suite's end-to-end run (`e2e_run` in conftest: layout,
+accounting, rewards, report, a run stopped and re-run, a changed section), and the sequencing of
+rounds, policies, references, seeds and sections on stand-in steps (`stub_steps`, no Ray)."""
 
+import dataclasses
 import json
+from collections import Counter
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import write_digits_scorer
+from conftest import stub_steps
 
 from jobs.cli import main
+from jobs.iterate import IterateConfig, run_iterate
+from pipeline import storage
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def iterate_run(ray_local, sft_run, toy_data_dir, tmp_path_factory):
-    run = tmp_path_factory.mktemp("iterate") / "run"
-    # The 40-step SFT model is rarely exactly right, so the test scores partial credit (share of
-    # answer digits in place) and pairs best against worst: every round has pairs to train on.
-    scorer = write_digits_scorer(run.parent / "digits.py")
-    config = {
-        "run_dir": str(run),
-        "rounds": 1,
-        "policy": str(sft_run / "model"),
-        "prompts": str(toy_data_dir / "prompts.parquet"),
-        "eval_prompts": str(toy_data_dir / "heldout.parquet"),
-        "scorer": scorer,
-        "sample": {"k": 4, "max_tokens": 8},
-        "pair": {"mode": "best_worst"},
-        "train": {"beta": 0.1, "alpha": 1.0, "lr": 5.0e-4, "batch_size": 8, "log_every": 1},
-        "eval": {"samples": 2},
-    }
-    path = run.parent / "iterate.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert main(["iterate", "--config", str(path)]) == 0
-    return run, path
+STAGES = ("samples", "scored", "pairs", "reference")
 
 
-def test_layout_and_rewards(iterate_run):
-    run, _ = iterate_run
+# ---------------------------------------------------------------- the real round
+
+
+def test_layout_and_rewards(e2e_run):
+    run = e2e_run["run"]
     summary = json.loads((run / "iterate_summary.json").read_text())
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    assert [r["policy"] for r in summary["rounds"]] == [
+        str(run / "sft" / "model"), str(run / "round_1" / "train" / "model")]
     for k in (0, 1):
         e = json.loads((run / f"round_{k}" / "eval.json").read_text())
         assert 0.0 <= e["greedy_reward"] <= 1.0 and e["num_prompts"] == 64
-    for stage in ("samples", "scored", "pairs", "reference"):
+        assert len(e["greedy_texts"]) == 64  # round 1: the DPO checkpoint loaded in vLLM as is
+    for stage in STAGES:
         assert (run / "round_1" / stage / "manifest.json").exists(), stage
-    assert (run / "round_1" / "train" / "model" / "model.safetensors").exists()
+    for step in ("sft", "round_1/train"):
+        assert (run / step / "model" / "model.safetensors").exists(), step
+
+
+def test_rewards_are_the_scorer_on_the_greedy_texts(e2e_run, toy_data_dir):
+    """Each round's reward, recomputed here from its greedy texts with the run's scorer rule
+    (share of answer digits in place) on the held-out rows, which reach the scorer from JSONL."""
+    answers = [r["answer"] for r in pq.read_table(toy_data_dir / "heldout.parquet").to_pylist()]
+    for k in (0, 1):
+        e = json.loads((e2e_run["run"] / f"round_{k}" / "eval.json").read_text())
+        expect = []
+        for text, want in zip(e["greedy_texts"], answers, strict=True):
+            got = text.strip()
+            hits = sum(a == b for a, b in zip(got, want, strict=False))
+            expect.append(hits / max(len(got), len(want), 1))
+        assert e["greedy_reward"] == pytest.approx(sum(expect) / len(expect), abs=1e-12)
 
 
 def _shard_rows(stage_dir):
     """Rows read back from the stage's shards, not from its manifest's counts."""
-    import pyarrow.parquet as pq
-
     return [r for f in sorted(stage_dir.glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
 
 
-def test_every_stage_accounts_for_every_row(iterate_run, toy_data_dir):
+def test_every_stage_accounts_for_every_row(e2e_run, sample_prompts):
     """rows in = rows out (or kept) + dropped by reason in every manifest, each count equal to
     the rows actually in the shards, and each stage's input the previous stage's output."""
-    from collections import Counter
-
-    import pyarrow.parquet as pq
-
-    run, _ = iterate_run
-    m = {s: json.loads((run / "round_1" / s / "manifest.json").read_text())
-         for s in ("samples", "scored", "pairs", "reference")}
-    rows = {s: _shard_rows(run / "round_1" / s) for s in m}
+    r1 = e2e_run["run"] / "round_1"
+    m = {s: json.loads((r1 / s / "manifest.json").read_text()) for s in STAGES}
+    rows = {s: _shard_rows(r1 / s) for s in m}
     for s in m:
         assert m[s]["rows_out"] == len(rows[s]), s
         kept = m[s].get("rows_kept", m[s]["rows_out"])
         assert m[s]["rows_in"] == kept + sum(m[s]["dropped"].values()), s
-    # sample: prompts in = prompts sampled + prompts dropped; k samples each
-    prompts = pq.read_table(toy_data_dir / "prompts.parquet")
-    assert m["samples"]["rows_in"] == prompts.num_rows == 64
+    # sample: prompts in = prompts sampled + prompts dropped (empty, too long, repeated); k each
+    assert m["samples"]["rows_in"] == pq.read_table(sample_prompts).num_rows == 19
+    assert m["samples"]["dropped"] == {"empty_prompt": 1, "prompt_too_long": 1,
+                                       "duplicate_prompt": 1}
     per_prompt = Counter(r["prompt_id"] for r in rows["samples"])
-    assert len(per_prompt) == m["samples"]["rows_kept"] and set(per_prompt.values()) == {4}
-    # score: one row per sample, the same samples
+    assert len(per_prompt) == m["samples"]["rows_kept"] == 16 and set(per_prompt.values()) == {4}
+    # score: one row per sample, the same samples; those cut at max_tokens dropped and counted
     key = lambda r: (r["prompt_id"], r["sample_index"])  # noqa: E731
-    assert m["scored"]["rows_in"] == len(rows["samples"])
-    dropped_scores = sum(m["scored"]["dropped"].values())
-    assert {key(r) for r in rows["scored"]} <= {key(r) for r in rows["samples"]}
-    assert len({key(r) for r in rows["scored"]}) == len(rows["samples"]) - dropped_scores
+    assert m["scored"]["rows_in"] == len(rows["samples"]) == 64
+    assert set(m["scored"]["dropped"]) <= {"truncated"}
+    cut = sum(r["finish_reason"] == "length" for r in rows["samples"])
+    assert m["scored"]["dropped"].get("truncated", 0) == cut
+    assert {key(r) for r in rows["scored"]} == {key(r) for r in rows["samples"]
+                                                if r["finish_reason"] == "stop"}
     # pair: prompts in = prompts with pairs + prompts dropped by reason
     assert m["pairs"]["rows_in"] == len({r["prompt_id"] for r in rows["scored"]})
-    assert m["pairs"]["rows_kept"] == len({r["prompt_id"] for r in rows["pairs"]})
+    assert m["pairs"]["rows_kept"] == len({r["prompt_id"] for r in rows["pairs"]}) > 0
     # reference: one row per pair, the same pairs
     pair = lambda r: (r["prompt_id"], r["chosen"], r["rejected"])  # noqa: E731
     stored, source = Counter(map(pair, rows["reference"])), Counter(map(pair, rows["pairs"]))
     assert not stored - source  # no pair invented or repeated
     assert source.total() - stored.total() == sum(m["reference"]["dropped"].values())
-    # train: every reference row is a training pair
-    summary = json.loads((run / "round_1" / "train" / "train_summary.json").read_text())
+    # train: every reference row is a training pair, in whole batches of 4 (2 epochs); the rest
+    # of each epoch is reported, not silent
+    summary = json.loads((r1 / "train" / "train_summary.json").read_text())
     assert summary["pairs"] == m["reference"]["rows_out"]
-    # whole batches only (batch_size 8): the rest of each epoch is reported, not silent
-    assert summary["pairs_left_over_per_epoch"] == summary["pairs"] % 8
+    assert summary["steps"] == 2 * (summary["pairs"] // 4) > 0
+    assert summary["pairs_left_over_per_epoch"] == summary["pairs"] % 4
 
 
-def test_report_has_plots(iterate_run):
-    run, _ = iterate_run
+def test_report_has_plots(e2e_run):
+    run = e2e_run["run"]
     md = (run / "report" / "report.md").read_text()
     for png in ("reward.png", "logps.png", "rewards.png", "funnel.png", "landscape.png"):
         assert (run / "report" / png).stat().st_size > 1000, png
         assert png in md
 
 
-def test_rerun_skips_finished_and_redoes_half_done(iterate_run, capsys):
-    run, path = iterate_run
-    train = run / "round_1" / "train"
-    before = {p: p.stat().st_mtime_ns for p in (run / "round_1").rglob("manifest.json")}
-    model_mtime = (train / "model" / "model.safetensors").stat().st_mtime_ns
-    # Simulate a run interrupted after training but before its evaluation was written.
-    (run / "round_1" / "eval.json").unlink()
-    assert main(["iterate", "--config", str(path)]) == 0
-    after = {p: p.stat().st_mtime_ns for p in (run / "round_1").rglob("manifest.json")}
-    assert before == after  # sample/score/pair/reference were skipped, not rewritten
-    assert (train / "model" / "model.safetensors").stat().st_mtime_ns == model_mtime
+def test_a_stopped_run_resumes_where_it_stopped(e2e_run):
+    """The run was stopped as round 1's training began, and run again (README, Reliability): the
+    re-run skipped every finished step, rewriting none of their files, and did the rest."""
+    run, stopped = e2e_run["run"], e2e_run["stopped"]
+    finished = {run / "sft" / "manifest.json", run / "round_0" / "eval.json",
+                *(run / "round_1" / s / "manifest.json" for s in STAGES)}
+    assert set(stopped) == finished
+    for path, mtime in stopped.items():
+        assert path.stat().st_mtime_ns == mtime, path
+    assert json.loads((run / "round_1" / "train" / "manifest.json").read_text())["complete"]
     assert (run / "round_1" / "eval.json").exists()
 
 
-def test_changed_train_section_retrains_and_reevaluates(iterate_run, capsys):
-    """A beta sweep on the same run_dir: the changed `train:` section retrains the round (not
-    resumed from the old checkpoints, not skipped) and everything downstream of it (its eval),
-    while the stages upstream are skipped; the run dir then describes what it holds."""
-    import yaml
-
-    run, path = iterate_run
-    config = yaml.safe_load(path.read_text())
-    config["train"]["beta"] = 0.5
-    swept = path.parent / "iterate_beta.yaml"
+def test_changed_train_section_retrains_and_reevaluates(e2e_run, tmp_path, capsys):
+    """A beta sweep on the same run_dir, through `odpo iterate --config`: the changed `train:`
+    section retrains the round (not resumed from the old checkpoints, not skipped) and
+    everything downstream of it (its eval), while the steps upstream are skipped; the run dir
+    then describes what it holds. (Last of the real-run tests: it retrains round 1.)"""
+    run = e2e_run["run"]
+    config = dataclasses.asdict(e2e_run["cfg"])
+    config["train"] = {**config["train"], "beta": 0.5}
+    swept = tmp_path / "iterate_beta.yaml"
     swept.write_text(yaml.safe_dump(config))
     train = run / "round_1" / "train"
-    upstream = {s: (run / "round_1" / s / "manifest.json").read_text()
-                for s in ("samples", "scored", "pairs", "reference")}
+    upstream = {p: p.read_text() for p in [run / "sft" / "manifest.json",
+                                           run / "round_0" / "eval.json",
+                                           *(run / "round_1" / s / "manifest.json"
+                                             for s in STAGES)]}
     weights = (train / "model" / "model.safetensors").read_bytes()
     eval_before = json.loads((run / "round_1" / "eval.json").read_text())
     capsys.readouterr()
     assert main(["iterate", "--config", str(swept)]) == 0
     out = capsys.readouterr().out
     assert "holds a run with another config; starting over" in out
-    for s, text in upstream.items():
-        assert (run / "round_1" / s / "manifest.json").read_text() == text, s
+    for path, text in upstream.items():
+        assert path.read_text() == text, path
     assert (train / "model" / "model.safetensors").read_bytes() != weights
     manifest = json.loads((train / "manifest.json").read_text())
     assert manifest["complete"] and manifest["config"]["beta"] == 0.5
     metrics = [json.loads(x) for x in (train / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["step"] == 0  # trained from the start, not resumed
     eval_after = json.loads((run / "round_1" / "eval.json").read_text())
-    assert eval_after["inputs"]["model"] != eval_before.get("inputs", {}).get("model")
+    assert eval_after["inputs"]["model"] != eval_before["inputs"]["model"]
     assert json.loads((run / "iterate_config.json").read_text())["train"]["beta"] == 0.5
     # The same config again: nothing is redone.
     mtimes = {p: p.stat().st_mtime_ns for p in (run / "round_1").rglob("*.json")}
     assert main(["iterate", "--config", str(swept)]) == 0
     assert {p: p.stat().st_mtime_ns for p in (run / "round_1").rglob("*.json")} == mtimes
+
+
+# ---------------------------------------------------------------- sequencing, on stand-ins
+
+
+def _files(tmp_path) -> dict[str, str]:
+    """An existing policy dir, prompt files and a scorer file named relative to the cwd."""
+    (tmp_path / "policy").mkdir()
+    for name in ("prompts", "heldout", "sft"):
+        (tmp_path / f"{name}.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    (tmp_path / "my_task.py").write_text("def score(prompts, responses, rows):\n"
+                                         "    return [0.0] * len(responses)\n")
+    return {"run_dir": str(tmp_path / "run"), "policy": str(tmp_path / "policy"),
+            "prompts": str(tmp_path / "prompts.jsonl"),
+            "eval_prompts": str(tmp_path / "heldout.jsonl"), "scorer": "my_task.py:score"}
+
+
+def _picked(calls, expected):
+    """The steps run, each with the fields of its config that `expected` names."""
+    assert [step for step, _ in calls] == [step for step, _ in expected]
+    return [(step, {k: getattr(cfg, k) for k in want})
+            for (step, cfg), (_, want) in zip(calls, expected, strict=True)]
+
+
+def _round(run, k, policy, reference, seed, scorer, prompts, heldout, **sections):
+    r = f"{run}/round_{k}"
+    return [
+        ("sample", {"model": policy, "prompts": prompts, "out": f"{r}/samples", "seed": seed,
+                    **sections.get("sample", {})}),
+        ("score", {"samples": f"{r}/samples", "out": f"{r}/scored", "scorer": scorer}),
+        ("pair", {"scored": f"{r}/scored", "out": f"{r}/pairs", "round": k,
+                  **sections.get("pair", {})}),
+        ("reference", {"pairs": f"{r}/pairs", "model": reference, "out": f"{r}/reference"}),
+        ("train", {"model": policy, "data": f"{r}/reference", "out": f"{r}/train", "seed": seed,
+                   **sections.get("train", {})}),
+        ("eval", {"model": f"{r}/train/model", "prompts": heldout, "scorer": scorer,
+                  "out": f"{r}/eval.json", **sections.get("eval", {})}),
+    ]
+
+
+def test_rounds_chain_policies_seeds_and_sections(tmp_path, monkeypatch):
+    """SFT first, then round k samples and trains with policy k-1 (its reference: policy k-1),
+    seed + k, each section reaching its step, the scorer file made absolute for the workers;
+    a re-run runs every step again (each skips itself when current) with the same configs but
+    the changed section's."""
+    calls = stub_steps(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    files = _files(tmp_path)
+    sections = {"sample": {"k": 3}, "pair": {"mode": "best_worst"}, "train": {"beta": 0.3},
+                "eval": {"samples": 2}}
+    cfg = IterateConfig(**files, rounds=2, sft_data=str(tmp_path / "sft.jsonl"), seed=10,
+                        sft={"max_steps": 5}, **sections)
+    summary = run_iterate(cfg)
+
+    run, scorer = files["run_dir"], f"{tmp_path}/my_task.py:score"
+    sft = f"{run}/sft/model"
+    places = {"scorer": scorer, "prompts": files["prompts"], "heldout": files["eval_prompts"]}
+    expected = [
+        ("sft", {"model": files["policy"], "data": str(tmp_path / "sft.jsonl"),
+                 "out": f"{run}/sft", "max_steps": 5}),
+        ("eval", {"model": sft, "prompts": files["eval_prompts"], "scorer": scorer,
+                  "out": f"{run}/round_0/eval.json", "samples": 2}),
+        *_round(run, 1, sft, sft, 11, **places, **sections),
+        *_round(run, 2, f"{run}/round_1/train/model", f"{run}/round_1/train/model", 12,
+                **places, **sections),
+    ]
+    assert _picked(calls, expected) == expected
+    assert [(r["round"], r["policy"], r["greedy_reward"]) for r in summary["rounds"]] == [
+        (0, sft, 0.1), (1, f"{run}/round_1/train/model", 0.2),
+        (2, f"{run}/round_2/train/model", 0.3)]
+    assert summary["report"] == f"{run}/report/report.md"
+    for png in ("reward.png", "logps.png", "rewards.png", "funnel.png", "landscape.png"):
+        assert (tmp_path / "run" / "report" / png).stat().st_size > 1000, png
+
+    first = list(calls)
+    calls.clear()
+    run_iterate(dataclasses.replace(cfg, train={"beta": 0.5}))
+    assert [step for step, _ in calls] == [step for step, _ in first]
+    for (step, again), (_, before) in zip(calls, first, strict=True):
+        assert again == (dataclasses.replace(before, beta=0.5) if step == "train" else before)
+
+
+def test_reference_initial_keeps_the_first_policy(tmp_path, monkeypatch):
+    """`reference: initial` (OpenRLHF's choice): every round's reference is the initial policy,
+    while each round samples and trains with the previous round's; no `sft_data`: no SFT."""
+    calls = stub_steps(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    files = _files(tmp_path)
+    run_iterate(IterateConfig(**files, rounds=2, reference="initial", train={"beta": 0.1}))
+    run, policy = files["run_dir"], files["policy"]
+    places = {"scorer": f"{tmp_path}/my_task.py:score", "prompts": files["prompts"],
+              "heldout": files["eval_prompts"]}
+    expected = [
+        ("eval", {"model": policy, "out": f"{run}/round_0/eval.json"}),
+        *_round(run, 1, policy, policy, 1, **places),
+        *_round(run, 2, f"{run}/round_1/train/model", policy, 2, **places),
+    ]
+    assert _picked(calls, expected) == expected
+
+
+def test_toy_sections_and_the_command_line(tmp_path, monkeypatch, capsys):
+    """`toy_model:` / `toy_data:` make the toy model and task data inside the run dir and feed
+    them to SFT, sampling and eval; `odpo iterate --rounds` overrides the config and prints each
+    round; a bad section stops the command before any step runs."""
+    calls = stub_steps(monkeypatch)
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"), "rounds": 3, "scorer": "addition", "toy_model": {},
+        "toy_data": {"sft_rows": 32, "prompts": 4, "heldout": 4}, "train": {"beta": 0.1}}))
+    assert main(["iterate", "--config", str(path), "--rounds", "1"]) == 0
+    run = tmp_path / "run"
+    expected = [
+        ("sft", {"model": str(run / "toy"), "data": str(run / "data" / "sft.parquet")}),
+        ("eval", {"model": str(run / "sft" / "model"),
+                  "prompts": str(run / "data" / "heldout.parquet")}),
+        ("sample", {"model": str(run / "sft" / "model"),
+                    "prompts": str(run / "data" / "prompts.parquet")}),
+        ("score", {}), ("pair", {}), ("reference", {}), ("train", {}), ("eval", {}),
+    ]
+    assert _picked(calls, expected) == expected
+    assert json.loads((run / "toy" / "config.json").read_text())["model_type"] == "llama"
+    assert pq.read_table(run / "data" / "prompts.parquet").num_rows == 4
+    out = capsys.readouterr().out
+    assert "round 0: greedy 0.100" in out and "round 1: greedy 0.200" in out
+    assert "iterate: 1 rounds" in out
+
+    calls.clear()
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "bad"), "toy_model": {},
+                                    "toy_data": {}, "train": {"betta": 0.1}}))
+    assert main(["iterate", "--config", str(path)]) == 2
+    assert "unknown key(s) ['betta']" in capsys.readouterr().err
+    assert calls == [] and not (tmp_path / "bad").exists()
+
+
+def test_run_dir_policy_and_prompts_on_s3(s3_server, tmp_path, monkeypatch):
+    """Everything named by URI: every step is handed URIs under the run dir, and the config,
+    the summary and the report (read back from the steps' files) are written there."""
+    calls = stub_steps(monkeypatch)
+    b = s3_server("iterate")
+    storage.write_text(f"{b}/sft/config.json", "{}")
+    for name in ("prompts", "heldout"):
+        storage.write_text(f"{b}/data/{name}.jsonl", '{"prompt": "1+1=", "answer": "2"}\n')
+    run = f"{b}/run"
+    summary = run_iterate(IterateConfig(
+        run_dir=run, rounds=1, policy=f"{b}/sft", prompts=f"{b}/data/prompts.jsonl",
+        eval_prompts=f"{b}/data/heldout.jsonl", scorer="addition", train={"beta": 0.1}))
+    outs = [cfg.out for _, cfg in calls]
+    assert len(outs) == 7 and all(o.startswith(f"{run}/round_") for o in outs), outs
+    assert summary["run_dir"] == run and summary["report"] == f"{run}/report/report.md"
+    for name in ("iterate_config.json", "iterate_summary.json", "report/report.md",
+                 "report/reward.png", "report/funnel.png"):
+        assert storage.is_file(f"{run}/{name}"), name
+    assert not list(tmp_path.iterdir())  # nothing written on local disk

@@ -717,3 +717,38 @@ def test_kto_bad_arguments():
     with pytest.raises(ValueError, match="beta"):
         kto_loss(torch.zeros(2), torch.zeros(2), torch.tensor([True, False]), 0.0, beta=0.0)
 
+
+
+# ---------------------------------------------------------------- (d) the trainer's step
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_trainer_step_feeds_every_loss_its_lengths(toy_model_dir, toy_tokenizer, loss_type):
+    """`odpo train`'s micro-batch loss (trainer.loop.dpo_step_loss) for every loss type equals
+    `dpo_loss` on log-probs from a plain forward and completion lengths counted here by hand
+    (answer characters + EOS), with reference log-probs that differ from the policy's."""
+    from conftest import char_ids, plain_logp
+    from transformers import AutoModelForCausalLM
+
+    from trainer.loop import dpo_step_loss
+
+    model = AutoModelForCausalLM.from_pretrained(toy_model_dir, dtype=torch.float32).eval()
+    eos = toy_tokenizer.eos_token_id
+    prompts = [char_ids(toy_tokenizer, p) for p in PROMPTS[:4]]
+    chosen = [char_ids(toy_tokenizer, str(a + b)) + [eos] for a, b, _ in ROWS[:4]]
+    rejected = [char_ids(toy_tokenizer, str(a + b + o)) + [eos] for a, b, o in ROWS[:4]]
+    pol_c = [plain_logp(model, p, c) for p, c in zip(prompts, chosen, strict=True)]
+    pol_r = [plain_logp(model, p, r) for p, r in zip(prompts, rejected, strict=True)]
+    ref_c = [x + 0.3 * (i + 1) for i, x in enumerate(pol_c)]  # h differs pair to pair
+    ref_r = [x - 0.2 * (i + 1) for i, x in enumerate(pol_r)]
+    batch = {"prompt_input_ids": prompts, "chosen_input_ids": chosen,
+             "rejected_input_ids": rejected, "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
+    eps = 0.1 if loss_type == "exo_pair" else 0.0
+    cfg = {"beta": 0.1, "loss_type": loss_type, "label_smoothing": eps, "alpha": 0.0}
+    _, metrics = dpo_step_loss(model, batch, toy_tokenizer.pad_token_id, cfg)
+
+    t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+    want, _, _ = dpo_loss(t(pol_c), t(pol_r), t(ref_c), t(ref_r), beta=0.1, loss_type=loss_type,
+                          label_smoothing=eps, chosen_lengths=t([len(c) for c in chosen]),
+                          rejected_lengths=t([len(r) for r in rejected]))
+    assert metrics["dpo_loss"] == pytest.approx(want.mean().item(), abs=1e-5)

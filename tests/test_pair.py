@@ -196,7 +196,7 @@ def test_pair_refuses_bad_input(ray_local, scored_file, tmp_path, capsys):
     # A bad mode is a one-line error.
     assert main(["pair", "--scored", str(scored_file), "--out", str(tmp_path / "p3"),
                  "--mode", "random"]) == 2
-    assert "mode must be one of" in capsys.readouterr().err
+    assert "argument --mode: invalid choice: 'random'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

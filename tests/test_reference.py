@@ -221,41 +221,45 @@ def test_batch_size_one_equals_big_batch(computed, pairs_dir, toy_model_dir):
         np.testing.assert_allclose([r[side] for r in one], [r[side] for r in big], atol=1e-5)
 
 
-def _run_isolated(argv) -> dict:
-    """`odpo` in a fresh interpreter; reports what that process loaded. A model is loaded either
-    here, which imports its `transformers` modeling module, or in a Ray actor, which needs this
-    process to start Ray (the CLI's embedded default): both are observed after the run."""
+def _run_isolated(*argvs) -> dict:
+    """`odpo` commands, one after the other in one fresh interpreter: each one's exit code and
+    output, and what that process loaded. A model is loaded either here, which imports its
+    `transformers` modeling module, or in a Ray actor, which needs this process to start Ray
+    (the CLI's embedded default): both are observed after the last command."""
     code = (
-        "import json, sys\n"
+        "import contextlib, io, json, sys\n"
         "from jobs.cli import main\n"
-        f"rc = main({argv!r})\n"
+        "runs = []\n"
+        f"for argv in {list(argvs)!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "        rc = main(argv)\n"
+        "    runs.append({'rc': rc, 'out': out.getvalue()})\n"
         "import ray\n"
         "mods = [m for m in sys.modules if m.startswith('transformers.models.')"
         " and '.modeling_' in m]\n"
-        "print(json.dumps({'rc': rc, 'ray': ray.is_initialized(), 'modeling': mods}))\n"
+        "print('RESULT ' + json.dumps({'runs': runs, 'ray': ray.is_initialized(),"
+        " 'modeling': mods}))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
-    return {**json.loads(lines[-1]), "line": lines[-2] if len(lines) > 1 else "",
-            "stderr": proc.stderr}
+    return json.loads(proc.stdout.split("RESULT ", 1)[1])
 
 
 @pytest.mark.slow
 def test_equal_key_finishes_without_loading_the_model(computed, pairs_dir, toy_model_dir):
+    """The same command again, then a beta sweep (each run asks for its own output dir, which
+    the store fills): every one a cache hit, in a process that neither starts Ray nor imports
+    a model."""
     key = read_manifest(computed["out"])["cache_key"]
     stored = (computed["cache"] / key / "part-00000.parquet").read_bytes()
-    same = _run_isolated(_args(pairs_dir, toy_model_dir, computed["out"], computed["cache"]))
-    assert same["rc"] == 0 and "cache hit" in same["line"], same
-    assert not same["ray"] and same["modeling"] == []
-    assert float(same["line"].split(" in ")[-1].split("s ")[0]) < 5  # seconds, by the stage
-    # A beta sweep: each run asks for its own output dir; the store fills it, still no model.
-    for beta in ("0.1", "0.3"):
-        out = computed["root"] / f"sweep-beta{beta}"
-        r = _run_isolated(_args(pairs_dir, toy_model_dir, out, computed["cache"],
-                                "--reference-cache", "require"))
-        assert r["rc"] == 0 and "cache hit" in r["line"] and not r["ray"] and not r["modeling"]
+    sweep = [computed["root"] / f"sweep-beta{beta}" for beta in ("0.1", "0.3")]
+    r = _run_isolated(_args(pairs_dir, toy_model_dir, computed["out"], computed["cache"]),
+                      *(_args(pairs_dir, toy_model_dir, out, computed["cache"],
+                              "--reference-cache", "require") for out in sweep))
+    assert [(run["rc"], "cache hit" in run["out"]) for run in r["runs"]] == [(0, True)] * 3, r
+    assert not r["ray"] and r["modeling"] == [], r
+    for out in sweep:
         assert (out / "part-00000.parquet").read_bytes() == stored
         assert read_manifest(out)["cache_key"] == key
 
@@ -338,7 +342,7 @@ def test_refuses_wrong_inputs_and_outputs(pairs_dir, toy_model_dir, tmp_path, ca
         (_args(pairs_dir, toy_model_dir, tmp_path / "o3", tmp_path / "c", "--max-length", "99"),
          "exceeds the model's context of 64"),
         (_args(pairs_dir, toy_model_dir, tmp_path / "o4", tmp_path / "c", "--dtype", "fp8"),
-         "dtype must be one of"),
+         "--dtype: invalid choice: 'fp8'"),
     ):
         assert main(argv) == 2
         assert msg in capsys.readouterr().err
@@ -347,10 +351,10 @@ def test_refuses_wrong_inputs_and_outputs(pairs_dir, toy_model_dir, tmp_path, ca
 @pytest.mark.slow
 def test_trainer_reads_the_shards_and_starts_at_ln2(computed, toy_model_dir, toy_tokenizer):
     """The trainer's own step on the stored ids, with policy == reference: every logit is 0."""
-    from trainer.dpo import check_reference_shards
+    from trainer.dpo import read_reference_stage
     from trainer.loop import dpo_step_loss
 
-    check_reference_shards(str(computed["out"]))
+    read_reference_stage(str(computed["out"]))
     table = pq.read_table(sorted(computed["out"].glob("*.parquet")))
     batch = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
     cfg = {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "alpha": 0.0}

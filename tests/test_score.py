@@ -12,7 +12,8 @@ import torch
 
 from jobs.cli import main
 from pipeline.errors import UserError
-from pipeline.score import exact_answer, score_rows
+from pipeline.score import score_rows
+from pipeline.scorers import exact_answer
 
 
 def _by_key(rows):

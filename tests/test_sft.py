@@ -1,4 +1,5 @@
-"""`odpo sft` end to end on real Ray Train, checked against plain PyTorch and transformers."""
+"""`odpo sft` on real Ray Train (the end-to-end run's SFT step, `sft_run`), checked against
+transformers; its numerics against plain PyTorch are in tests/test_loop.py."""
 
 import json
 from pathlib import Path
@@ -6,14 +7,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from jobs.cli import main
 
-pytestmark = pytest.mark.slow
 
-
-def test_writes_hf_checkpoint_metrics_and_eval(sft_run):
+def test_writes_hf_checkpoint_metrics_and_eval(sft_run, e2e_run):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     AutoModelForCausalLM.from_pretrained(sft_run / "model")
@@ -23,15 +21,18 @@ def test_writes_hf_checkpoint_metrics_and_eval(sft_run):
     assert lines[-1]["loss"] < lines[0]["loss"] - 1.0  # it learned
     assert all(x["tokens_per_s"] > 0 for x in lines)
     assert list((sft_run / "tensorboard").glob("events.out.tfevents.*"))
-    result = json.loads((sft_run / "eval.json").read_text())
+    # iterate's round 0 is the evaluation of the SFT model
+    result = json.loads((e2e_run["run"] / "round_0" / "eval.json").read_text())
+    assert result["model"] == str(sft_run / "model")
     assert result["num_prompts"] == 64 and 0.0 <= result["greedy_reward"] <= 1.0
 
 
-def test_vllm_greedy_matches_transformers_greedy(sft_run, toy_data_dir):
+def test_vllm_greedy_matches_transformers_greedy(sft_run, e2e_run, toy_data_dir):
     """The checkpoint loads in vLLM unchanged: its greedy text equals transformers' own."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    result = json.loads((sft_run / "eval.json").read_text())
+    result = json.loads((e2e_run["run"] / "round_0" / "eval.json").read_text())
+    assert result["model"] == str(sft_run / "model")
     tok = AutoTokenizer.from_pretrained(sft_run / "model")
     model = AutoModelForCausalLM.from_pretrained(sft_run / "model").eval()
     prompts = [r["prompt"] for r in pq.read_table(toy_data_dir / "heldout.parquet").to_pylist()]
@@ -43,39 +44,6 @@ def test_vllm_greedy_matches_transformers_greedy(sft_run, toy_data_dir):
         hf.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     same = sum(a == b for a, b in zip(hf, result["greedy_texts"], strict=True))
     assert same >= 0.95 * len(prompts), list(zip(hf, result["greedy_texts"], strict=True))[:8]
-
-
-def test_one_step_matches_plain_pytorch(ray_local, toy_model_dir, toy_data_dir, tmp_path):
-    """One optimizer step through Ray Train equals AdamW on the token-mean NLL written here."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    rows = pq.read_table(toy_data_dir / "sft.parquet").to_pylist()[:32]
-    data = tmp_path / "sft32.parquet"
-    pq.write_table(pa.Table.from_pylist(rows), data)
-    out = tmp_path / "run"
-    assert main(["sft", "--model", toy_model_dir, "--data", str(data), "--out", str(out),
-                 "--max-steps", "1", "--batch-size", "32", "--warmup-steps", "0",
-                 "--grad-clip", "0", "--lr", "1e-3"]) == 0
-
-    tok = AutoTokenizer.from_pretrained(toy_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(toy_model_dir)
-    model.train()
-    total, count = 0.0, 0
-    for r in rows:  # one sequence at a time: no padding, no shared code with the trainer
-        prompt = tok(r["prompt"])["input_ids"]
-        completion = tok(r["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        ids = torch.tensor([prompt + completion])
-        logprobs = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
-        for j, target in enumerate(completion):
-            total = total - logprobs[len(prompt) + j - 1, target]
-            count += 1
-    (total / count).backward()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    opt.step()
-
-    trained = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
-    for name, value in model.state_dict().items():
-        torch.testing.assert_close(trained[name], value, atol=1e-5, rtol=0, msg=name)
 
 
 def _one_line_error(capsys) -> str:
@@ -125,32 +93,45 @@ def _rows(path, rows):
     return path
 
 
-def test_rerun_skips_training_and_evaluates_only_what_changed(ray_local, toy_model_dir,
-                                                              toy_data_dir, tmp_path, capsys):
-    """`odpo sft` and `odpo eval --out` skip when their manifests are current: an unchanged
-    re-run trains nothing; changed eval settings re-evaluate without retraining."""
-    out = tmp_path / "run"
-    args = ["sft", "--model", toy_model_dir, "--data", str(toy_data_dir / "sft.parquet"),
-            "--out", str(out), "--max-steps", "2", "--batch-size", "16", "--warmup-steps", "0",
-            "--eval-prompts", str(toy_data_dir / "heldout.parquet"), "--eval-samples", "1"]
-    assert main(args) == 0
-    model = out / "model" / "model.safetensors"
-    mtime, eval_mtime = model.stat().st_mtime_ns, (out / "eval.json").stat().st_mtime_ns
+def _e2e_sft_args(e2e_run) -> list[str]:
+    """`odpo sft` with the settings the end-to-end run's iterate gave its SFT step."""
+    cfg = e2e_run["cfg"]
+    args = ["sft", "--model", cfg.policy, "--data", cfg.sft_data, "--out",
+            str(e2e_run["run"] / "sft")]
+    for key, value in cfg.sft.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def test_rerun_skips_training_and_evaluates_only_what_changed(e2e_run, toy_data_dir, capsys):
+    """`odpo sft` and `odpo eval --out` skip when their manifests are current. On the end-to-end
+    run's SFT (trained by iterate, so also: the command line and iterate make one config): an
+    unchanged re-run trains nothing; asking for an evaluation evaluates without retraining; then
+    both are current, and so is the same evaluation asked of `odpo eval --out`."""
+    sft = e2e_run["run"] / "sft"
+    model = sft / "model" / "model.safetensors"
+    mtime = model.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(_e2e_sft_args(e2e_run)) == 0
+    assert "skipped: up to date" in capsys.readouterr().out
+    assert model.stat().st_mtime_ns == mtime and not (sft / "eval.json").exists()
+
+    heldout = str(toy_data_dir / "heldout.parquet")
+    args = [*_e2e_sft_args(e2e_run), "--eval-prompts", heldout, "--eval-samples", "1",
+            "--scorer", "addition"]
+    assert main(args) == 0  # training skipped, the evaluation run
+    assert model.stat().st_mtime_ns == mtime
+    result = json.loads((sft / "eval.json").read_text())
+    assert result["num_prompts"] == 64 and result["samples_per_prompt"] == 1
+    eval_mtime = (sft / "eval.json").stat().st_mtime_ns
     capsys.readouterr()
     assert main(args) == 0
     assert "skipped: up to date" in capsys.readouterr().out
     assert model.stat().st_mtime_ns == mtime
-    assert (out / "eval.json").stat().st_mtime_ns == eval_mtime
-    assert main([*args[:-1], "2"]) == 0  # two samples per held-out prompt: a new evaluation
-    assert model.stat().st_mtime_ns == mtime
-    result = json.loads((out / "eval.json").read_text())
-    assert result["samples_per_prompt"] == 2 and result["config"]["samples"] == 2
-    # odpo eval --out: the same result file is reused while current
-    out_json = tmp_path / "eval.json"
-    ev = ["eval", "--model", str(out / "model"), "--prompts",
-          str(toy_data_dir / "heldout.parquet"), "--samples", "1", "--out", str(out_json)]
+    assert (sft / "eval.json").stat().st_mtime_ns == eval_mtime
+    # `odpo eval --out` asked for the same evaluation: the same result file, current.
+    ev = ["eval", "--model", str(sft / "model"), "--prompts", heldout, "--samples", "1",
+          "--scorer", "addition", "--seed", "0", "--out", str(sft / "eval.json")]
     assert main(ev) == 0
-    first = out_json.read_text()
-    capsys.readouterr()
-    assert main(ev) == 0
-    assert "skipped: up to date" in capsys.readouterr().out and out_json.read_text() == first
+    assert "skipped: up to date" in capsys.readouterr().out
+    assert (sft / "eval.json").stat().st_mtime_ns == eval_mtime

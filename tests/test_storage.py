@@ -143,6 +143,33 @@ def test_model_by_uri_is_copied_once_per_node(s3_server, toy_model_dir, tmp_path
         storage.local_copy(f"{b}/models/missing")
 
 
+def test_eval_result_on_s3_is_current_until_config_or_model_changes(s3_server, toy_model_dir,
+                                                                   tmp_path, monkeypatch):
+    """What `odpo eval --out s3://...` keeps beside the numbers (the result file with its
+    manifest keys, the model digested through this node's copy of the URI): current for the
+    same config and model, not for another config or other weights; a file that is no result
+    is never overwritten. (The engine part of eval is the same for every path.)"""
+    from pipeline.checkpoint import checkpoint_digest
+    from pipeline.manifest import current_result, read_result, write_result
+
+    monkeypatch.setenv("ODPO_CACHE_DIR", str(tmp_path / "cache"))
+    b = s3_server()
+    model = _upload(toy_model_dir, f"{b}/models/toy")
+    out, config = f"{b}/run/round_1/eval.json", {"samples": 2}
+    inputs = {"model": checkpoint_digest(model)}
+    assert inputs["model"] == checkpoint_digest(toy_model_dir)  # the same files, by URI or not
+    assert current_result(out, "eval", config, inputs) is None  # nothing there yet
+    written = write_result(out, "eval", config, inputs, {"greedy_reward": 0.25})
+    assert json.loads(storage.read_text(out)) == written and written["greedy_reward"] == 0.25
+    assert current_result(out, "eval", config, inputs) == written
+    assert current_result(out, "eval", {"samples": 4}, inputs) is None
+    storage.write_text(storage.join(model, "model.safetensors"), "other weights")
+    assert current_result(out, "eval", config, {"model": checkpoint_digest(model)}) is None
+    storage.write_text(f"{b}/run/notes.json", "[1, 2]")
+    with pytest.raises(UserError, match="is not an `eval` result; refusing to overwrite"):
+        read_result(f"{b}/run/notes.json", "eval")
+
+
 SCORER = '''
 def spread(prompts, responses, rows):
     """Distinct scores for distinct responses, so every prompt with two different samples pairs

@@ -1,29 +1,20 @@
-"""Driver side of training: build the `TorchTrainer`, run it, copy out the final HF checkpoint."""
+"""Driver side of training, the one shape of `odpo sft` and `odpo train`: skip a current run, start
+Ray, read the data, plan the steps, run the `TorchTrainer`, publish the final HF checkpoint."""
 
 from __future__ import annotations
 
 import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 from pipeline import storage
+from pipeline.cluster import ensure_ray
 from pipeline.errors import UserError, user_errors
+from pipeline.manifest import current_run, finish_run, start_run
+from pipeline.storage import write_json
 from trainer.loop import STATE_FILE, train_loop_per_worker
-
-
-def plan_steps(
-    rows: int, batch_size: int, epochs: int, max_steps: int, source: str, unit: str = "rows"
-) -> dict:
-    """Optimizer steps per epoch and in all (capped by `max_steps` when > 0) for `rows` rows, and
-    the rows left over after an epoch's last full batch (`drop_last`; summaries report them)."""
-    if rows < batch_size:
-        raise UserError(f"{source}: {rows} {unit}, fewer than one batch of {batch_size}")
-    steps_per_epoch = rows // batch_size
-    total_steps = steps_per_epoch * epochs
-    if max_steps > 0:
-        total_steps = min(total_steps, max_steps)
-    return {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-            "left_over_per_epoch": rows - steps_per_epoch * batch_size}
-
 
 TRAIN_DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -65,43 +56,79 @@ def check_training_config(cfg) -> None:
         )
 
 
-def fit(
-    loop_cfg: dict,
-    train_ds,
-    *,
-    run_dir: str,
-    num_workers: int,
-    cpus_per_worker: float,
-    use_gpu: bool,
-    max_failures: int = 0,
-) -> str:
-    """Train and return `run_dir/model`, a Hugging Face checkpoint directory (`run_dir` may be a
-    URI: Ray Train keeps its checkpoints there, the model is published config.json last).
+def run_training(cfg, *, stage: str, objective: str, config: dict, inputs: dict[str, str],
+                 ray_inputs: dict[str, str | None], read: Callable[[], tuple], source: str,
+                 unit: str) -> dict:
+    """One training run into `cfg.out` (a checked config, its paths resolved); its summary.
+
+    Skipped when `cfg.out/manifest.json` records a finished run of `stage` with this `config`,
+    these `inputs` ({name: digest}) and this code version; a half-done run of the same resumes
+    from its checkpoints, one of another is removed and trained anew. Otherwise Ray is started
+    (`ensure_ray`, which refuses a local `cfg.out` or `ray_inputs` on a multi-node cluster;
+    a named cluster the caller joined up front, before its checks), `read()`
+    gives (materialized Ray dataset, its `unit`s (rows or pairs), the stage's own summary fields),
+    and `objective` ("sft" | "dpo") is trained for `plan_steps` steps.
+    """
+    done = current_run(cfg.out, stage, config, inputs)
+    if done is not None:
+        return {**done["summary"], "skipped": True}
+    ensure_ray(cfg.out, ray_inputs)
+    t0 = time.perf_counter()
+    dataset, rows, extra = read()
+    steps = plan_steps(rows, cfg.batch_size, cfg.epochs, cfg.max_steps, source, unit)
+    start_run(cfg.out, stage, config, inputs)  # the data has been read and checked
+    model = fit({**asdict(cfg), "objective": objective, **steps}, dataset)
+    summary = {
+        "model": model, unit: rows, **extra, "steps": steps["total_steps"],
+        # not in any batch of an epoch; shuffled, a different subset each epoch
+        f"{unit}_left_over_per_epoch": steps["left_over_per_epoch"],
+        "train_s": time.perf_counter() - t0,
+    }
+    write_json(storage.join(cfg.out, f"{stage}_summary.json"), summary)
+    finish_run(cfg.out, stage, config, inputs, "model", {"summary": summary})
+    return {**summary, "skipped": False}
+
+
+def plan_steps(
+    rows: int, batch_size: int, epochs: int, max_steps: int, source: str, unit: str = "rows"
+) -> dict:
+    """Optimizer steps per epoch and in all (capped by `max_steps` when > 0) for `rows` rows, and
+    the rows left over after an epoch's last full batch (`drop_last`; summaries report them)."""
+    if rows < batch_size:
+        raise UserError(f"{source}: {rows} {unit}, fewer than one batch of {batch_size}")
+    steps_per_epoch = rows // batch_size
+    total_steps = steps_per_epoch * epochs
+    if max_steps > 0:
+        total_steps = min(total_steps, max_steps)
+    return {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+            "left_over_per_epoch": rows - steps_per_epoch * batch_size}
+
+
+def fit(loop_cfg: dict, train_ds) -> str:
+    """Train and return `out/model`, a Hugging Face checkpoint directory (`out`, loop_cfg's, may
+    be a URI: Ray Train keeps its checkpoints there, the model is published config.json last).
     `train_ds` is materialized; every worker reads all of it.
 
-    Ray Train keeps its checkpoints under `run_dir/ray/<objective>`; a re-run with the same
-    `run_dir` resumes from the latest of them.
+    Ray Train keeps its checkpoints under `out/ray/<objective>`; a re-run with the same `out`
+    resumes from the latest of them.
     """
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    run_dir = storage.absolute(run_dir)
-    resources = {"CPU": cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = 1
+    run_dir, use_gpu = storage.absolute(loop_cfg["out"]), loop_cfg["use_gpu"]
+    resources = {"CPU": loop_cfg["cpus_per_worker"], **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**loop_cfg, "run_dir": run_dir},
-        scaling_config=ScalingConfig(
-            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources
-        ),
+        scaling_config=ScalingConfig(num_workers=loop_cfg["num_workers"], use_gpu=use_gpu,
+                                     resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=loop_cfg["objective"],
             storage_path=storage.join(run_dir, "ray"),  # a URI works as is
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(max_failures=loop_cfg["max_failures"]),
         ),
         datasets={"train": train_ds},
         # Not split: every worker reads all of it and trains on the rows trainer.loop's plan

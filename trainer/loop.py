@@ -21,6 +21,7 @@ import contextlib
 import json
 import math
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -28,7 +29,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+import torch.distributed as dist
 
 from pipeline import storage
 from pipeline.checkpoint import disable_dropout
@@ -49,16 +53,8 @@ def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarr
 
 
 def plan_batches(
-    num_rows: int,
-    *,
-    batch_size: int,
-    grad_accum: int,
-    world: int,
-    rank: int,
-    seed: int,
-    shuffle: bool,
-    start_step: int,
-    total_steps: int,
+    num_rows: int, *, batch_size: int, grad_accum: int, world: int, rank: int, seed: int,
+    shuffle: bool, start_step: int, total_steps: int,
 ) -> Iterator[tuple[int, int, np.ndarray, list[np.ndarray]]]:
     """Rows of the optimizer steps `start_step`..`total_steps`-1, for worker `rank` of `world`.
 
@@ -90,6 +86,13 @@ def target_tokens(prompt_lengths: np.ndarray, completion_lengths: np.ndarray) ->
     return completion_lengths - (prompt_lengths == 0)
 
 
+def _logits(model, t: dict) -> torch.Tensor:
+    """The model's logits (B, T, V) for a `collate` batch, on the model's device."""
+    device = next(model.parameters()).device
+    return model(input_ids=t["input_ids"].to(device),
+                 attention_mask=t["attention_mask"].to(device)).logits
+
+
 def sft_step_loss(
     model, batch: dict, pad_token_id: int, step_tokens: int | None = None, world: int = 1
 ) -> tuple[torch.Tensor, dict]:
@@ -106,11 +109,8 @@ def sft_step_loss(
     the shares are the step's token-mean NLL), and num_tokens its input tokens.
     """
     t = collate(batch["prompt_input_ids"], batch["completion_input_ids"], pad_token_id)
-    device = next(model.parameters()).device
-    logits = model(
-        input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device)
-    ).logits
-    token_logps, mask = per_token_logps(logits, t["labels"].to(device))
+    logits = _logits(model, t)
+    token_logps, mask = per_token_logps(logits, t["labels"].to(logits.device))
     n_tokens = max(int(mask.sum()) if step_tokens is None else step_tokens, 1)
     nll = -token_logps.sum()
     loss = nll * (world / n_tokens)
@@ -121,16 +121,10 @@ def _pair_logps(model, batch: dict, pad_token_id: int) -> tuple[torch.Tensor, to
     """Chosen and rejected summed log-probs (B,) each, from one forward over both (2B rows)."""
     prompts = list(batch["prompt_input_ids"])
     n = len(prompts)
-    t = collate(
-        prompts + prompts,
-        list(batch["chosen_input_ids"]) + list(batch["rejected_input_ids"]),
-        pad_token_id,
-    )
-    device = next(model.parameters()).device
-    logits = model(
-        input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device)
-    ).logits
-    logps = sequence_logps(logits, t["labels"].to(device))
+    t = collate(prompts + prompts,
+                list(batch["chosen_input_ids"]) + list(batch["rejected_input_ids"]), pad_token_id)
+    logits = _logits(model, t)
+    logps = sequence_logps(logits, t["labels"].to(logits.device))
     return logps[:n], logps[n:], t
 
 
@@ -145,25 +139,21 @@ def dpo_step_loss(
     chosen_logps, rejected_logps, t = _pair_logps(model, batch, pad_token_id)
     n = chosen_logps.shape[0]
     device = chosen_logps.device
+    lengths = t["completion_lengths"].to(device)  # chosen rows, then rejected rows
     if reference_model is None:
-        ref_chosen = torch.tensor(np.array(batch["ref_chosen_logps"]), dtype=torch.float64,
-                                  device=device)
-        ref_rejected = torch.tensor(np.array(batch["ref_rejected_logps"]), dtype=torch.float64,
-                                    device=device)
+        ref_chosen, ref_rejected = (
+            torch.tensor(np.array(batch[k]), dtype=torch.float64, device=device)
+            for k in ("ref_chosen_logps", "ref_rejected_logps"))
     else:
         with torch.inference_mode():
             ref_chosen, ref_rejected, _ = _pair_logps(reference_model, batch, pad_token_id)
         ref_chosen, ref_rejected = ref_chosen.clone(), ref_rejected.clone()
     losses, chosen_rewards, rejected_rewards = dpo_loss(
-        chosen_logps,
-        rejected_logps,
-        ref_chosen,
-        ref_rejected,
-        beta=cfg["beta"],
-        loss_type=cfg["loss_type"],
-        label_smoothing=cfg["label_smoothing"],
+        chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta=cfg["beta"],
+        loss_type=cfg["loss_type"], label_smoothing=cfg["label_smoothing"],
+        chosen_lengths=lengths[:n], rejected_lengths=lengths[n:],
     )
-    nll = nll_loss(chosen_logps, t["completion_lengths"][:n].to(device))
+    nll = nll_loss(chosen_logps, lengths[:n])
     loss = losses.mean() + cfg["alpha"] * nll.mean()
     metrics = {
         "loss": loss.item(),
@@ -200,8 +190,6 @@ def sum_across_workers(values: dict[str, float], device: torch.device) -> dict[s
 
     The tensor lives on `device`, the model's: under `use_gpu` Ray Train's process group is NCCL,
     which serves CUDA tensors only ("No backend type associated with device type cpu")."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return dict(values)
     keys = sorted(values)
@@ -221,13 +209,6 @@ def window_metrics(window: list[dict[str, float]], world: int, device: torch.dev
     return out
 
 
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this worker process so far (Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _step_of(line: str) -> int | None:
     """The step of a metrics line, or None for a line a crash left half-written."""
     try:
@@ -237,16 +218,18 @@ def _step_of(line: str) -> int | None:
 
 
 class _Logger:
-    """Rank 0's metrics sink: one JSON line per logging step plus TensorBoard scalars.
+    """Rank 0's metrics sink: one JSON line per logging step, TensorBoard scalars and the
+    progress bar (a no-op on the other ranks).
 
-    With a URI `run_dir` both are written in a local directory on this worker's node and
+    With a URI `run_dir` the metrics are written in a local directory on this worker's node and
     uploaded by `sync()` (at every checkpoint and at the end); a resumed run downloads them
     first."""
 
-    def __init__(self, run_dir: str, enabled: bool, resume_step: int):
-        self.enabled = enabled
+    def __init__(self, cfg: dict, enabled: bool, resume_step: int):
+        self.enabled, self.total = enabled, cfg["total_steps"]
         if not enabled:
             return
+        run_dir = cfg["run_dir"]
         self.remote = run_dir if storage.is_uri(run_dir) else None
         if self.remote:
             run_dir = tempfile.mkdtemp(prefix="odpo-metrics-")
@@ -264,9 +247,13 @@ class _Logger:
                 if _step_of(line) is not None and _step_of(line) < resume_step
             ]
             self.path.write_text("".join(line + "\n" for line in kept))
+        from ray.experimental.tqdm_ray import tqdm
         from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(str(self.local / "tensorboard"), purge_step=resume_step)
+        self.bar = tqdm(total=self.total, desc=f"{cfg['objective']} steps")
+        if resume_step:
+            self.bar.update(resume_step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -276,6 +263,11 @@ class _Logger:
         for k, v in metrics.items():
             self.tb.add_scalar(k, v, step)
         self.tb.flush()
+
+    def progress(self, done: int) -> None:
+        """~100 bar updates a run: each one is a log line when stdout is not a terminal."""
+        if self.enabled and (done % max(1, self.total // 100) == 0 or done == self.total):
+            self.bar.update(done - self.bar.n)
 
     def sync(self) -> None:
         """Upload metrics.jsonl and the TensorBoard files to a URI run_dir."""
@@ -292,21 +284,7 @@ class _Logger:
             self.sync()
             if self.remote:
                 shutil.rmtree(self.local, ignore_errors=True)
-
-
-def _save_checkpoint(model, tokenizer, optimizer, scheduler, step: int, epoch: int, path: str):
-    unwrapped = model.module if hasattr(model, "module") else model
-    unwrapped.save_pretrained(path, safe_serialization=True)
-    tokenizer.save_pretrained(path)
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step,
-            "epoch": epoch,
-        },
-        os.path.join(path, STATE_FILE),
-    )
+            self.bar.close()
 
 
 def make_optimizer(model, cfg: dict):
@@ -329,14 +307,8 @@ def take_rows(table, rows: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def accumulate_gradients(
-    model,
-    micro_batches: list[dict],
-    cfg: dict,
-    pad_token_id: int,
-    *,
-    world: int,
-    step_tokens: int = 0,
-    reference_model=None,
+    model, micro_batches: list[dict], cfg: dict, pad_token_id: int, *, world: int,
+    step_tokens: int = 0, reference_model=None,
 ) -> dict[str, float]:
     """Forward and backward of this worker's micro-batches of one optimizer step; DDP all-reduces
     the summed gradients on the last one only (`no_sync` before it).
@@ -367,19 +339,20 @@ def accumulate_gradients(
     return shares
 
 
+def optimizer_step(model, optimizer, scheduler, grad_clip: float) -> float:
+    """Clip the global gradient norm to `grad_clip` (0: no clipping), step the optimizer and the
+    schedule, clear the gradients; returns the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(grad_norm)
+
+
 def train_steps(
-    model,
-    optimizer,
-    scheduler,
-    table,
-    cfg: dict,
-    *,
-    rank: int,
-    world: int,
-    start_step: int,
-    pad_token_id: int,
-    log: Callable[[int, dict], None],
-    after_step: Callable[[int, int], None],
+    model, optimizer, scheduler, table, cfg: dict, *, rank: int, world: int, start_step: int,
+    pad_token_id: int, log: Callable[[int, dict], None], after_step: Callable[[int, int], None],
     reference_model=None,
 ) -> None:
     """Optimizer steps `start_step`..`cfg["total_steps"]`-1 on this worker, without Ray (tests
@@ -390,18 +363,14 @@ def train_steps(
     (its all-reduce is collective); `after_step(steps_done, epoch)` after each update.
     """
     device = next(model.parameters()).device
-    sft = cfg["objective"] == "sft"
-    if sft:
-        import pyarrow.compute as pc
-
-        targets = target_tokens(
-            pc.list_value_length(table["prompt_input_ids"]).to_numpy(),
-            pc.list_value_length(table["completion_input_ids"]).to_numpy(),
-        )
-    total_steps, accum = cfg["total_steps"], cfg["grad_accum"]
+    targets = None
+    if cfg["objective"] == "sft":  # the step's token count, for its token-mean NLL
+        targets = target_tokens(pc.list_value_length(table["prompt_input_ids"]).to_numpy(),
+                                pc.list_value_length(table["completion_input_ids"]).to_numpy())
+    total_steps = cfg["total_steps"]
     plan = plan_batches(
-        table.num_rows, batch_size=cfg["batch_size"], grad_accum=accum, world=world, rank=rank,
-        seed=cfg["seed"], shuffle=cfg["shuffle"], start_step=start_step,
+        table.num_rows, batch_size=cfg["batch_size"], grad_accum=cfg["grad_accum"], world=world,
+        rank=rank, seed=cfg["seed"], shuffle=cfg["shuffle"], start_step=start_step,
         total_steps=total_steps,
     )
     window: list[dict] = []
@@ -409,126 +378,147 @@ def train_steps(
     for step, epoch, step_rows, micro_rows in plan:
         window.append(accumulate_gradients(
             model, [take_rows(table, rows) for rows in micro_rows], cfg, pad_token_id,
-            world=world, step_tokens=int(targets[step_rows].sum()) if sft else 0,
+            world=world, step_tokens=0 if targets is None else int(targets[step_rows].sum()),
             reference_model=reference_model,
         ))
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf")
-        )
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(model, optimizer, scheduler, cfg["grad_clip"])
         if step % cfg["log_every"] == 0 or step + 1 == total_steps:
             elapsed = time.perf_counter() - t_window
             metrics = window_metrics(window, world, device)
             metrics.update(
-                {"epoch": epoch, "learning_rate": lr, "grad_norm": float(grad_norm),
+                {"epoch": epoch, "learning_rate": lr, "grad_norm": grad_norm,
                  "tokens_per_s": metrics.pop("num_tokens") / max(elapsed, 1e-9),
-                 "step_time_s": elapsed / len(window), "peak_rss_mb": _peak_rss_mb()}
+                 "step_time_s": elapsed / len(window),
+                 # peak resident memory of this worker so far (Linux reports KiB)
+                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
             )
             log(step, metrics)
             window, t_window = [], time.perf_counter()
         after_step(step + 1, epoch)
 
 
-def read_training_set(shard):
-    """The whole training set as one Arrow table, in its stored order, from a Ray Train dataset
-    iterator that `launch.fit` does not split."""
-    import pyarrow as pa
-
-    blocks = list(shard.iter_batches(batch_size=None, batch_format="pyarrow"))
-    return pa.concat_tables(blocks, promote_options="default")
+# --- on a Ray Train worker --------------------------------------------------------------------
 
 
 def train_loop_per_worker(cfg: dict) -> None:
-    """Ray Train entry point. `cfg` is the entry point's config as a dict, plus `total_steps`
-    and `steps_per_epoch` (`launch.plan_steps`)."""
+    """Ray Train entry point: load, resume, train, checkpoint. `cfg` is the entry point's config
+    as a dict, plus `objective`, `run_dir`, `total_steps` and `steps_per_epoch`
+    (`launch.plan_steps`)."""
     import ray.train
-    import ray.train.torch
-    from ray.experimental.tqdm_ray import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg["seed"])
     if cfg["torch_threads"] > 0:
         torch.set_num_threads(cfg["torch_threads"])
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg["dtype"]]
+    start, state = start_point(cfg)
+    # Never the checkpoint's own code, never pickle (the driver checked: check_checkpoint).
+    tokenizer = AutoTokenizer.from_pretrained(start, trust_remote_code=False)
+    model, reference_model = load_models(cfg, start)
+    optimizer, scheduler = make_optimizer(model, cfg)
+    step = resume(optimizer, scheduler, state)
+    table = read_training_set(cfg, rank)
+    logger = _Logger(cfg, rank == 0, step)
+
+    def after_step(done: int, epoch: int) -> None:
+        logger.progress(done)
+        if done == cfg["total_steps"] or (cfg["save_every"] > 0 and done % cfg["save_every"] == 0):
+            logger.sync()
+            report_checkpoint(model, tokenizer, optimizer, scheduler, done, epoch, rank)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    train_steps(model, optimizer, scheduler, table, cfg, rank=rank, world=world, start_step=step,
+                pad_token_id=pad_id, log=logger.log, after_step=after_step,
+                reference_model=reference_model)
+    logger.close()
+
+
+def start_point(cfg: dict) -> tuple[str, dict | None]:
+    """Where this worker starts: the latest Ray Train checkpoint (a HF directory) and its trainer
+    state, or on a fresh run this node's copy of `cfg["model"]` (a URI is downloaded) and None."""
+    import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    state = None
-    if checkpoint is not None:
-        ckpt_dir = checkpoint.to_directory()
-        model_path = ckpt_dir
-        state = torch.load(os.path.join(ckpt_dir, STATE_FILE), weights_only=True)
-    else:
-        model_path = storage.local_copy(cfg["model"])  # a URI: this node's copy
-    # Never the checkpoint's own code, never pickle (the driver checked: check_checkpoint).
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=False,
-                                                 use_safetensors=True)
+    if checkpoint is None:
+        return storage.local_copy(cfg["model"]), None
+    path = checkpoint.to_directory()
+    return path, torch.load(os.path.join(path, STATE_FILE), weights_only=True)
+
+
+def _from_pretrained(path: str, cfg: dict):
+    """A causal LM in `cfg["dtype"]` with dropout off, from safetensors only and never with the
+    checkpoint's own code."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg["dtype"]),
+                                                 trust_remote_code=False, use_safetensors=True)
     disable_dropout(model)
+    return model
+
+
+def load_models(cfg: dict, path: str):
+    """(policy, reference): the policy from `path` in train mode, wrapped for DDP; with
+    `reference="live"` the frozen reference model on this worker's device, else None."""
+    import ray.train.torch
+
+    model = _from_pretrained(path, cfg)
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
     model.train()
     model = ray.train.torch.prepare_model(model)
-    reference_model = None
-    if cfg.get("reference") == "live":
-        reference_model = AutoModelForCausalLM.from_pretrained(
-            storage.local_copy(cfg["reference_model"]), dtype=dtype, trust_remote_code=False,
-            use_safetensors=True,
-        )
-        reference_model.eval().requires_grad_(False)
-        disable_dropout(reference_model)
-        reference_model.to(ray.train.torch.get_device())
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if cfg.get("reference") != "live":
+        return model, None
+    reference = _from_pretrained(storage.local_copy(cfg["reference_model"]), cfg)
+    reference.eval().requires_grad_(False)
+    return model, reference.to(ray.train.torch.get_device())
 
-    optimizer, scheduler = make_optimizer(model, cfg)
-    step = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
 
-    # Every worker holds the whole training set (token ids and, for DPO, two floats a pair) and
-    # indexes it by the plan: one Arrow copy per worker, 4 bytes a token id for the reference
-    # shards' int32 (8 for SFT's int64), e.g. ~0.6 GB for 100k pairs of 1,500 tokens. Ray Data's
-    # streaming split, which needed none, could not give every worker the same number of
-    # micro-batches each epoch, nor each epoch its own order.
-    table = read_training_set(ray.train.get_dataset_shard("train"))
+def resume(optimizer, scheduler, state: dict | None) -> int:
+    """The step to go on from: 0 on a fresh run, else a checkpoint's, with the optimizer's and
+    the schedule's state restored."""
+    if state is None:
+        return 0
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"]
+
+
+def read_training_set(cfg: dict, rank: int):
+    """The whole training set as one Arrow table in its stored order, from the Ray Train dataset
+    that `launch.fit` does not split; checked against the driver's plan.
+
+    Every worker holds it (token ids and, for DPO, two floats a pair) and indexes it by the plan:
+    one Arrow copy per worker, 4 bytes a token id for the reference shards' int32 (8 for SFT's
+    int64), e.g. ~0.6 GB for 100k pairs of 1,500 tokens. Ray Data's streaming split, which needed
+    none, could not give every worker the same number of micro-batches each epoch, nor each epoch
+    its own order."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    blocks = list(shard.iter_batches(batch_size=None, batch_format="pyarrow"))
+    table = pa.concat_tables(blocks, promote_options="default")
     if table.num_rows // cfg["batch_size"] != cfg["steps_per_epoch"]:
         raise RuntimeError(f"worker {rank} read {table.num_rows} rows; the driver planned "
                            f"{cfg['steps_per_epoch']} steps of {cfg['batch_size']} an epoch")
-    logger = _Logger(cfg["run_dir"], rank == 0, step)
-    total_steps = cfg["total_steps"]
-    bar = tqdm(total=total_steps, desc=f"{cfg['objective']} steps") if rank == 0 else None
-    if bar is not None and step:
-        bar.update(step)
-
-    def after_step(done: int, epoch: int) -> None:
-        # ~100 bar updates a run: each one is a log line when stdout is not a terminal
-        if bar is not None and (done % max(1, total_steps // 100) == 0 or done == total_steps):
-            bar.update(done - bar.n)
-        if done == total_steps or (cfg["save_every"] > 0 and done % cfg["save_every"] == 0):
-            logger.sync()
-            _report(model, tokenizer, optimizer, scheduler, done, epoch, rank, {"step": done})
-
-    train_steps(model, optimizer, scheduler, table, cfg, rank=rank, world=world,
-                start_step=step, pad_token_id=pad_id, log=logger.log, after_step=after_step,
-                reference_model=reference_model)
-    logger.close()
-    if bar is not None:
-        bar.close()
+    return table
 
 
-def _report(model, tokenizer, optimizer, scheduler, step, epoch, rank, metrics):
+def report_checkpoint(model, tokenizer, optimizer, scheduler, step: int, epoch: int,
+                      rank: int) -> None:
+    """Report `step` to Ray Train with, from rank 0, a checkpoint: the HF directory
+    (`save_pretrained`, what vLLM and the next round load) plus the optimizer's and schedule's
+    state in STATE_FILE, to resume from."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
+        checkpoint = None
         if rank == 0:
-            _save_checkpoint(model, tokenizer, optimizer, scheduler, step, epoch, tmp)
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt)
-
+            (model.module if hasattr(model, "module") else model).save_pretrained(
+                tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "step": step, "epoch": epoch}, os.path.join(tmp, STATE_FILE))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"step": step}, checkpoint=checkpoint)

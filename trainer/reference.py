@@ -39,23 +39,37 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import torch
 
 from pipeline import storage
 from pipeline.checkpoint import (
     check_checkpoint,
     config_context_length,
+    disable_dropout,
     tokenizer_digest,
     vocab_digest,
     weights_digest,
 )
-from pipeline.errors import UserError, user_errors
+from pipeline.cluster import ensure_ray
+from pipeline.errors import UserError
 from pipeline.manifest import input_digest, read_manifest, verify_shards, write_stage
-from pipeline.tables import read_table
+from pipeline.stage import (
+    Shards,
+    Upstream,
+    check_out,
+    join_named_cluster,
+    read_rows,
+    read_stage,
+    write_output,
+)
+from trainer.collate import collate, tokenize_completions
+from trainer.logps import per_token_logps
 
 STAGE = "reference"
 PAIR_STAGES = ("pair", "import")  # manifests whose shards hold pairs
@@ -68,7 +82,6 @@ CACHE_VERSION = 2  # 2: completions are the stored sampled ids when the pairs ca
 DTYPES = ("float32", "bfloat16", "float16")
 CACHE_MODES = ("auto", "require", "recompute")
 TRUNCATION_MODES = ("truncate", "drop")
-ROWS_PER_SHARD = 50_000  # pairs per output file: several files let Ray Train read in parallel
 
 
 @dataclass(frozen=True)
@@ -141,8 +154,6 @@ def tokenize_pairs(
     Returns (kept row indices, prompt ids, chosen ids, rejected ids of the kept rows,
     dropped counts by reason, number of kept pairs that were truncated).
     """
-    from trainer.collate import tokenize_completions
-
     n = len(prompts)
     if chosen_token_ids is None or rejected_token_ids is None:
         # One call: each prompt once, then the chosen and the rejected completions (same rule).
@@ -209,11 +220,6 @@ def reference_logps(model, prompt_ids, completion_ids, pad_token_id: int) -> np.
     (its last bit) and its rounding depends on the padded width; the float64 sum is
     batch-independent and is what the float64 column can hold.
     """
-    import torch
-
-    from trainer.collate import collate
-    from trainer.logps import per_token_logps
-
     t = collate(prompt_ids, completion_ids, pad_token_id)
     device = next(model.parameters()).device
     with torch.inference_mode():
@@ -231,17 +237,12 @@ class ReferenceForward:
     def __init__(self, model: str, dtype: str, use_gpu: bool, torch_threads: int, pad_id: int):
         self.model_path, self.pad_id, self.error = model, pad_id, None
         try:
-            import torch
             from transformers import AutoModelForCausalLM
-
-            from pipeline.checkpoint import disable_dropout
 
             if torch_threads > 0:
                 torch.set_num_threads(torch_threads)
-            from pipeline.storage import local_copy
-
             m = AutoModelForCausalLM.from_pretrained(
-                local_copy(model), dtype=getattr(torch, dtype), trust_remote_code=False,
+                storage.local_copy(model), dtype=getattr(torch, dtype), trust_remote_code=False,
                 use_safetensors=True,
             )
             m.eval().requires_grad_(False)
@@ -305,23 +306,141 @@ def _model_config(model_dir: Path) -> dict:
 # ---------------------------------------------------------------- the stage
 
 
-def _pairs_files(pairs: str) -> list[str] | None:
-    """The shard files of a pairs stage dir (checked against its manifest), or None for a plain
-    file or directory without manifest."""
-    manifest = _pairs_manifest(pairs)
+def _validate(cfg: ReferenceConfig) -> None:
+    for name, value, allowed in (
+        ("truncation", cfg.truncation, TRUNCATION_MODES),
+        ("dtype", cfg.dtype, DTYPES),
+        ("reference_cache", cfg.reference_cache, CACHE_MODES),
+    ):
+        if value not in allowed:
+            raise UserError(f"{name} must be one of {allowed}, got {value!r}")
+    for name in ("batch_size", "replicas"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.max_length < 0 or cfg.max_prompt_length < 0:
+        raise UserError("max_length and max_prompt_length must be >= 0 (0 = default)")
+
+
+def _lengths(cfg: ReferenceConfig, model_dir: Path, model_config: dict) -> tuple[int, int]:
+    """(max_length, max_prompt_length): the config's, or the model's context and half of it."""
+    context = config_context_length(model_config)
+    max_length = cfg.max_length or context
+    if not max_length:
+        raise UserError(f"{model_dir}/config.json names no context length; set --max-length")
+    if context and max_length > context:
+        raise UserError(f"max_length {max_length} exceeds the model's context of {context}")
+    max_prompt_length = cfg.max_prompt_length or max_length // 2
+    if not 1 <= max_prompt_length < max_length:
+        raise UserError(
+            f"max_prompt_length {max_prompt_length} must be in [1, max_length {max_length})"
+        )
+    return max_length, max_prompt_length
+
+
+def run_reference(cfg: ReferenceConfig) -> dict:
+    """Fill `cfg.out` with reference shards: from `out` or the store when the key is equal
+    (without loading the model or starting Ray), else by computing them. Returns a summary
+    (`cache`: "hit" or "computed")."""
+    t0 = time.perf_counter()
+    _validate(cfg)
+    pairs, out = storage.absolute(cfg.pairs), storage.absolute(cfg.out)
+    up = read_stage(pairs, PAIR_STAGES, PAIR_COLUMNS, flag="--pairs")
+    check_out(out, STAGE, {"--pairs": pairs})
+    model_dir = _local_dir(cfg.model, "model")
+    check_checkpoint(model_dir)
+    tok_dir = _local_dir(cfg.tokenizer or cfg.model, "tokenizer")
+    model_config = _model_config(model_dir)
+    max_length, max_prompt_length = _lengths(cfg, model_dir, model_config)
+    inputs = {"pairs": input_digest(pairs), "model": weights_digest(model_dir),
+              "tokenizer": tokenizer_digest(tok_dir)}
+    key_parts = {
+        "version": CACHE_VERSION,
+        "weights": inputs["model"],
+        "tokenizer": inputs["tokenizer"],
+        "truncation": {"max_length": max_length, "max_prompt_length": max_prompt_length,
+                       "mode": cfg.truncation},
+        "dtype": cfg.dtype,
+        "pairs": inputs["pairs"],
+        # Same shards, other source: an import's id columns are never used (`_stored_ids`).
+        "completions": "text" if (up.manifest or {}).get("stage") == "import"
+        else "stored ids when present",
+    }
+    key = cache_key(key_parts)
+    named = {name: str(d) if not storage.is_uri(path) else path
+             for name, d, path in (("model", model_dir, cfg.model),
+                                   ("tokenizer", tok_dir, cfg.tokenizer or cfg.model))}
+    config = {**asdict(cfg), "pairs": pairs, **named, "out": out}
+    store_root = default_cache_dir() if cfg.cache_dir is None else cfg.cache_dir
+    entry = storage.join(storage.absolute(store_root), key) if store_root else None
+    reads = {"--model": cfg.model}
+    join_named_cluster(out, reads)
+
+    summary = {"out": str(out), "key": key}
+    hit = None if cfg.reference_cache == "recompute" else _cached(out, entry, key, config)
+    if hit is not None:
+        return {**summary, **_summary(hit[0], t0), "cache": "hit", "source": hit[1]}
+    if cfg.reference_cache == "require":
+        raise UserError(
+            f"reference cache miss (key {key[:16]}): neither {out} nor "
+            f"{entry or 'the store (off)'} holds it; rerun without "
+            f"--reference-cache=require to compute it"
+        )
+    ensure_ray(out, reads)
+    extra = {"cache_key": key, "key_parts": key_parts, "source": "computed"}
+    manifest = write_output(out, STAGE, config, inputs, lambda: _compute(
+        cfg, up, named["model"], tok_dir, model_config, max_length, max_prompt_length, extra))
+    if entry is not None:
+        _store(out, entry)
+    return {**summary, **_summary(manifest, t0), "cache": "computed", "source": "computed"}
+
+
+def _summary(manifest: dict, t0: float) -> dict:
+    return {"pairs": manifest["rows_out"], "dropped": manifest["dropped"],
+            "stats": manifest.get("stats", {}), "seconds": time.perf_counter() - t0}
+
+
+def _cached(out: str, entry: str | None, key: str, config: dict) -> tuple[dict, str] | None:
+    """(manifest, source) of the output under `key`: `out` itself, or the store's `entry`
+    copied into `out`; None when neither holds it."""
+    manifest = _hit(out, key)
+    if manifest is not None:
+        return manifest, str(out)
+    manifest = _hit(entry, key) if entry is not None else None
     if manifest is None:
         return None
-    if manifest.get("stage") not in PAIR_STAGES:
-        raise UserError(
-            f"{pairs} holds '{manifest.get('stage')}' output; --pairs needs the output of "
-            f"`odpo pair` (or an import)"
-        )
-    verify_shards(pairs)
-    return [storage.join(pairs, f["name"]) for f in manifest["files"]]
+    extra = {k: manifest[k] for k in ("cache_key", "key_parts", "stats")}
+    return _copy_stage(entry, manifest, out, config, {**extra, "source": str(entry)}), str(entry)
 
 
-def _pairs_manifest(pairs: str) -> dict | None:
-    return read_manifest(pairs) if storage.is_dir(pairs) else None
+def _hit(stage_dir: str, key: str) -> dict | None:
+    """The manifest of a complete, intact reference output under `key`, else None."""
+    manifest = read_manifest(stage_dir) if storage.is_dir(stage_dir) else None
+    if not manifest or manifest.get("stage") != STAGE or manifest.get("cache_key") != key:
+        return None
+    try:
+        return verify_shards(stage_dir, STAGE)
+    except UserError:
+        return None
+
+
+def _copy_stage(src: str, manifest: dict, out: str, config: dict, extra: dict) -> dict:
+    def copy(tmp: str) -> None:
+        for f in manifest["files"]:
+            storage.copy(storage.join(src, f["name"]), storage.join(tmp, f["name"]))
+
+    return write_stage(out, STAGE, config, manifest["inputs"], copy, manifest["rows_in"],
+                       manifest["dropped"], extra)
+
+
+def _store(out: str, entry: str) -> None:
+    """Copy a finished output into the shared store (atomic, or manifest last on an object
+    store); a failure only warns."""
+    try:
+        with storage.output_dir(entry, overwrite=True) as tmp:
+            for f in storage.list_files(out):
+                storage.copy(f, storage.join(tmp, storage.relative(f, out)))
+    except (OSError, UserError) as e:
+        print(f"odpo reference: warning: cache store {entry} not written ({e})", file=sys.stderr)
 
 
 def _stored_ids(table, manifest: dict | None) -> tuple[list, list] | None:
@@ -345,190 +464,27 @@ def _check_vocab(manifest: dict | None, tokenizer, tok_dir) -> None:
         )
 
 
-def _read_pairs(pairs: str, files: list[str] | None):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    if files is None:
-        table = read_table(pairs, required=PAIR_COLUMNS)
-    else:
-        tables = [pq.read_table(f) for f in files]
-        if not tables:
-            raise UserError(f"{pairs}: the manifest lists no shards (no pairs)")
-        table = pa.concat_tables(tables, promote_options="default")
-        missing = [c for c in PAIR_COLUMNS if c not in table.column_names]
-        if missing:
-            raise UserError(f"{pairs}: missing column(s) {missing}; found {table.column_names}")
+def _read_pairs(up: Upstream):
+    """The pairs as one table, without ids or log-probs an input may already carry (they would
+    be stale beside the new ones)."""
+    table = read_rows(up, table=True)
+    if table is None:
+        raise UserError(f"{up.path}: the manifest lists no shards (no pairs)")
     for c in PAIR_COLUMNS:
         if table[c].null_count:
-            raise UserError(f"{pairs}: {table[c].null_count} row(s) with a null `{c}`")
-    # Recomputed here: ids or log-probs already in the input would be stale beside new ones.
+            raise UserError(f"{up.path}: {table[c].null_count} row(s) with a null `{c}`")
     return table.drop_columns([c for c in ID_COLUMNS + LOGP_COLUMNS if c in table.column_names])
 
 
-def _hit(stage_dir: str, key: str) -> dict | None:
-    """The manifest of a complete, intact reference output under `key`, else None."""
-    manifest = read_manifest(stage_dir) if storage.is_dir(stage_dir) else None
-    if not manifest or manifest.get("stage") != STAGE or manifest.get("cache_key") != key:
-        return None
-    try:
-        return verify_shards(stage_dir, STAGE)
-    except UserError:
-        return None
-
-
-def _check_out(out: str, pairs: str) -> None:
-    if storage.same(out, pairs):
-        raise UserError(f"--out {out} is the --pairs directory; choose another directory")
-    if not storage.list_files(out):
-        return
-    manifest = read_manifest(out)
-    if manifest is None:
-        raise UserError(f"{out} exists and holds no manifest.json; refusing to overwrite it")
-    if manifest.get("stage") != STAGE:
-        raise UserError(
-            f"{out} holds '{manifest.get('stage')}' output; refusing to overwrite it with "
-            f"'{STAGE}' (choose another directory)"
-        )
-
-
-def _copy_stage(src: str, manifest: dict, out: str, config: dict, extra: dict) -> dict:
-    def copy(tmp: str) -> None:
-        for f in manifest["files"]:
-            storage.copy(storage.join(src, f["name"]), storage.join(tmp, f["name"]))
-
-    return write_stage(out, STAGE, config, manifest["inputs"], copy, manifest["rows_in"],
-                       manifest["dropped"], extra)
-
-
-def _store(out: str, entry: str) -> None:
-    """Copy a finished output into the shared store (atomic, or manifest last on an object
-    store); a failure only warns."""
-    try:
-        with storage.output_dir(entry, overwrite=True) as tmp:
-            for f in storage.list_files(out):
-                storage.copy(f, storage.join(tmp, storage.relative(f, out)))
-    except (OSError, UserError) as e:
-        print(f"odpo reference: warning: cache store {entry} not written ({e})", file=sys.stderr)
-
-
-def _validate(cfg: ReferenceConfig) -> None:
-    for name, value, allowed in (
-        ("truncation", cfg.truncation, TRUNCATION_MODES),
-        ("dtype", cfg.dtype, DTYPES),
-        ("reference_cache", cfg.reference_cache, CACHE_MODES),
-    ):
-        if value not in allowed:
-            raise UserError(f"{name} must be one of {allowed}, got {value!r}")
-    for name in ("batch_size", "replicas"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.max_length < 0 or cfg.max_prompt_length < 0:
-        raise UserError("max_length and max_prompt_length must be >= 0 (0 = default)")
-
-
-def run_reference(cfg: ReferenceConfig, start_ray: Callable[[], None] | None = None) -> dict:
-    """Fill `cfg.out` with reference shards: from `out` or the store when the key is equal
-    (without loading the model), else by computing them. `start_ray` (e.g. `lambda:
-    pipeline.cluster.init_ray(address)`) is called only when the model must run; without it Ray
-    must already be up. Returns a summary (`cache`: "hit" or "computed")."""
-    t0 = time.perf_counter()
-    _validate(cfg)
-    pairs = storage.absolute(cfg.pairs)
-    if not storage.exists(pairs):
-        raise UserError(f"{cfg.pairs}: no such file or directory")
-    out = storage.absolute(cfg.out)
-    _check_out(out, pairs)
-    model_dir = _local_dir(cfg.model, "model")
-    check_checkpoint(model_dir)
-    tok_dir = _local_dir(cfg.tokenizer or cfg.model, "tokenizer")
-    model_config = _model_config(model_dir)
-    context = config_context_length(model_config)
-    max_length = cfg.max_length or context
-    if not max_length:
-        raise UserError(f"{model_dir}/config.json names no context length; set --max-length")
-    if context and max_length > context:
-        raise UserError(f"max_length {max_length} exceeds the model's context of {context}")
-    max_prompt_length = cfg.max_prompt_length or max_length // 2
-    if not 1 <= max_prompt_length < max_length:
-        raise UserError(
-            f"max_prompt_length {max_prompt_length} must be in [1, max_length {max_length})"
-        )
-
-    pair_files = _pairs_files(pairs)
-    inputs = {
-        "pairs": input_digest(pairs),
-        "model": weights_digest(model_dir),
-        "tokenizer": tokenizer_digest(tok_dir),
-    }
-    key_parts = {
-        "version": CACHE_VERSION,
-        "weights": inputs["model"],
-        "tokenizer": inputs["tokenizer"],
-        "truncation": {"max_length": max_length, "max_prompt_length": max_prompt_length,
-                       "mode": cfg.truncation},
-        "dtype": cfg.dtype,
-        "pairs": inputs["pairs"],
-        # Same shards, other source: an import's id columns are never used (`_stored_ids`).
-        "completions": "text" if (_pairs_manifest(pairs) or {}).get("stage") == "import"
-        else "stored ids when present",
-    }
-    key = cache_key(key_parts)
-    named = {name: str(d) if not storage.is_uri(path) else path
-             for name, d, path in (("model", model_dir, cfg.model),
-                                   ("tokenizer", tok_dir, cfg.tokenizer or cfg.model))}
-    config = {**asdict(cfg), "pairs": pairs, **named, "out": out}
-    store_root = default_cache_dir() if cfg.cache_dir is None else cfg.cache_dir
-    entry = storage.join(storage.absolute(store_root), key) if store_root else None
-
-    summary = {"out": str(out), "key": key}
-    if cfg.reference_cache != "recompute":
-        manifest = _hit(out, key)
-        if manifest is not None:
-            return {**summary, **_summary(manifest, t0), "cache": "hit", "source": str(out)}
-        manifest = _hit(entry, key) if entry is not None else None
-        if manifest is not None:
-            extra = {k: manifest[k] for k in ("cache_key", "key_parts", "stats")}
-            manifest = _copy_stage(entry, manifest, out, config, {**extra, "source": str(entry)})
-            return {**summary, **_summary(manifest, t0), "cache": "hit", "source": str(entry)}
-        if cfg.reference_cache == "require":
-            raise UserError(
-                f"reference cache miss (key {key[:16]}): neither {out} nor "
-                f"{entry or 'the store (off)'} holds it; rerun without "
-                f"--reference-cache=require to compute it"
-            )
-
-    if start_ray is not None:
-        start_ray()
-    import ray
-
-    if not ray.is_initialized():  # Ray Data's implicit ray.init() may join a stale cluster
-        raise RuntimeError("run_reference needs Ray: start it first or pass start_ray")
-    manifest = _compute(cfg, pairs, pair_files, named["model"], tok_dir, model_config, out, config,
-                        inputs, max_length, max_prompt_length,
-                        {"cache_key": key, "key_parts": key_parts, "source": "computed"})
-    if entry is not None:
-        _store(out, entry)
-    return {**summary, **_summary(manifest, t0), "cache": "computed", "source": "computed"}
-
-
-def _summary(manifest: dict, t0: float) -> dict:
-    return {"pairs": manifest["rows_out"], "dropped": manifest["dropped"],
-            "stats": manifest.get("stats", {}), "seconds": time.perf_counter() - t0}
-
-
-def _compute(cfg, pairs, pair_files, model_dir, tok_dir, model_config, out, config, inputs,
-             max_length, max_prompt_length, extra) -> dict:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def _compute(cfg, up: Upstream, model_dir, tok_dir, model_config, max_length, max_prompt_length,
+             extra) -> Shards:
     from transformers import AutoTokenizer
 
-    table = _read_pairs(pairs, pair_files)
+    table = _read_pairs(up)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=False)
-    manifest = _pairs_manifest(pairs)
-    stored = _stored_ids(table, manifest)
+    stored = _stored_ids(table, up.manifest)
     if stored is not None:
-        _check_vocab(manifest, tokenizer, cfg.tokenizer or cfg.model)
+        _check_vocab(up.manifest, tokenizer, cfg.tokenizer or cfg.model)
     keep, p_ids, c_ids, r_ids, dropped, truncated = tokenize_pairs(
         tokenizer, table["prompt"].to_pylist(), table["chosen"].to_pylist(),
         table["rejected"].to_pylist(), max_length=max_length,
@@ -555,12 +511,6 @@ def _compute(cfg, pairs, pair_files, model_dir, tok_dir, model_config, out, conf
         result = result.append_column(name, pa.array(values, type=ids_type))
     result = result.append_column("ref_chosen_logps", pa.array(logps[0::2], type=pa.float64()))
     result = result.append_column("ref_rejected_logps", pa.array(logps[1::2], type=pa.float64()))
-
-    def write(tmp: str) -> None:
-        for s, start in enumerate(range(0, max(result.num_rows, 1), ROWS_PER_SHARD)):
-            pq.write_table(result.slice(start, ROWS_PER_SHARD),
-                           storage.join(tmp, f"part-{s:05d}.parquet"))
-
     tokens = int(sum(lengths))
     stats = {
         "sequences": len(lengths),
@@ -571,13 +521,12 @@ def _compute(cfg, pairs, pair_files, model_dir, tok_dir, model_config, out, conf
         "forward_s": forward_s,
         "tokens_per_s": tokens / forward_s if forward_s > 0 else 0.0,
     }
-    return write_stage(out, STAGE, config, inputs, write, table.num_rows,
-                       {k: v for k, v in dropped.items() if v}, {**extra, "stats": stats})
+    return Shards(result, table.num_rows, {k: v for k, v in dropped.items() if v},
+                  extra={**extra, "stats": stats})
 
 
 def _forward(cfg, model_dir, tokenizer, seq_prompt, seq_completion, batches) -> np.ndarray:
     """Run the actor pool over length-sorted sequences; log-probs back in sequence order."""
-    import pyarrow as pa
     import ray
 
     order = np.concatenate(batches)
@@ -608,10 +557,9 @@ def _forward(cfg, model_dir, tokenizer, seq_prompt, seq_completion, batches) -> 
     )
     logps = np.zeros(len(order), dtype=np.float64)
     filled = np.zeros(len(order), dtype=bool)
-    with user_errors():
-        for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            logps[b["seq_index"]] = b["logps"]
-            filled[b["seq_index"]] = True
+    for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        logps[b["seq_index"]] = b["logps"]
+        filled[b["seq_index"]] = True
     if not filled.all():
         raise RuntimeError(f"reference: {int((~filled).sum())} sequences got no log-prob")
     return logps

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from pipeline import storage
-from pipeline.checkpoint import check_checkpoint, context_length
+from pipeline.checkpoint import check_checkpoint, checkpoint_digest, context_length
 from pipeline.errors import UserError, user_errors
-from pipeline.storage import local_copy, resolve_path, write_json
+from pipeline.manifest import input_digest
+from pipeline.stage import Upstream, check_out, join_named_cluster, read_stage
+from pipeline.storage import local_copy, resolve_path
 from pipeline.tables import read_ray_dataset
 from trainer.collate import tokenize_completions
+from trainer.launch import check_training_config, run_training
 
 STAGE = "sft"
 
@@ -36,7 +39,7 @@ class SFTConfig:
     lr: float = 3e-3  # peak AdamW lr; high because the toy model is tiny (0.66M params)
     lr_schedule: str = "constant"  # constant | linear | cosine after warmup
     warmup_steps: int = 50  # linear warmup steps, keeps the first Adam steps from overshooting
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    weight_decay: float = 0.0  # AdamW decoupled weight decay; none by default, as in TRL
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     seed: int = 0  # torch seed of every worker
     shuffle: bool = True  # a new row order each epoch (seeded by seed, epoch); off: file order
@@ -48,7 +51,7 @@ class SFTConfig:
     cpus_per_worker: float = 1.0  # fractional CPUs keep Ray Data's readers from starving
     torch_threads: int = 2  # intra-op threads per worker; 0 leaves torch's default
     use_gpu: bool = False  # one GPU per worker, NCCL
-    dtype: str = "float32"  # float32 | bfloat16 (bf16 on GPU)
+    dtype: str = "float32"  # model weights: bfloat16 on a GPU; float16 would need loss scaling
     gradient_checkpointing: bool = False  # trade compute for activation memory
     log_every: int = 50  # steps between metric lines (step 0 is always logged)
     save_every: int = 0  # steps between Ray Train checkpoints; 0 saves only at the end
@@ -99,24 +102,12 @@ def _kept_rows(table):
     return table.filter(table["keep"]).drop_columns(["keep"])
 
 
-def chosen_table(pairs: str):
-    """(prompt, response) from a pairs stage dir: each distinct (prompt, chosen) once, in first-
-    seen order (a pair stage repeats a chosen response across its pairs)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline.manifest import read_manifest, verify_shards
-
-    manifest = read_manifest(pairs) if storage.is_dir(pairs) else None
-    if manifest is None or manifest.get("stage") not in ("import", "pair"):
-        found = f"'{manifest.get('stage')}' output" if manifest else "no manifest.json"
-        raise UserError(f"--from-pairs {pairs}: holds {found}; give the output of `odpo import` "
-                        f"or `odpo pair`")
-    verify_shards(pairs)
-    tables = [pq.read_table(storage.join(pairs, f["name"]), columns=["prompt", "chosen"])
-              for f in manifest["files"]]
+def chosen_table(pairs: Upstream):
+    """(prompt, response) from a pairs stage (`read_stage`): each distinct (prompt, chosen) once,
+    in first-seen order (a pair stage repeats a chosen response across its pairs)."""
     rows = {}
-    for t in tables:
+    for f in pairs.files:
+        t = pq.read_table(f, columns=["prompt", "chosen"])
         for p, c in zip(t["prompt"].to_pylist(), t["chosen"].to_pylist(), strict=True):
             rows.setdefault((p, c), None)
     return pa.table({"prompt": pa.array([p for p, _ in rows], type=pa.string()),
@@ -125,8 +116,6 @@ def chosen_table(pairs: str):
 
 def check_config(cfg: SFTConfig) -> None:
     """Every field checked on the driver, before Ray starts."""
-    from trainer.launch import check_training_config
-
     if (cfg.data is None) == (cfg.from_pairs is None):
         raise UserError("set exactly one of --data (prompt, response) and --from-pairs PAIRS_DIR")
     if cfg.too_long not in ("error", "drop"):
@@ -142,66 +131,41 @@ def check_config(cfg: SFTConfig) -> None:
 EVAL_FIELDS = ("eval_prompts", "scorer", "eval_samples")
 
 
-def run_sft(cfg: SFTConfig, start_ray: Callable[[], None] | None = None) -> dict:
-    """Train, write `out/model`, evaluate it if `eval_prompts` is set; return a summary.
-
-    Skipped when `out/manifest.json` records a finished run with this config (eval settings
-    aside), these inputs and this code version; a half-done run of the same config resumes
-    from its checkpoints, one of another config is removed and trained anew. `start_ray` is
-    called once there is training to do."""
-    from pipeline.checkpoint import checkpoint_digest
-    from pipeline.manifest import current_run, finish_run, input_digest
-
+def run_sft(cfg: SFTConfig) -> dict:
+    """Train and write `out/model`; return the run's summary (`run_training`: skipped when current,
+    a half-done run of this config resumed). Evaluating the result (`eval_prompts`) is the
+    caller's step: `eval_settings`."""
     check_config(cfg)
-    cfg = dataclasses.replace(
-        cfg,
-        model=resolve_path(cfg.model),
-        data=resolve_path(cfg.data),
-        from_pairs=resolve_path(cfg.from_pairs),
-        out=storage.absolute(cfg.out),
-        eval_prompts=resolve_path(cfg.eval_prompts),
-    )
-    t0 = time.perf_counter()
+    cfg = dataclasses.replace(cfg, model=resolve_path(cfg.model), data=resolve_path(cfg.data),
+                              from_pairs=resolve_path(cfg.from_pairs),
+                              out=storage.absolute(cfg.out))
+    paths = {"--model": cfg.model, "--data": cfg.data, "--from-pairs": cfg.from_pairs}
+    check_out(cfg.out, STAGE, paths)
+    join_named_cluster(cfg.out, paths)
     check_checkpoint(cfg.model)
-    max_length = cfg.max_length or context_length(cfg.model)
+    pairs = None if cfg.from_pairs is None else read_stage(
+        cfg.from_pairs, ("import", "pair"), ("prompt", "chosen"), flag="--from-pairs", plain=False)
     source = cfg.data or cfg.from_pairs
-    config = {k: v for k, v in asdict(cfg).items() if k not in EVAL_FIELDS}
-    inputs = {"model": checkpoint_digest(cfg.model), "data": input_digest(source)}
-    manifest = current_run(cfg.out, STAGE, config, inputs)
-    if manifest is not None:
-        summary = {**manifest["summary"], "skipped": True}
-    else:
-        if start_ray is not None:
-            start_ray()
-        summary = {**_train(cfg, max_length, source, t0, (config, inputs)), "skipped": False}
-        finish_run(cfg.out, STAGE, config, inputs, "model",
-                   {"summary": {k: v for k, v in summary.items() if k != "skipped"}})
-    if cfg.eval_prompts:
-        from pipeline.evaluate import EvalConfig, run_eval
-
-        summary["eval"] = run_eval(EvalConfig(
-            model=summary["model"], prompts=cfg.eval_prompts, scorer=cfg.scorer,
-            samples=cfg.eval_samples, seed=cfg.seed, out=storage.join(cfg.out, "eval.json")),
-            start_ray=start_ray)
-    summary["total_s"] = time.perf_counter() - t0
-    write_json(storage.join(cfg.out, "sft_summary.json"), summary)
-    return json.loads(json.dumps(summary))
+    return run_training(
+        cfg, stage=STAGE, objective="sft", source=source, unit="rows", ray_inputs=paths,
+        config={k: v for k, v in asdict(cfg).items() if k not in EVAL_FIELDS},
+        inputs={"model": checkpoint_digest(cfg.model), "data": input_digest(source)},
+        read=lambda: read_sft_data(cfg, source, pairs),
+    )
 
 
-def _train(cfg: SFTConfig, max_length: int, source: str, t0: float, run: tuple) -> dict:
-    """Tokenize, train with Ray Train, publish `out/model`; the run's summary. `run`: the
-    (config, inputs) its manifest records, started once the data has been read and checked."""
+def read_sft_data(cfg: SFTConfig, source: str, pairs: Upstream | None) -> tuple:
+    """(the tokenized rows as a materialized Ray dataset, their number, {rows_in, dropped}), from
+    `cfg.data` or the checked `pairs` stage."""
     import ray
 
-    from pipeline.manifest import start_run
-    from trainer.launch import fit, plan_steps
-
-    if cfg.from_pairs:
-        table = chosen_table(cfg.from_pairs)  # blocks of 10k rows tokenize in parallel
+    if pairs is not None:
+        table = chosen_table(pairs)  # blocks of 10k rows tokenize in parallel
         ds = ray.data.from_arrow([table.slice(i, 10_000)
                                   for i in range(0, max(table.num_rows, 1), 10_000)])
     else:
         ds = read_ray_dataset(cfg.data, required=("prompt", "response"))
+    max_length = cfg.max_length or context_length(cfg.model)
     with user_errors():
         rows_in = ds.count()
         ds = ds.select_columns(["prompt", "response"]).map_batches(
@@ -211,22 +175,14 @@ def _train(cfg: SFTConfig, max_length: int, source: str, t0: float, run: tuple) 
             batch_format="numpy",
         ).map_batches(_kept_rows, batch_format="pyarrow").materialize()
     rows = ds.count()
-    dropped = {"too_long": rows_in - rows} if rows_in > rows else {}
-    steps = plan_steps(rows, cfg.batch_size, cfg.epochs, cfg.max_steps, source)
-    loop_cfg = {**asdict(cfg), "objective": "sft", **steps}
-    out = cfg.out
-    start_run(out, STAGE, *run)
-    model_dir = fit(
-        loop_cfg,
-        ds,
-        run_dir=out,
-        num_workers=cfg.num_workers,
-        cpus_per_worker=cfg.cpus_per_worker,
-        use_gpu=cfg.use_gpu,
-        max_failures=cfg.max_failures,
-    )
-    return {
-        "model": str(model_dir), "rows": rows, "rows_in": rows_in, "dropped": dropped,
-        "rows_left_over_per_epoch": steps["left_over_per_epoch"],  # after the last full batch
-        "steps": steps["total_steps"], "train_s": time.perf_counter() - t0,
-    }
+    return ds, rows, {"rows_in": rows_in,
+                      "dropped": {"too_long": rows_in - rows} if rows_in > rows else {}}
+
+
+def eval_settings(cfg: SFTConfig, model: str) -> dict:
+    """The `EvalConfig` fields of the held-out evaluation of the trained `model` that
+    `eval_prompts` asks for (result: out/eval.json). The entry points in jobs/ run it after
+    `run_sft`, so that no stage imports another."""
+    return {"model": model, "prompts": resolve_path(cfg.eval_prompts), "scorer": cfg.scorer,
+            "samples": cfg.eval_samples, "seed": cfg.seed,
+            "out": storage.join(storage.absolute(cfg.out), "eval.json")}
