@@ -164,7 +164,7 @@ def context_length(model: str) -> int:
 
 
 def disable_dropout(model) -> None:
-    """Dropout off (DESIGN.md, Numerics): the log-probs DPO compares must be deterministic, or
+    """Dropout off (docs/design.md, Numerics): the log-probs DPO compares must be deterministic, or
     policy and reference differ at step 0 by noise alone."""
     import torch
 

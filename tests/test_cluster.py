@@ -264,13 +264,24 @@ def test_odpo_submit_ctrl_c_leaves_the_job_running(head):
 
 
 TWO_NODES = r"""
-import json, os, sys
+import json, os, sys, time
 import ray
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
-from jobs.cli import main
+from jobs.cli import main as cli
 
 a, temp_dir = json.loads(sys.argv[1]), sys.argv[2]
+seconds = {}
+
+
+def main(argv):  # the command's exit code; its wall time into `seconds`, for a slow run's log
+    t0 = time.time()
+    try:
+        return cli(argv)
+    finally:
+        seconds[f"{len(seconds)} {argv[0]}"] = round(time.time() - t0, 1)
+
+
 model, data, pairs, work, s3 = a["model"], a["data"], a["pairs"], a["work"], a["s3"]
 c = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "temp_dir": temp_dir})
 c.add_node(num_cpus=3, num_gpus=1)  # a fake GPU: Ray counts it, nothing uses CUDA
@@ -315,7 +326,8 @@ try:
                            "--num-workers", "2", "--cpus-per-worker", "2", "--log-every", "1"])
     ran = {}
     for x in actors():
-        ran.setdefault(x.class_name, set()).add(x.node_id)
+        if x.node_id:  # an actor that never started has no node
+            ran.setdefault(x.class_name, set()).add(x.node_id)
     before = {x.actor_id for x in actors()}
 
     os.environ["ODPO_SHARED_STORAGE"] = "1"  # one machine: both nodes share its disk
@@ -337,7 +349,7 @@ try:
     gpu_node = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")][0]
     placed = [{"cls": x.class_name, "node_gpu": x.node_id == gpu_node,
                "resources": x.required_resources} for x in actors() if x.actor_id not in before]
-    print("RESULT " + json.dumps({"rc": rc, "nodes": nodes, "placed": placed,
+    print("RESULT " + json.dumps({"rc": rc, "nodes": nodes, "placed": placed, "seconds": seconds,
                                   "ran": {k: sorted(v) for k, v in ran.items()}}))
 finally:
     ray.shutdown()

@@ -1,4 +1,4 @@
-"""`odpo train` on real Ray Train, against DESIGN.md's invariants and a plain PyTorch DPO step.
+"""`odpo train` on real Ray Train, against docs/design.md's invariants and a plain PyTorch DPO step.
 (A trained checkpoint sampled by vLLM: the end-to-end run's round 1 eval, tests/test_iterate.py.)"""
 
 import json
@@ -125,13 +125,19 @@ def live_run(ray_local, policy_dir, ref_shards, tmp_path_factory):
 
 
 def test_live_reference_gives_the_same_losses(cached_run, live_run):
-    """24 steps: a reference that moved with the policy would part from the cached one."""
+    """24 steps: a reference that moved with the policy would part from the cached one.
+
+    Step 0 is equal to 1e-6. After it the two runs are two trainings whose reference values
+    differ in the last float32 bits (the cache stores float64 sums of the same float32
+    log-softmax): at lr 2e-3 that grows to ~3e-5 by step 22 (measured), while a reference that
+    moved with the policy would be off by the policy's own change, ~1e-1 by then."""
     _, cached = cached_run
     _, _, live = live_run
     assert [m["step"] for m in live] == [m["step"] for m in cached]
     for a, b in zip(cached, live, strict=True):
+        tol = 1e-6 if a["step"] == 0 else 2e-4
         for key in ("loss", "dpo_loss", "rewards/chosen", "rewards/rejected"):
-            assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+            assert abs(a[key] - b[key]) < tol, (a["step"], key, a[key], b[key])
 
 
 def _plain_pytorch_step(policy_dir, records):

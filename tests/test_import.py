@@ -223,7 +223,7 @@ def test_standard_form_from_parquet_and_datasets(tmp_path):
     m = read_manifest(out)
     assert (m["form"], m["dropped"], m["score_columns"]) == (
         "standard", {"identical": 1}, ["score_chosen", "score_rejected"])
-    # TRL / `datasets` read the shards as they are (DESIGN.md, data contracts).
+    # TRL / `datasets` read the shards as they are (docs/design.md, Data contracts).
     loaded = datasets.load_dataset("parquet", data_files=str(out / "*.parquet"), split="train")
     assert loaded[0]["chosen"] == " 4" and loaded.column_names[:4] == [
         "prompt_id", "prompt", "chosen", "rejected"]

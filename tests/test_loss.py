@@ -1,4 +1,4 @@
-"""trainer/loss.py against DESIGN.md's golden values, an independent implementation, and the
+"""trainer/loss.py against docs/design.md's golden values, an independent implementation, and the
 analytic gradient of the sigmoid loss."""
 
 import math

@@ -2,7 +2,7 @@
 
 DPO (Rafailov et al. 2023, eq. 7) needs log π(y|x) summed over the completion tokens. The same
 function runs on the policy inside the trainer and on the reference in `odpo reference`, so the
-two sides of the log-ratio are computed identically (DESIGN.md, Numerics).
+two sides of the log-ratio are computed identically (docs/design.md, Numerics).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ are the tokenizer's encoding of the prompt with special tokens, as vLLM encoded 
 tokenized from text (`trainer.collate.tokenize_completions`: completions get an EOS). Ids sampled
 with another vocabulary (the pairs manifest's `tokenizer_vocab`) than --tokenizer's are refused.
 
-Cache (DESIGN.md, Reference cache key): the key is a sha256 over the reference weights' digest,
+Cache (docs/design.md, Reference cache key): the key is a sha256 over the reference weights' digest,
 the tokenizer files' digest, the truncation settings, the compute dtype and the pairs' content
 digest. Computing the key hashes files but never loads the model. With an equal key the stage
 finishes from `out` itself, or from the content-addressed store `cache_dir/<key>/` that every run
@@ -214,7 +214,7 @@ def padding_fraction(lengths: Sequence[int], batches: Sequence[np.ndarray]) -> f
 def reference_logps(model, prompt_ids, completion_ids, pad_token_id: int) -> np.ndarray:
     """Summed completion log-probs of B sequences from one right-padded forward: (B,) float64.
 
-    The same `collate` + `trainer.logps` path as the trainer's policy (DESIGN.md, Numerics);
+    The same `collate` + `trainer.logps` path as the trainer's policy (docs/design.md, Numerics);
     float32 log-softmax whatever the model's dtype; no autograd state. The per-token float32
     log-probs are summed in float64: a float32 sum of ~30 tokens near -140 is off by ~1.5e-5
     (its last bit) and its rounding depends on the padded width; the float64 sum is
@@ -249,8 +249,9 @@ class ReferenceForward:
             disable_dropout(m)
             self.model = m.to("cuda" if use_gpu else "cpu")
         except Exception as e:  # noqa: BLE001
-            # Ray Data restarts a failing actor constructor without end (DESIGN.md): keep the
-            # error and raise it from the first batch, which fails the job with this message.
+            # Ray Data restarts a failing actor constructor without end (docs/design.md,
+            # Platforms): keep the error and raise it from the first batch, which fails the job
+            # with this message.
             self.error = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
     def __call__(self, batch: dict) -> dict:
