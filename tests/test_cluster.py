@@ -156,16 +156,23 @@ def test_local_path_rejected_on_multi_node(monkeypatch):
     check_shared_storage("/mnt/nfs/run", "run_dir", num_nodes=2)
 
 
-def _own_cluster(script: str, args: list[str], prefix: str, timeout: int) -> str:
+def _own_cluster(script: str, args: list[str], prefix: str, timeout: int, log: Path) -> str:
     """Run `script` (which starts and shuts down its own `ray.cluster_utils.Cluster` in the
-    temp dir it is given last) in a fresh interpreter; kill what it leaves if it dies first.
-    Returns its output; fails the test on a non-zero exit."""
+    temp dir it is given last) in a fresh interpreter, its output going to `log` as it comes;
+    kill what it leaves if it dies first. Returns its output; fails the test on a non-zero exit
+    or after `timeout` seconds, showing the output's end."""
     temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # Ray's socket paths must be short
     env = _env()
     env.pop("ODPO_SHARED_STORAGE", None)
     try:
-        out = subprocess.run([sys.executable, "-c", script, *args, temp_dir], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=timeout)
+        with open(log, "w") as f:
+            proc = subprocess.Popen([sys.executable, "-c", script, *args, temp_dir], cwd=REPO,
+                                    env=env, stdout=f, stderr=subprocess.STDOUT)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
     finally:
         for pid in _our_pids(temp_dir):  # only if the driver died before c.shutdown()
             try:
@@ -173,9 +180,9 @@ def _own_cluster(script: str, args: list[str], prefix: str, timeout: int) -> str
             except ProcessLookupError:
                 pass
         shutil.rmtree(temp_dir, ignore_errors=True)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-4000:]
-    return log
+    out = log.read_text(errors="replace")
+    assert rc == 0, out[-4000:]
+    return out
 
 
 # --- odpo submit ------------------------------------------------------------------------------
@@ -280,6 +287,7 @@ def main(argv):  # the command's exit code; its wall time into `seconds`, for a 
         return cli(argv)
     finally:
         seconds[f"{len(seconds)} {argv[0]}"] = round(time.time() - t0, 1)
+        print(f"STEP {list(seconds.items())[-1]}", flush=True)
 
 
 model, data, pairs, work, s3 = a["model"], a["data"], a["pairs"], a["work"], a["s3"]
@@ -315,8 +323,9 @@ try:
     # Everything on S3: two vLLM engines and two DDP workers, too big for one node each, so
     # one on each node, each reading the model from its node's copy of the S3 checkpoint.
     rc["s3_sample"] = main(["sample", *A, "--model", s3["model"], "--prompts", s3["prompts"],
-                            "--out", f"{s3['run']}/samples", "--k", "4", "--max-tokens", "8",
-                            "--engine-replicas", "2", "--engine-cpus-per-replica", "2",
+                            "--out", f"{s3['run']}/samples", "--k", "2", "--max-tokens", "2",
+                            "--batch-size", "2", "--engine-replicas", "2",
+                            "--engine-cpus-per-replica", "2",
                             "--engine-gpu-memory-utilization", "0.06"])
     rc["s3_reference"] = main(["reference", *A, "--pairs", s3["pairs"], "--model", s3["model"],
                                "--out", f"{s3['run']}/reference", "--cache-dir", ""])
@@ -358,7 +367,7 @@ finally:
 
 
 @pytest.fixture(scope="module")
-def two_nodes(toy_model_dir, toy_data_dir, sample_prompts, s3_server, tmp_path_factory):
+def two_nodes(toy_model_dir, toy_data_dir, s3_server, tmp_path_factory):
     """One run of TWO_NODES in a fresh interpreter: its log and parsed RESULT."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -366,16 +375,18 @@ def two_nodes(toy_model_dir, toy_data_dir, sample_prompts, s3_server, tmp_path_f
     from pipeline import storage
 
     tmp = tmp_path_factory.mktemp("two_nodes")
-    pairs = tmp / "pairs.parquet"
+    pairs, prompts = tmp / "pairs.parquet", tmp / "prompts.parquet"
     pq.write_table(pa.table({"prompt": [f"{i}+2=" for i in range(8)],
                              "chosen": [str(i + 2) for i in range(8)],
                              "rejected": [str(i + 3) for i in range(8)]}), pairs)
+    # 4 prompts in batches of 2: a batch for each of the two engines
+    pq.write_table(pa.table({"prompt": [f"{i}+1=" for i in range(4)]}), prompts)
     work = tmp / "work"
     work.mkdir()
     b = s3_server("twonodes")
     for f in sorted(Path(toy_model_dir).iterdir()):
         storage.copy(str(f), f"{b}/model/{f.name}")
-    storage.copy(str(sample_prompts), f"{b}/data/prompts.parquet")
+    storage.copy(str(prompts), f"{b}/data/prompts.parquet")
     storage.copy(str(pairs), f"{b}/data/pairs.parquet")
     s3 = {"model": f"{b}/model", "prompts": f"{b}/data/prompts.parquet",
           "pairs": f"{b}/data/pairs.parquet", "run": f"{b}/run"}
@@ -390,7 +401,8 @@ def two_nodes(toy_model_dir, toy_data_dir, sample_prompts, s3_server, tmp_path_f
         (tmp / f"{name}.yaml").write_text(yaml.safe_dump(values))
     args = {"model": toy_model_dir, "data": str(toy_data_dir), "pairs": str(pairs),
             "work": str(work), "s3": s3, **{n: str(tmp / f"{n}.yaml") for n in configs}}
-    log = _own_cluster(TWO_NODES, [json.dumps(args)], "odpo2n", timeout=600)
+    log = _own_cluster(TWO_NODES, [json.dumps(args)], "odpo2n", timeout=600,
+                       log=tmp / "two_nodes.log")
     assert "RESULT " in log, log[-4000:]
     result = json.loads(log.split("RESULT ", 1)[1].splitlines()[0])
     print(json.dumps({k: v for k, v in result.items() if k != "placed"}, indent=1))
@@ -433,7 +445,7 @@ def test_sample_and_train_on_both_nodes_with_everything_on_s3(two_nodes):
     assert any(sorted(v) == result["nodes"] for v in engines), result
     run = s3["run"]
     samples = json.loads(storage.read_text(f"{run}/samples/manifest.json"))
-    assert samples["complete"] and samples["rows_out"] == 16 * 4
+    assert samples["complete"] and samples["rows_out"] == 4 * 2
     assert json.loads(storage.read_text(f"{run}/reference/manifest.json"))["rows_out"] == 8
     assert storage.is_file(f"{run}/train/model/model.safetensors")
     assert storage.read_text(f"{run}/train/metrics.jsonl").count("\n") >= 1
