@@ -163,7 +163,8 @@ def e2e_run(ray_local, toy_model_dir, toy_data_dir, sample_prompts, tmp_path_fac
     (`sample_run`) are the other tests' model and samples; tests/test_iterate.py checks the run.
 
     Returns {"run": run dir, "cfg": its IterateConfig, "stopped": {path: mtime_ns} of every
-    manifest.json / eval.json the stopped run had written}."""
+    manifest.json / eval.json the stopped run had written, "train_metrics": round 1's training
+    metrics as the run wrote them (a test retrains that round later)}."""
     import pyarrow.parquet as pq
 
     from jobs import iterate
@@ -188,8 +189,10 @@ def e2e_run(ray_local, toy_model_dir, toy_data_dir, sample_prompts, tmp_path_fac
         sample={"k": 4, "max_tokens": 8},
         pair={"mode": "best_worst"},
         reference_stage={"cache_dir": str(root / "cache")},
-        train={"beta": 0.1, "alpha": 1.0, "lr": 5e-4, "lr_schedule": "constant", "epochs": 2,
-               "batch_size": 4, "log_every": 1},
+        # 24 steps at 2e-3: the DPO run of tests/test_dpo.py too (step 0 at ln 2, the
+        # preference learned, reproduced by the live-reference, crash and worker-kill runs)
+        train={"beta": 0.1, "alpha": 1.0, "lr": 2e-3, "lr_schedule": "constant", "epochs": 24,
+               "max_steps": 24, "batch_size": 4, "log_every": 1},
         eval={"samples": 2},
     )
 
@@ -205,7 +208,9 @@ def e2e_run(ray_local, toy_model_dir, toy_data_dir, sample_prompts, tmp_path_fac
     written = {p: p.stat().st_mtime_ns for p in run.rglob("*.json")
                if p.name in ("manifest.json", "eval.json")}
     run_iterate(cfg)
-    return {"run": run, "cfg": cfg, "stopped": written}
+    metrics = (run / "round_1" / "train" / "metrics.jsonl").read_text().splitlines()
+    return {"run": run, "cfg": cfg, "stopped": written,
+            "train_metrics": [json.loads(line) for line in metrics]}
 
 
 @pytest.fixture(scope="session")

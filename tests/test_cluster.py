@@ -273,6 +273,7 @@ def test_odpo_submit_ctrl_c_leaves_the_job_running(head):
 TWO_NODES = r"""
 import json, os, sys, time
 import ray
+import ray.data
 from ray.cluster_utils import Cluster
 from ray.util.state import list_actors
 from jobs.cli import main as cli
@@ -294,6 +295,10 @@ model, data, pairs, work, s3 = a["model"], a["data"], a["pairs"], a["work"], a["
 c = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "temp_dir": temp_dir})
 c.add_node(num_cpus=3, num_gpus=1)  # a fake GPU: Ray counts it, nothing uses CUDA
 c.wait_for_nodes()
+# Ray Data starts an actor pool's actors without waiting for them: the first engine up could
+# sample both batches while the second still waits for CPUs that a read task holds, and never
+# be placed. Wait for both, so that where they ran is what this test checks.
+ray.data.DataContext.get_current().wait_for_min_actors_s = 300
 A = ["--address", c.address]
 rc = {}
 
@@ -433,6 +438,13 @@ def test_local_paths_refused_on_two_nodes(two_nodes):
 
 @pytest.mark.slow
 def test_sample_and_train_on_both_nodes_with_everything_on_s3(two_nodes):
+    """Engines and DDP workers on both nodes, reading the model from S3 and writing there:
+    samples and reference shards, and training's model, metrics, TensorBoard files and Ray
+    Train checkpoints all in the bucket."""
+    import math
+
+    from safetensors.numpy import load
+
     from pipeline import storage
 
     result, s3 = two_nodes["result"], two_nodes["s3"]
@@ -447,8 +459,24 @@ def test_sample_and_train_on_both_nodes_with_everything_on_s3(two_nodes):
     samples = json.loads(storage.read_text(f"{run}/samples/manifest.json"))
     assert samples["complete"] and samples["rows_out"] == 4 * 2
     assert json.loads(storage.read_text(f"{run}/reference/manifest.json"))["rows_out"] == 8
-    assert storage.is_file(f"{run}/train/model/model.safetensors")
-    assert storage.read_text(f"{run}/train/metrics.jsonl").count("\n") >= 1
+    names = {storage.relative(f, f"{run}/train") for f in storage.list_files(f"{run}/train")}
+    assert {"model/config.json", "model/model.safetensors", "train_summary.json",
+            "metrics.jsonl"} <= names
+    assert any(n.startswith("tensorboard/events.out.tfevents") for n in names)
+    assert any(n.startswith("ray/dpo/") for n in names)  # Ray Train's storage_path on S3
+    metrics = [json.loads(x) for x in storage.read_text(f"{run}/train/metrics.jsonl").splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1]
+    # The workers read the policy from their copies of the S3 model and the reference log-probs
+    # from the S3 shards: at step 0 they agree, so every reward is 0 and the loss is ln 2.
+    assert metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert metrics[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    summary = json.loads(storage.read_text(f"{run}/train/train_summary.json"))
+    assert summary["model"] == f"{run}/train/model" and summary["steps"] == 2
+    # The trained model, read back from S3, is whole and moved away from the initial one.
+    trained = load(storage.read_bytes(f"{run}/train/model/model.safetensors"))
+    initial = load((Path(two_nodes["model"]) / "model.safetensors").read_bytes())
+    assert trained.keys() == initial.keys()
+    assert max(abs(trained[k] - initial[k]).max() for k in trained) > 1e-4
 
 
 def _placed(result: dict, name: str) -> list[dict]:

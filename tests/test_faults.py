@@ -32,9 +32,9 @@ def many_prompts(tmp_path_factory):
     return out / "prompts.parquet"
 
 
-def _sample_args(model, prompts, out):
+def _sample_args(model, prompts, out, batch_size=8):
     return ["sample", "--model", model, "--prompts", str(prompts), "--out", str(out), "--k", "4",
-            "--max-tokens", "16", "--batch-size", "8", "--seed", "11"]
+            "--max-tokens", "16", "--batch-size", str(batch_size), "--seed", "11"]
 
 
 def _rows(stage_dir):
@@ -88,7 +88,14 @@ def baseline(ray_local, toy_model_dir, many_prompts, tmp_path_factory):
 def test_sampling_actor_killed_mid_stage_is_retried(ray_local, toy_model_dir, many_prompts,
                                                     baseline, tmp_path):
     """SIGKILL the vLLM actor (and its engine processes) while it samples a batch: Ray Data
-    restarts the actor and retries the batch; the stage output equals the undisturbed run's."""
+    restarts the actor and retries the batch; the stage output equals the undisturbed run's.
+    This run reads the prompts in reverse order from JSONL, in batches of 3 instead of 8: the
+    same seed gives the same samples whatever the batching, row order and file format."""
+    import json
+
+    prompts = tmp_path / "reversed.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n"
+                               for r in reversed(pq.read_table(many_prompts).to_pylist())))
     out = tmp_path / "samples"
     killed: list[int] = []
     busy: set[int] = set()  # actors seen inside a batch
@@ -107,7 +114,7 @@ def test_sampling_actor_killed_mid_stage_is_retried(ray_local, toy_model_dir, ma
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
-        assert main(_sample_args(toy_model_dir, many_prompts, out)) == 0
+        assert main(_sample_args(toy_model_dir, prompts, out, batch_size=3)) == 0
     finally:
         stop.set()
         thread.join()

@@ -1,5 +1,5 @@
-"""`odpo sample`: real vLLM on CPU inside a Ray Data actor pool, checked against the tokenizer,
-hand-derived counts and a second run with other batching and row order."""
+"""`odpo sample`: real vLLM on CPU inside a Ray Data actor pool (the end-to-end run's sampling
+step, `sample_run`), checked against the tokenizer and hand-derived counts."""
 
 import _thread
 import glob
@@ -71,24 +71,9 @@ def test_sample_manifest_counts_and_columns(sample_run, sample_prompts, sft_run)
     assert len({r["response"] for r in rows}) > 16  # sampled, not greedy
 
 
-@pytest.mark.slow
-def test_same_seed_same_samples_whatever_batching_and_order(sample_run, sample_prompts, sft_run,
-                                                            tmp_path):
-    rows = pq.read_table(sample_prompts).to_pylist()
-    shuffled = tmp_path / "shuffled.jsonl"  # another format, reversed row order
-    shuffled.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))
-    out = tmp_path / "again"
-    assert main(["sample", "--model", str(sft_run / "model"), "--prompts", str(shuffled),
-                 "--out", str(out), "--k", "4", "--max-tokens", "8", "--seed", "3",
-                 "--batch-size", "3"]) == 0
-
-    def samples(d):
-        return {(r["prompt_id"], r["sample_index"]): r["response"] for r in _table(d).to_pylist()}
-
-    first, second = samples(sample_run), samples(out)
-    assert first == second
-    m = json.loads((out / "manifest.json").read_text())
-    assert m["dropped"] == {"empty_prompt": 1, "prompt_too_long": 1, "duplicate_prompt": 1}
+# The same seed gives the same samples whatever the batching, row order and file format: the
+# sampling-actor fault test of tests/test_faults.py (reversed JSONL in batches of 3 against
+# Parquet in batches of 8).
 
 
 def _engines(ray) -> int:
