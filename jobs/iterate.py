@@ -45,7 +45,9 @@ class IterateConfig:
     prompts: str | None = None  # training prompts (`prompt` + scorer metadata); toy: data/
     eval_prompts: str | None = None  # held-out prompts for the task reward; toy: data/
     sft_data: str | None = None  # (prompt, response) to SFT the initial policy on first
-    scorer: str = "addition"  # `module:function` or a built-in task name
+    # `module:function` or a built-in task name, for scoring samples and evaluation; no default:
+    # what counts as better is the user's choice
+    scorer: str
     reference: str = "policy"  # policy: round k's reference is policy k-1 | initial: the SFT one
     seed: int = 0  # base seed; round k samples with seed + k
     toy_model: dict | None = None  # ToyConfig fields: make the toy model from nothing

@@ -14,14 +14,29 @@ class EngineConfig:
     dtype: str = "float32"  # vLLM dtype; "auto" on CPU turns float32 weights into bf16
     max_model_len: int = 0  # tokens of context; 0 uses the model's max_position_embeddings
     tensor_parallel_size: int = 1  # GPUs per engine (1 on CPU)
-    # Share of accelerator memory for weights + KV cache. On CPU it is the share of NUMA node
-    # 0's memory that vLLM reserves up front (0.3 took 7 GiB and failed when two engines or
-    # other jobs shared the machine; 0.1 = 2.4 GiB serves the toy). On a GPU set ~0.85.
-    gpu_memory_utilization: float = 0.1
+    # Share of accelerator memory for weights + KV cache; 0 picks by device: vLLM's 0.9 on a
+    # GPU; on CPU, where it is the share of NUMA node 0's memory that vLLM reserves up front,
+    # 0.1 (0.3 took 7 GiB and failed when two engines or other jobs shared a 24 GiB machine).
+    gpu_memory_utilization: float = 0.0
     replicas: int = 1  # engines (Ray actors) running in parallel
     cpus_per_replica: float = 1.0  # Ray CPUs reserved per engine actor
-    enforce_eager: bool = True  # skip graph capture/compile: start-up dominates on small runs
+    # Skip CUDA-graph capture / compilation. Unset picks by device: graphs on a GPU (vLLM's
+    # default, faster decoding), eager on CPU (compiling costs more than a stage samples)
+    enforce_eager: bool | None = None
     use_gpu: bool = False  # request tensor_parallel_size GPUs per replica from Ray
+
+
+def engine_kwargs(cfg: EngineConfig) -> dict:
+    """The `vllm.LLM` arguments of `cfg`, with the device-dependent defaults filled in."""
+    kwargs = {
+        "dtype": cfg.dtype,
+        "tensor_parallel_size": cfg.tensor_parallel_size,
+        "gpu_memory_utilization": cfg.gpu_memory_utilization or (0.9 if cfg.use_gpu else 0.1),
+        "enforce_eager": (not cfg.use_gpu) if cfg.enforce_eager is None else cfg.enforce_eager,
+    }
+    if cfg.max_model_len:
+        kwargs["max_model_len"] = cfg.max_model_len
+    return kwargs
 
 
 def request_seed(seed: int, key: str) -> int:
@@ -54,20 +69,12 @@ def make_llm(model: str, cfg: EngineConfig, seed: int = 0):
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vllm import LLM
 
-    model = local_copy(model)
-    kwargs = {}
-    if cfg.max_model_len:
-        kwargs["max_model_len"] = cfg.max_model_len
     return LLM(
-        model=model,
-        dtype=cfg.dtype,
-        tensor_parallel_size=cfg.tensor_parallel_size,
-        gpu_memory_utilization=cfg.gpu_memory_utilization,
-        enforce_eager=cfg.enforce_eager,
+        model=local_copy(model),
         seed=seed,
         trust_remote_code=False,
         load_format="safetensors",  # never unpickle a checkpoint's *.bin
-        **kwargs,
+        **engine_kwargs(cfg),
     )
 
 

@@ -22,7 +22,8 @@ STAGE = "eval"
 class EvalConfig:
     model: str  # HF checkpoint to evaluate
     prompts: str  # held-out prompts file: `prompt` plus the scorer's metadata (e.g. `answer`)
-    scorer: str = "addition"  # `module:function` or a built-in task name
+    # `module:function` or a built-in task name; no default: what is correct is the user's choice
+    scorer: str
     samples: int = 4  # sampled responses per prompt for the sampled reward
     temperature: float = 1.0  # sampled decoding temperature (greedy is temperature 0)
     top_p: float = 1.0  # nucleus mass for sampled decoding

@@ -247,8 +247,8 @@ def _validate(cfg: SampleConfig) -> None:
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
         (cfg.engine.replicas >= 1, f"engine.replicas must be >= 1, got {cfg.engine.replicas}"),
         (cfg.engine.max_model_len >= 0, "engine.max_model_len must be >= 0 (0 = model's)"),
-        (0 < cfg.engine.gpu_memory_utilization <= 1,
-         f"engine.gpu_memory_utilization must be in (0, 1], got "
+        (0 <= cfg.engine.gpu_memory_utilization <= 1,
+         f"engine.gpu_memory_utilization must be in [0, 1] (0: by device), got "
          f"{cfg.engine.gpu_memory_utilization}"),
     )
     for ok, msg in checks:

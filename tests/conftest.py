@@ -185,14 +185,14 @@ def e2e_run(ray_local, toy_model_dir, toy_data_dir, sample_prompts, tmp_path_fac
         scorer=write_digits_scorer(root / "digits.py"),
         seed=2,  # round 1 samples with seed 3
         sft={"max_steps": 40, "batch_size": 64, "lr": 3e-3, "lr_schedule": "constant",
-             "warmup_steps": 5, "log_every": 10},
+             "warmup_steps": 5, "log_every": 10, "torch_threads": 2},
         sample={"k": 4, "max_tokens": 8},
         pair={"mode": "best_worst"},
         reference_stage={"cache_dir": str(root / "cache")},
         # 24 steps at 2e-3: the DPO run of tests/test_dpo.py too (step 0 at ln 2, the
         # preference learned, reproduced by the live-reference, crash and worker-kill runs)
         train={"beta": 0.1, "alpha": 1.0, "lr": 2e-3, "lr_schedule": "constant", "epochs": 24,
-               "max_steps": 24, "batch_size": 4, "log_every": 1},
+               "max_steps": 24, "batch_size": 4, "log_every": 1, "torch_threads": 2},
         eval={"samples": 2},
     )
 

@@ -84,7 +84,8 @@ def bad(tmp_path_factory, toy_model_dir) -> Path:
         f"eval_prompts: {d / 'prompts.parquet'}\ntrain:\n  betta: 0.1\n")
     (d / "iterate_float16.yaml").write_text(
         f"policy: {toy_model_dir}\nprompts: {d / 'prompts.parquet'}\n"
-        f"eval_prompts: {d / 'prompts.parquet'}\ntrain:\n  beta: 0.1\n  dtype: float16\n")
+        f"eval_prompts: {d / 'prompts.parquet'}\nscorer: addition\ntrain:\n  beta: 0.1\n"
+        "  dtype: float16\n")
     (d / "byod_typo.yaml").write_text(
         f"model: {toy_model_dir}\ndata: {d / 'pairs.parquet'}\nsft:\n  max_stepz: 1\n"
         f"train:\n  beta: 0.1\n")
@@ -228,7 +229,8 @@ ERRORS = [
     ("reference", "--pairs {bad}/pairs.parquet --model {bad}/evil", r"evil: its config\.json "),
     ("sft", "--model {bad}/evil --data {bad}/sft_huge.parquet", r"evil: its config\.json "),
     ("train", "--model {bad}/evil --data {bad}/nowhere --beta 0.1", r"evil: its config\.json "),
-    ("eval", "--model {bad}/evil --prompts {bad}/prompts.parquet", r"evil: its config\.json "),
+    ("eval", "--model {bad}/evil --prompts {bad}/prompts.parquet --scorer addition",
+     r"evil: its config\.json "),
     ("sample", "--model {bad}/pickled --prompts {bad}/prompts.parquet",
      r"model .*/pickled: only pickled weights \['pytorch_model\.bin'\]; weights are loaded from "
      r"safetensors only"),
@@ -256,10 +258,15 @@ ERRORS = [
      r"written org/name\)"),
     ("sft", "--model {bad}/missing --data {bad}/sft_huge.parquet",
      r"model .*/missing: no such directory"),
-    ("eval", "--model {bad}/missing --prompts {bad}/prompts.parquet",
+    ("eval", "--model {bad}/missing --prompts {bad}/prompts.parquet --scorer addition",
      r"model .*/missing: no such directory"),
     ("reference", "--pairs {bad}/pairs.parquet --model {bad}/missing",
      r"model .*/missing: no such directory"),
+    # What counts as correct has no default (issue 16): the toy's `addition` is asked for.
+    ("eval", "--model {toy} --prompts {bad}/prompts.parquet",
+     r"scorer is required \(set --scorer\)"),
+    ("sft", "--model {toy} --data {bad}/sft_huge.parquet --eval-prompts {bad}/prompts.parquet",
+     r"eval_prompts needs --scorer"),
 ]
 # Where each command's output goes.
 OUT_FLAG = {"iterate": "--run-dir", "byod": "--run-dir"}

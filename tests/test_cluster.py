@@ -318,7 +318,8 @@ try:
         "train": main(["train", *A, "--model", model, "--data", data, "--beta", "0.1",
                        "--out", out]),
         "sft": main(["sft", *A, "--model", model, "--data", data, "--out", out]),
-        "eval": main(["eval", *A, "--model", model, "--prompts", data, "--out", out]),
+        "eval": main(["eval", *A, "--model", model, "--prompts", data, "--scorer", "addition",
+                       "--out", out]),
         "import": main(["import", *A, "--data", pairs, "--out", out]),
     }
     rc["iterate_run_dir"] = main(["iterate", *A, "--config", a["local_config"]])

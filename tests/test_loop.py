@@ -319,7 +319,8 @@ def _sft(model_dir, rows, out, *extra):
     assert main(["sft", "--model", model_dir, "--data", str(data), "--out", str(out),
                  "--batch-size", "8", "--num-workers", "2", "--grad-accum", "2",
                  "--cpus-per-worker", "1", "--torch-threads", "1", "--warmup-steps", "0",
-                 "--grad-clip", "0", "--lr", "1e-3", "--log-every", "1", *extra]) == 0
+                 "--grad-clip", "0", "--lr", "1e-3", "--lr-schedule", "constant",
+                 "--log-every", "1", *extra]) == 0
     from transformers import AutoModelForCausalLM
 
     trained = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()

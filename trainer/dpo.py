@@ -56,7 +56,7 @@ class DPOConfig:
     shuffle: bool = True  # a new pair order each epoch (seeded by seed, epoch); off: shard order
     num_workers: int = 1  # DDP workers (gloo on CPU, NCCL on GPU)
     cpus_per_worker: float = 1.0  # fractional CPUs keep Ray Data's readers from starving
-    torch_threads: int = 2  # intra-op threads per worker; 0 leaves torch's default
+    torch_threads: int = 0  # intra-op threads per worker; 0 = cpus_per_worker (at least 1)
     use_gpu: bool = False  # one GPU per worker, NCCL
     dtype: str = "float32"  # policy weights (log-softmax stays float32); float16 would need loss
     # scaling

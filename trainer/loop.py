@@ -411,8 +411,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(cfg["seed"])
-    if cfg["torch_threads"] > 0:
-        torch.set_num_threads(cfg["torch_threads"])
+    torch.set_num_threads(cfg["torch_threads"] or max(1, math.ceil(cfg["cpus_per_worker"])))
     start, state = start_point(cfg)
     # Never the checkpoint's own code, never pickle (the driver checked: check_checkpoint).
     tokenizer = AutoTokenizer.from_pretrained(start, trust_remote_code=False)

@@ -31,14 +31,15 @@ class SFTConfig:
     # pairs stage dir (`odpo import` / `odpo pair`): SFT on (prompt, chosen), each distinct pair
     # once; the DPO paper's reference for preference data that did not come from this model
     from_pairs: str | None = None
-    # Defaults make the toy's *weak* SFT model: 25.6% greedy on held-out addition, measured.
-    max_steps: int = 600  # optimizer steps; the toy is at 53% by 750 and 82% by 1,050: stop early
+    # Defaults are TRL's SFTConfig's (lr 2e-5, no warmup, one epoch), for real models; the toy's
+    # weak SFT model (600 steps at 3e-3) is jobs/configs/toy_addition.yaml's `sft:` section.
+    max_steps: int = 0  # stop after this many optimizer steps; 0 means all epochs
     epochs: int = 1  # passes over the data (training stops at max_steps first if set)
     batch_size: int = 128  # global sequences per optimizer step (all workers, all micro-steps)
     grad_accum: int = 1  # micro-steps per optimizer step; memory knob, same maths
-    lr: float = 3e-3  # peak AdamW lr; high because the toy model is tiny (0.66M params)
-    lr_schedule: str = "constant"  # constant | linear | cosine after warmup
-    warmup_steps: int = 50  # linear warmup steps, keeps the first Adam steps from overshooting
+    lr: float = 2e-5  # peak AdamW lr (TRL's SFT default); the 0.66M-parameter toy takes 3e-3
+    lr_schedule: str = "linear"  # constant | linear | cosine after warmup (TRL: linear)
+    warmup_steps: int = 0  # linear warmup steps; none by default, as in TRL
     weight_decay: float = 0.0  # AdamW decoupled weight decay; none by default, as in TRL
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     seed: int = 0  # torch seed of every worker
@@ -49,7 +50,7 @@ class SFTConfig:
     too_long: str = "error"
     num_workers: int = 1  # DDP workers (gloo on CPU, NCCL on GPU)
     cpus_per_worker: float = 1.0  # fractional CPUs keep Ray Data's readers from starving
-    torch_threads: int = 2  # intra-op threads per worker; 0 leaves torch's default
+    torch_threads: int = 0  # intra-op threads per worker; 0 = cpus_per_worker (at least 1)
     use_gpu: bool = False  # one GPU per worker, NCCL
     dtype: str = "float32"  # model weights: bfloat16 on a GPU; float16 would need loss scaling
     gradient_checkpointing: bool = False  # trade compute for activation memory
@@ -57,7 +58,7 @@ class SFTConfig:
     save_every: int = 0  # steps between Ray Train checkpoints; 0 saves only at the end
     max_failures: int = 0  # worker failures Ray Train restarts from the last checkpoint
     eval_prompts: str | None = None  # held-out prompts (`prompt`, `answer`) to score the result
-    scorer: str = "addition"  # `module:function` or a built-in task name, for eval
+    scorer: str | None = None  # `module:function` or a built-in task name; eval_prompts needs it
     eval_samples: int = 4  # sampled responses per held-out prompt (temperature 1)
 
 
@@ -122,6 +123,9 @@ def check_config(cfg: SFTConfig) -> None:
         raise UserError(f"too_long must be error or drop, got {cfg.too_long!r}")
     if cfg.max_length < 0:
         raise UserError(f"max_length must be >= 0 (0: the model's context), got {cfg.max_length}")
+    if cfg.eval_prompts is not None and not cfg.scorer:
+        raise UserError("eval_prompts needs --scorer (a built-in task name or module:function): "
+                        "what counts as a correct answer is the user's choice")
     if cfg.eval_samples < 1:
         raise UserError(f"eval_samples must be >= 1, got {cfg.eval_samples}")
     check_training_config(cfg)
