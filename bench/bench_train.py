@@ -1,4 +1,4 @@
-"""Cached vs live reference in `odpo train`, side by side in one run.
+"""Cached vs live ref_logps in `odpo train`, side by side in one run.
 
 Same shards, same settings, same model; the only difference is where the reference log-probs
 come from. Reports peak resident memory of the training worker and step time, as ratios, plus
@@ -71,8 +71,8 @@ def main() -> None:
     pairs = work / "pairs"
     if not pairs.exists():
         write_addition_pairs(data / "prompts.parquet", pairs)
-    ref = work / "reference"
-    ref_s = run([*ODPO, "reference", "--pairs", str(pairs), "--model", str(model), "--out",
+    ref = work / "precompute"
+    ref_s = run([*ODPO, "precompute", "--pairs", str(pairs), "--model", str(model), "--out",
                  str(ref)])
 
     results = {}
@@ -81,7 +81,7 @@ def main() -> None:
         subprocess.run(["rm", "-rf", str(out)], check=True)
         wall = run([*ODPO, "train", "--model", str(model), "--data", str(ref), "--out", str(out),
                     "--beta", "0.1", "--batch-size", str(args.batch_size), "--max-steps",
-                    str(args.steps), "--log-every", "1", "--reference", mode,
+                    str(args.steps), "--log-every", "1", "--ref-logps", mode,
                     "--cpus-per-worker", "1", "--torch-threads", "2"])
         lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         steady = sorted(m["step_time_s"] for m in lines[1:])  # step 0 includes warm-up
@@ -97,7 +97,7 @@ def main() -> None:
     summary = {
         "params_m": weight_bytes / 4 / 1e6,
         "weight_mb": weight_bytes / 2**20,
-        "reference_precompute_s": ref_s,
+        "precompute_s": ref_s,
         **{f"{m}_{k}": v for m, r in results.items() for k, v in r.items()},
         "memory_saved_mb": saved_mb,
         "memory_saved_over_weights": saved_mb / (weight_bytes / 2**20),

@@ -1,6 +1,6 @@
 """`odpo byod --config FILE`: bring your own preference data, one config for the whole path:
 
-    import -> SFT on the chosen responses -> reference (the SFT model) -> DPO train
+    import -> SFT on the chosen responses -> precompute (the SFT model's log-probs) -> DPO train
 
 Per the DPO paper (Rafailov et al. 2023, section 4): when the preference data did not come from
 the model being trained, π_ref is unknown; fine-tuning on the chosen responses first and using
@@ -12,8 +12,8 @@ Layout of a run directory:
     RUN/toy/          the toy model (only with `toy_model:`)
     RUN/pairs/        `odpo import` output
     RUN/sft/          `odpo sft --from-pairs RUN/pairs`: model/, metrics.jsonl, sft_summary.json
-    RUN/reference/    `odpo reference --pairs RUN/pairs --model RUN/sft/model`
-    RUN/train/        `odpo train --model RUN/sft/model --data RUN/reference`
+    RUN/precompute/   `odpo precompute --pairs RUN/pairs --model RUN/sft/model`
+    RUN/train/        `odpo train --model RUN/sft/model --data RUN/precompute`
 
 Every step runs every time and skips itself when its manifest records the same config, input
 digests and code version: re-running the same command skips what is current, resumes a half-done
@@ -47,7 +47,7 @@ class BYODConfig:
     toy_model: dict | None = None  # ToyConfig fields: make the toy model from nothing (demo)
     import_stage: dict = field(default_factory=dict)  # ImportConfig fields (tokenizer: model's)
     sft: dict = field(default_factory=dict)  # SFTConfig fields for the SFT on chosen
-    reference_stage: dict = field(default_factory=dict)  # ReferenceConfig fields
+    precompute: dict = field(default_factory=dict)  # PrecomputeConfig fields
     train: dict = field(default_factory=dict)  # DPOConfig fields (beta is required)
 
 
@@ -64,7 +64,7 @@ def run_byod(cfg: BYODConfig) -> dict:
     """Run (or skip, when current) each stage; each starts or joins Ray itself when it has work
     (`ensure_ray`). Returns each stage's summary."""
     from pipeline.importer import ImportConfig, run_import
-    from trainer.reference import ReferenceConfig, run_reference
+    from trainer.precompute import PrecomputeConfig, run_precompute
 
     t0 = time.perf_counter()
     # Every section's keys and types before any work: a typo in `train:` would otherwise
@@ -73,7 +73,7 @@ def run_byod(cfg: BYODConfig) -> dict:
     for cls, name, fixed in (
         (ImportConfig, "import_stage", {"data": p, "out": p}),
         (SFTConfig, "sft", {"model": p, "from_pairs": p, "out": p}),
-        (ReferenceConfig, "reference_stage", {"pairs": p, "model": p, "out": p}),
+        (PrecomputeConfig, "precompute", {"pairs": p, "model": p, "out": p}),
         (DPOConfig, "train", {"model": p, "data": p, "out": p}),
     ):
         section = _section(cls, cfg, name, fixed)
@@ -97,7 +97,7 @@ def run_byod(cfg: BYODConfig) -> dict:
         raise UserError("set `model:` (the model to SFT on chosen and train) or `toy_model:`")
     pairs, sft_dir = storage.join(run, "pairs"), storage.join(run, "sft")
     sft_model = storage.join(sft_dir, "model")
-    ref_dir, train_dir = storage.join(run, "reference"), storage.join(run, "train")
+    ref_dir, train_dir = storage.join(run, "precompute"), storage.join(run, "train")
 
     imp = run_import(_section(ImportConfig, cfg, "import_stage",
                               {"data": resolve_path(cfg.data), "out": pairs},
@@ -107,7 +107,7 @@ def run_byod(cfg: BYODConfig) -> dict:
          f"{dropped}){', skipped: up to date' if imp['skipped'] else ''}")
 
     # A preference set nearly always has a few pairs longer than the context: SFT leaves them
-    # out and counts them (reference truncates them, TRL's rule) instead of stopping the path.
+    # out and counts them (precompute truncates them, TRL's rule) instead of stopping the path.
     sft_cfg = _section(SFTConfig, cfg, "sft", {"model": model, "from_pairs": pairs, "out": sft_dir},
                        {"too_long": "drop"})
     sft = run_sft(sft_cfg)
@@ -120,9 +120,9 @@ def run_byod(cfg: BYODConfig) -> dict:
         _log(f"sft on chosen: {sft['steps']} steps on {sft['rows']} rows"
              f"{f' ({too_long} too long, dropped)' if too_long else ''} -> {sft['model']}")
 
-    ref = run_reference(_section(ReferenceConfig, cfg, "reference_stage", {
+    ref = run_precompute(_section(PrecomputeConfig, cfg, "precompute", {
         "pairs": pairs, "model": sft_model, "out": ref_dir}))
-    _log(f"reference: {ref['pairs']} pairs, cache {ref['cache']}")
+    _log(f"precompute: {ref['pairs']} pairs, cache {ref['cache']}")
 
     train = run_dpo(_section(DPOConfig, cfg, "train",
                              {"model": sft_model, "data": ref_dir, "out": train_dir}))
@@ -130,7 +130,7 @@ def run_byod(cfg: BYODConfig) -> dict:
         _log("train: skipped, up to date")
     else:
         _log(f"train: {train['steps']} steps on {train['pairs']} pairs -> {train['model']}")
-    summary = {"run_dir": run, "import": imp, "sft": sft, "reference": ref,
+    summary = {"run_dir": run, "import": imp, "sft": sft, "precompute": ref,
                "train": train, "wall_s": time.perf_counter() - t0}
     write_json(storage.join(run, "byod_summary.json"), summary)
     return summary

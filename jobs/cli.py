@@ -62,13 +62,13 @@ def _cmd_eval(args) -> None:
     show("eval", {**result, "model": cfg.model, "out": cfg.out}, log=cfg.out)
 
 
-def _cmd_reference(args) -> None:
-    from trainer.reference import ReferenceConfig, run_reference
+def _cmd_precompute(args) -> None:
+    from trainer.precompute import PrecomputeConfig, run_precompute
 
-    cfg = from_args(ReferenceConfig, args)
+    cfg = from_args(PrecomputeConfig, args)
     _use_address(args)
-    s = run_reference(cfg)  # Ray only on a miss
-    show("reference", s, log=cfg.out)
+    s = run_precompute(cfg)  # Ray only on a miss
+    show("precompute", s, log=cfg.out)
 
 
 def _cmd_sample(args) -> None:
@@ -158,16 +158,16 @@ ROUND = """\
 One round of self-generated preference learning. Each step writes a directory of Parquet shards
 and a manifest.json; a re-run skips every step whose manifest is current.
 
-  prompts --> sample -----> score ------> pair -------> reference ----> train -------> eval
+  prompts --> sample -----> score ------> pair -------> precompute ---> train -------> eval
               k responses   verifier,     chosen vs     log-probs of    DPO on Ray     held-out
               per prompt    reward model  rejected,     the reference,  Train; no      reward,
               from vLLM     or your       per prompt    computed once,  reference      greedy and
                  ^          function                    then cached     model loaded   sampled
                  |                                                         |
                  +---- iterate: round k+1 samples from the policy that ----+
-                       round k trained (its reference: that policy or the first)
+                       round k trained (ref_model: that policy or the first)
 
-  byod: your preference data --> import --> sft on chosen --> reference --> train
+  byod: your preference data --> import --> sft on chosen --> precompute --> train
 """
 QUIET = """\
 Each command prints its summary (and, on a terminal, a progress bar per Ray Data pass or training
@@ -196,14 +196,14 @@ def _choices() -> dict:
     from pipeline.score import NONFINITE_MODES, RM_DTYPES, ScoreConfig
     from trainer.launch import LR_SCHEDULES, TRAIN_DTYPES
     from trainer.loss import LOSS_TYPES
-    from trainer.reference import CACHE_MODES, DTYPES, TRUNCATION_MODES, ReferenceConfig
+    from trainer.precompute import CACHE_MODES, DTYPES, TRUNCATION_MODES, PrecomputeConfig
 
     training = {"lr_schedule": LR_SCHEDULES, "dtype": TRAIN_DTYPES}
     return {
         SFTConfig: training,
         DPOConfig: {**training, "loss_type": LOSS_TYPES},
-        ReferenceConfig: {"truncation": TRUNCATION_MODES, "dtype": DTYPES,
-                          "reference_cache": CACHE_MODES},
+        PrecomputeConfig: {"truncation": TRUNCATION_MODES, "dtype": DTYPES,
+                           "cache": CACHE_MODES},
         ImportConfig: {"bad_rows": BAD_ROWS},
         PairConfig: {"mode": MODES},
         ScoreConfig: {"nonfinite": NONFINITE_MODES, "rm_dtype": RM_DTYPES},
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pipeline.sample import SampleConfig
     from pipeline.score import ScoreConfig
     from pipeline.toy import ToyConfig
-    from trainer.reference import ReferenceConfig
+    from trainer.precompute import PrecomputeConfig
 
     parser = _Parser(
         prog="odpo", description="Offline iterative DPO on Ray Data + vLLM + Ray Train.\n\n"
@@ -252,12 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
             ScoreConfig)
     command("pair", "group scored samples by prompt into (chosen, rejected) pairs", _cmd_pair,
             PairConfig)
-    command("reference", "tokenize pairs once and compute (or reuse) the reference log-probs",
-            _cmd_reference, ReferenceConfig)
-    command("train", "DPO (or another preference loss) on reference shards with Ray Train",
+    command("precompute", "tokenize pairs once and compute (or reuse) the reference log-probs",
+            _cmd_precompute, PrecomputeConfig)
+    command("train", "DPO (or another preference loss) on precompute shards with Ray Train",
             _cmd_train, DPOConfig)
     command("eval", "greedy and sampled task reward on held-out prompts", _cmd_eval, EvalConfig)
-    p = command("iterate", "rounds of sample -> score -> pair -> reference -> train -> eval, "
+    p = command("iterate", "rounds of sample -> score -> pair -> precompute -> train -> eval, "
                 "from one config", _cmd_iterate)
     p.add_argument("--config", required=True, help="iterate YAML (jobs/configs/*.yaml)")
     p.add_argument("--run-dir", help="where the rounds go, instead of the config's run_dir")
@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
             SFTConfig)
     command("import", "preference data (TRL standard or conversational form) -> pairs shards",
             _cmd_import, ImportConfig)
-    p = command("byod", "your preference data: import -> SFT on chosen -> reference -> train, "
+    p = command("byod", "your preference data: import -> SFT on chosen -> precompute -> train, "
                 "from one config", _cmd_byod)
     p.add_argument("--config", required=True, help="byod YAML (jobs/configs/byod_toy.yaml)")
     p.add_argument("--run-dir", help="where the stages go, instead of the config's run_dir")

@@ -10,6 +10,14 @@ from pathlib import Path
 from pipeline.errors import UserError
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}
+# Keys renamed so that "reference" means one thing: {config class: {old key: new key}}. Used only
+# to say so when a config still has an old key (`build`).
+RENAMED_KEYS = {
+    "IterateConfig": {"reference": "ref_model", "reference_stage": "precompute"},
+    "BYODConfig": {"reference_stage": "precompute"},
+    "DPOConfig": {"reference": "ref_logps", "reference_model": "ref_model"},
+    "PrecomputeConfig": {"reference_cache": "cache"},
+}
 
 
 def _field_kind(f: dataclasses.Field) -> tuple[str, bool]:
@@ -144,6 +152,10 @@ def build(cls, values: dict, source: str, prefix: str = ""):
     """Instantiate `cls` from a flat-or-nested dict, rejecting unknown keys and wrong types."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
+    renamed = RENAMED_KEYS.get(cls.__name__, {})
+    for old in unknown:
+        if old in renamed:
+            raise UserError(f"{source}: {prefix + old} is now {prefix + renamed[old]}")
     if unknown:
         raise UserError(
             f"{source}: unknown key(s) {[prefix + k for k in unknown]} for {cls.__name__}; "

@@ -52,12 +52,12 @@ SUMMARIES: dict[str, tuple] = {
               *_END),
     "pair": ("pair ({mode}): {prompts} prompts -> {pairs} pairs from {prompts_paired} prompts "
              "(dropped prompts: {dropped})", *_END),
-    "reference": ("reference: {pairs} pairs (dropped: {dropped}), cache {cache}",
-                  ("cache=hit", " from {source}"),
-                  ("cache=computed", ": {stats[tokens]} tokens at {stats[tokens_per_s]:.0f} "
-                   "tokens/s, padding {stats[padding_fraction]:.1%}, {stats[truncated_pairs]} "
-                   "pairs truncated"),
-                  " (key {key:.16})", *_END),
+    "precompute": ("precompute: {pairs} pairs (dropped: {dropped}), cache {cache}",
+                   ("cache=hit", " from {source}"),
+                   ("cache=computed", ": {stats[tokens]} tokens at {stats[tokens_per_s]:.0f} "
+                    "tokens/s, padding {stats[padding_fraction]:.1%}, {stats[truncated_pairs]} "
+                    "pairs truncated"),
+                   " (key {key:.16})", *_END),
     "import": ("import ({form}, prompt from {prompt_source}): {rows} rows -> {pairs} pairs "
                "(dropped: {dropped})",
                "; common-prefix prompt found in {prompt_extraction[extracted]} rows, failed in "
@@ -66,7 +66,7 @@ SUMMARIES: dict[str, tuple] = {
             ("dropped", " (dropped rows: {dropped})"), ("skipped", ", skipped: up to date"),
             "; held-out reward greedy {eval[greedy_reward]:.3f}, sampled "
             "{eval[sampled_reward]:.3f} ({eval[num_prompts]} prompts)", " -> {model}"),
-    "train": ("train: {steps} steps on {pairs} pairs ({reference} reference",
+    "train": ("train: {steps} steps on {pairs} pairs ({ref_logps} ref_logps",
               ("pairs_left_over_per_epoch", "; {pairs_left_over_per_epoch} pairs past the last "
                                             "full batch of each epoch"),
               ") in {train_s:.0f}s", ("skipped", ", skipped: up to date"), " -> {model}"),
@@ -75,8 +75,8 @@ SUMMARIES: dict[str, tuple] = {
     "round": ("round {round}: greedy {greedy_reward:.3f}, sampled {sampled_reward:.3f}  "
               "({policy})",),
     "iterate": ("iterate: {rounds_run} rounds in {wall_s:.0f}s; report: {report}",),  # + EACH
-    "byod": ("byod: {import[pairs]} pairs, SFT-on-chosen {sft[steps]} steps, reference "
-             "{reference[cache]}, DPO {train[steps]} steps in {wall_s:.0f}s -> {train[model]}",),
+    "byod": ("byod: {import[pairs]} pairs, SFT-on-chosen {sft[steps]} steps, precompute "
+             "{precompute[cache]}, DPO {train[steps]} steps in {wall_s:.0f}s -> {train[model]}",),
     "report": ("report: {path}",),
 }
 # Commands whose summary holds a list to print a line each of first: {command: (key, spec)}.

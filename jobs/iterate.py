@@ -1,4 +1,4 @@
-"""`odpo iterate --config FILE`: rounds of sample -> score -> pair -> reference -> train -> eval.
+"""`odpo iterate --config FILE`: rounds of sample -> score -> pair -> precompute -> train -> eval.
 
 Layout of a run directory:
 
@@ -6,7 +6,7 @@ Layout of a run directory:
     RUN/data/                the toy task data (only with `toy_data:`)
     RUN/sft/                 SFT run (only with `sft_data` or `toy_data:`): model/, eval.json
     RUN/round_0/eval.json    the initial policy's held-out reward
-    RUN/round_k/{samples,scored,pairs,reference,train}/, RUN/round_k/eval.json   (k = 1..rounds)
+    RUN/round_k/{samples,scored,pairs,precompute,train}/, RUN/round_k/eval.json  (k = 1..rounds)
     RUN/report/report.md     written at the end (also `odpo report RUN`)
 
 Round k samples with policy k-1 (the SFT model for k = 1) and trains policy k. Iterate calls every
@@ -40,15 +40,15 @@ from trainer.sft import check_config as check_sft
 @dataclass(frozen=True)
 class IterateConfig:
     run_dir: str  # where every round's stages, models and the report go
+    # `module:function` or a built-in task name, for scoring samples and evaluation; no default:
+    # what counts as better is the user's choice
+    scorer: str
     rounds: int = 2  # DPO rounds after the initial policy
     policy: str | None = None  # initial policy (HF dir / hub id); None: the toy model (+ SFT)
     prompts: str | None = None  # training prompts (`prompt` + scorer metadata); toy: data/
     eval_prompts: str | None = None  # held-out prompts for the task reward; toy: data/
     sft_data: str | None = None  # (prompt, response) to SFT the initial policy on first
-    # `module:function` or a built-in task name, for scoring samples and evaluation; no default:
-    # what counts as better is the user's choice
-    scorer: str
-    reference: str = "policy"  # policy: round k's reference is policy k-1 | initial: the SFT one
+    ref_model: str = "policy"  # policy: round k's reference is policy k-1 | initial: the SFT one
     seed: int = 0  # base seed; round k samples with seed + k
     toy_model: dict | None = None  # ToyConfig fields: make the toy model from nothing
     toy_data: dict | None = None  # `odpo toy data` options: sft_rows, prompts, heldout, seed
@@ -56,7 +56,7 @@ class IterateConfig:
     sample: dict = field(default_factory=dict)  # SampleConfig fields
     score: dict = field(default_factory=dict)  # ScoreConfig fields
     pair: dict = field(default_factory=dict)  # PairConfig fields
-    reference_stage: dict = field(default_factory=dict)  # ReferenceConfig fields
+    precompute: dict = field(default_factory=dict)  # PrecomputeConfig fields
     train: dict = field(default_factory=dict)  # DPOConfig fields (beta is required)
     eval: dict = field(default_factory=dict)  # EvalConfig fields (samples, temperature, ...)
 
@@ -111,10 +111,10 @@ def run_iterate(cfg: IterateConfig) -> dict:
     from pipeline.pair import PairConfig, run_pair
     from pipeline.sample import SampleConfig, run_sample
     from pipeline.score import ScoreConfig, run_score
-    from trainer.reference import ReferenceConfig, run_reference
+    from trainer.precompute import PrecomputeConfig, run_precompute
 
-    if cfg.reference not in ("policy", "initial"):
-        raise UserError(f"reference must be policy or initial, got {cfg.reference!r}")
+    if cfg.ref_model not in ("policy", "initial"):
+        raise UserError(f"ref_model must be policy or initial, got {cfg.ref_model!r}")
     if cfg.rounds < 1:
         raise UserError(f"rounds must be >= 1, got {cfg.rounds}")
     # Every section's keys and types before any work: a typo in `train:` would otherwise
@@ -127,7 +127,7 @@ def run_iterate(cfg: IterateConfig) -> dict:
         (SampleConfig, "sample", {"model": p, "prompts": p, "out": p, "seed": 0}, None),
         (ScoreConfig, "score", {"samples": p, "out": p, "scorer": p}, None),
         (PairConfig, "pair", {"scored": p, "out": p, "round": 1}, None),
-        (ReferenceConfig, "reference_stage", {"pairs": p, "model": p, "out": p}, None),
+        (PrecomputeConfig, "precompute", {"pairs": p, "model": p, "out": p}, None),
         (DPOConfig, "train", {"model": p, "data": p, "out": p, "seed": 0}, check_dpo),
         (EvalConfig, "eval", {"model": p, "prompts": p, "scorer": p, "out": p}, check_eval),
     ):
@@ -173,7 +173,7 @@ def run_iterate(cfg: IterateConfig) -> dict:
 
     for k in range(1, cfg.rounds + 1):
         rdir = storage.join(run, f"round_{k}")
-        at = {d: storage.join(rdir, d) for d in ("samples", "scored", "pairs", "reference")}
+        at = {d: storage.join(rdir, d) for d in ("samples", "scored", "pairs", "precompute")}
         seed = cfg.seed + k
         _log(f"round {k}: sampling with {policy}")
         run_sample(_section(SampleConfig, cfg, "sample", {
@@ -183,12 +183,12 @@ def run_iterate(cfg: IterateConfig) -> dict:
             "scorer": cfg.scorer}))
         run_pair(_section(PairConfig, cfg, "pair", {
             "scored": at["scored"], "out": at["pairs"], "round": k}))
-        reference = policy if cfg.reference == "policy" else initial
-        ref = run_reference(_section(ReferenceConfig, cfg, "reference_stage", {
-            "pairs": at["pairs"], "model": reference, "out": at["reference"]}))
+        ref_model = policy if cfg.ref_model == "policy" else initial
+        ref = run_precompute(_section(PrecomputeConfig, cfg, "precompute", {
+            "pairs": at["pairs"], "model": ref_model, "out": at["precompute"]}))
         _log(f"round {k}: reference log-probs {ref['cache']} ({ref['pairs']} pairs)")
         train = run_dpo(_section(DPOConfig, cfg, "train", {
-            "model": policy, "data": at["reference"], "out": storage.join(rdir, "train"),
+            "model": policy, "data": at["precompute"], "out": storage.join(rdir, "train"),
             "seed": seed}))
         _log(f"round {k}: {train['steps']} DPO steps{_skipped(train)}")
         policy = train["model"]

@@ -66,7 +66,7 @@ def check_checkpoint(path: str | os.PathLike, what: str = "model") -> None:
     if config.get("auto_map"):
         # transformers' own rule with remote code off: a model_type it knows loads with its own
         # classes (auto_map ignored); any other needs the checkpoint's code. Read from the JSON:
-        # a cache hit of the reference stage must not import transformers' modeling code.
+        # a cache hit of the precompute stage must not import transformers' modeling code.
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
         if config.get("model_type") not in CONFIG_MAPPING:

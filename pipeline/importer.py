@@ -6,7 +6,7 @@ told apart by the Arrow types of `chosen` / `rejected`:
   conversational   they are lists of `{role, content}` messages. The prompt is rendered with the
                    tokenizer's chat template and the generation prompt; a completion is what the
                    rendering of prompt + completion adds after it (TRL's `maybe_apply_chat_template`
-                   rule). The rendering is what is stored, so the SFT, the reference and the
+                   rule). The rendering is what is stored, so the SFT, precompute and the
                    trainer all tokenize the same text and need no template of their own.
 Without a prompt column (or with `prompt_column: ""`) the prompt is the longest common prefix of
 chosen and rejected (TRL's implicit prompt: characters for strings, with a space before the split

@@ -19,7 +19,7 @@ The manifest counts prompts in / kept / dropped (rows_in == rows_kept + dropped)
 Output columns (TRL's preference format plus provenance): `prompt_id`, `prompt`, `chosen`,
 `rejected`, `chosen_score`, `rejected_score`, `round`, `chosen_sample_index`,
 `rejected_sample_index`, `chosen_token_ids`, `rejected_token_ids` (list<int32>: the samples'
-`response_token_ids`, when the scored data has them; `odpo reference` trains on exactly these),
+`response_token_ids`, when the scored data has them; `odpo precompute` trains on exactly these),
 then the prompt's metadata columns (e.g. `answer`, taken from its first sample). Rows are ordered
 by (prompt_id, chosen_sample_index, rejected_sample_index). Responses cut at max_tokens were
 dropped by `odpo score` (counted as `truncated`) unless it ran with `keep_truncated`.
@@ -242,7 +242,7 @@ def run_pair(cfg: PairConfig) -> dict:
     cfg = dataclasses.replace(cfg, scored=resolve_path(cfg.scored),
                               out=storage.absolute(cfg.out))
     up = read_stage(cfg.scored, ("score",), REQUIRED, flag="--scored")
-    # The sampling tokenizer's vocabulary, passed on for the reference stage's check.
+    # The sampling tokenizer's vocabulary, passed on for the precompute stage's check.
     vocab = (up.manifest or {}).get("tokenizer_vocab")
 
     def build() -> Shards:

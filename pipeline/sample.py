@@ -18,7 +18,7 @@ stopped on; a response cut at max_tokens has none), then the input's other colum
 (e.g. `answer` for a verifier). Training uses `response_token_ids`, never a re-tokenization of
 `response`: the decoded text loses special tokens and need not tokenize back to the same ids. The
 manifest's `tokenizer_vocab` (a digest of the sampling tokenizer's vocabulary) travels to the
-score and pair manifests, so the reference stage can refuse a tokenizer the ids do not belong to.
+score and pair manifests, so the precompute stage can refuse a tokenizer the ids do not belong to.
 Rows keep the prompts' order as Ray Data delivers it (with `preserve_order`, as
 `pipeline.cluster.init_ray` sets); readers should key rows by (prompt_id, sample_index), not by
 position.
@@ -113,7 +113,7 @@ def expand_samples(table, outputs, k: int, prompt_token_ids: list[list[int]] | N
 
     table: pyarrow Table of P prompt rows; outputs: P request outputs with k completions each;
     prompt_token_ids: the tokenizer's ids of the P prompts, when given checked against vLLM's
-    (the reference stage rebuilds the prompt ids from the text: they must be what was sampled).
+    (the precompute stage rebuilds the prompt ids from the text: they must be what was sampled).
     Returns a (P * k)-row table: the prompt row's columns repeated, plus the sample columns.
     """
     if len(outputs) != table.num_rows:

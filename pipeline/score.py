@@ -214,7 +214,7 @@ def run_score(cfg: ScoreConfig) -> dict:
     verifier = ("answer",) if cfg.scorer in ("exact", "addition") else ()
     up = read_stage(cfg.samples, ("sample",), ("prompt", "response") + verifier, flag="--samples")
     inputs = {"samples": input_digest(cfg.samples), "scorer": _scorer_digest(cfg, fn)}
-    # The sampling tokenizer's vocabulary, passed on for the reference stage's check.
+    # The sampling tokenizer's vocabulary, passed on for the precompute stage's check.
     vocab = (up.manifest or {}).get("tokenizer_vocab")
     extra = {"tokenizer_vocab": vocab} if vocab else {}
 

@@ -157,7 +157,7 @@ class Interrupted(Exception):
 @pytest.fixture(scope="session")
 def e2e_run(ray_local, toy_model_dir, toy_data_dir, sample_prompts, tmp_path_factory):
     """The suite's one real end-to-end run: `odpo iterate`, one round from the toy model: SFT
-    (40 steps, on JSONL), round 0 eval, sample -> score -> pair -> reference -> DPO+NLL train ->
+    (40 steps, on JSONL), round 0 eval, sample -> score -> pair -> precompute -> DPO+NLL train ->
     round 1 eval, report. It is stopped once where round 1's training starts and run again, as a
     user re-runs the command after a Ctrl-C. Its SFT model (`sft_run`) and its round 1 samples
     (`sample_run`) are the other tests' model and samples; tests/test_iterate.py checks the run.
@@ -188,7 +188,7 @@ def e2e_run(ray_local, toy_model_dir, toy_data_dir, sample_prompts, tmp_path_fac
              "warmup_steps": 5, "log_every": 10, "torch_threads": 2},
         sample={"k": 4, "max_tokens": 8},
         pair={"mode": "best_worst"},
-        reference_stage={"cache_dir": str(root / "cache")},
+        precompute={"cache_dir": str(root / "cache")},
         # 24 steps at 2e-3: the DPO run of tests/test_dpo.py too (step 0 at ln 2, the
         # preference learned, reproduced by the live-reference, crash and worker-kill runs)
         train={"beta": 0.1, "alpha": 1.0, "lr": 2e-3, "lr_schedule": "constant", "epochs": 24,
@@ -275,7 +275,8 @@ def plain_logp(model, prompt_ids, completion_ids) -> float:
 STEPS = {
     "sft": ("trainer.sft", "run_sft"), "eval": ("pipeline.evaluate", "run_eval"),
     "sample": ("pipeline.sample", "run_sample"), "score": ("pipeline.score", "run_score"),
-    "pair": ("pipeline.pair", "run_pair"), "reference": ("trainer.reference", "run_reference"),
+    "pair": ("pipeline.pair", "run_pair"),
+    "precompute": ("trainer.precompute", "run_precompute"),
     "train": ("trainer.dpo", "run_dpo"), "import": ("pipeline.importer", "run_import"),
 }
 
@@ -334,7 +335,7 @@ def stub_steps(monkeypatch) -> list[tuple[str, object]]:
         "sample": stage("sample", "sample", 2, 8, {"prompts": 2, "samples": 8}),
         "score": stage("score", "score", 8, 8, {"samples": 8, "scored": 8}),
         "pair": stage("pair", "pair", 2, 2, {"prompts": 2, "pairs": 2}),
-        "reference": stage("reference", "reference", 2, 2, {"pairs": 2, "cache": "computed"}),
+        "precompute": stage("precompute", "precompute", 2, 2, {"pairs": 2, "cache": "computed"}),
         "import": stage("import", "import", 2, 2, {"rows": 2, "pairs": 2, "form": "standard",
                                                    "prompt_source": "column",
                                                    "prompt_extraction": {}}),

@@ -48,7 +48,7 @@ def bad(tmp_path_factory, toy_model_dir) -> Path:
         (d / f"non_utf8_{name}.jsonl").write_bytes(
             b'{"prompt": "1+1=", ' + row.encode() + b'}\n'
             b'{"prompt": "caf\xe9", ' + row.encode() + b'}\n')
-    # Preference data (import / reference).
+    # Preference data (import / precompute).
     _parquet(d / "int_pairs.parquet", {"prompt": [1], "chosen": ["a"], "rejected": ["b"]})
     _parquet(d / "no_chosen.parquet", {"prompt": ["x"], "rejected": ["b"]})
     _parquet(d / "no_prompt_pairs.parquet", {"chosen": ["2"], "rejected": ["3"]})
@@ -126,7 +126,7 @@ def _pickled_model(toy: str, out: Path) -> None:
 def _previous_output(out: Path, command: str) -> None:
     """What a user already has at `out`: a complete output of the command's stage, written by
     the stage writer itself, or (a run directory) a file of results."""
-    stages = {"sample": "sample", "score": "score", "pair": "pair", "reference": "reference",
+    stages = {"sample": "sample", "score": "score", "pair": "pair", "precompute": "precompute",
               "import": "import"}
     if command in ("sft", "train"):  # a finished run with another config
         from pipeline.manifest import finish_run
@@ -172,7 +172,7 @@ ERRORS = [
     ("sample", "--model {toy} --prompts {bad}/empty.jsonl", r"empty\.jsonl: empty file \(0 bytes"),
     ("score", "--samples {bad}/empty.jsonl --scorer exact", r"empty\.jsonl: empty file"),
     ("pair", "--scored {bad}/empty.parquet", r"empty\.parquet: empty file"),
-    ("reference", "--pairs {bad}/empty.jsonl --model {toy}", r"empty\.jsonl: empty file"),
+    ("precompute", "--pairs {bad}/empty.jsonl --model {toy}", r"empty\.jsonl: empty file"),
     ("import", "--data {bad}/empty.parquet", r"empty\.parquet: empty file"),
     ("import", "--data {bad}/empty.jsonl", r"empty\.jsonl: empty file"),
     ("sft", "--model {toy} --data {bad}/empty.jsonl", r"empty\.jsonl: empty file"),
@@ -183,7 +183,7 @@ ERRORS = [
      r"int_prompt\.parquet: column `prompt` must hold strings, found int64"),
     ("import", "--data {bad}/int_pairs.parquet", r"int_pairs\.parquet: column `prompt` is int64"),
     ("import", "--data {bad}/no_chosen.parquet", r"missing column\(s\) \['chosen'\]"),
-    ("reference", "--pairs {bad}/no_prompt_pairs.parquet --model {toy}",
+    ("precompute", "--pairs {bad}/no_prompt_pairs.parquet --model {toy}",
      r"no_prompt_pairs\.parquet: missing column\(s\) \['prompt'\]"),
     ("score", "--samples {bad}/no_response.parquet --scorer exact",
      r"no_response\.parquet: missing column\(s\) \['response'\]"),
@@ -191,14 +191,14 @@ ERRORS = [
     ("import", "--data {bad}/non_utf8_pairs.jsonl",
      r"non_utf8_pairs\.jsonl: column `prompt` holds text that is not valid UTF-8 "
      r"\(row 1: b'caf\\xe9'\)"),
-    ("reference", "--pairs {bad}/non_utf8_pairs.jsonl --model {toy}",
+    ("precompute", "--pairs {bad}/non_utf8_pairs.jsonl --model {toy}",
      r"column `prompt` holds text that is not valid UTF-8 \(row 1: b'caf\\xe9'\)"),
     ("sample", "--model {toy} --prompts {bad}/non_utf8_prompts.jsonl",
      r"non_utf8_prompts\.jsonl: column `prompt` holds text that is not valid UTF-8 "
      r"\(row 1: b'caf\\xe9'\)"),
     ("sft", "--model {toy} --data {bad}/non_utf8_sft.jsonl",
      r"non_utf8_sft\.jsonl: column `prompt` holds text that is not valid UTF-8"),
-    # A prompt longer than the context: SFT names the row (sample and reference drop, below).
+    # A prompt longer than the context: SFT names the row (sample and precompute drop, below).
     ("sft", "--model {toy} --data {bad}/sft_huge.parquet",
      r"sft_huge\.parquet: row with prompt '1\+1\+.*' is \d+ tokens, longer than max_length 64"),
     # NaN / inf scores: the scorer's row is named; pair refuses a non-finite score.
@@ -226,7 +226,7 @@ ERRORS = [
     # Safe defaults: a checkpoint that needs its own code, or has only pickled weights.
     ("sample", "--model {bad}/evil --prompts {bad}/prompts.parquet",
      r"model .*/evil: its config\.json needs the checkpoint's own Python code"),
-    ("reference", "--pairs {bad}/pairs.parquet --model {bad}/evil", r"evil: its config\.json "),
+    ("precompute", "--pairs {bad}/pairs.parquet --model {bad}/evil", r"evil: its config\.json "),
     ("sft", "--model {bad}/evil --data {bad}/sft_huge.parquet", r"evil: its config\.json "),
     ("train", "--model {bad}/evil --data {bad}/nowhere --beta 0.1", r"evil: its config\.json "),
     ("eval", "--model {bad}/evil --prompts {bad}/prompts.parquet --scorer addition",
@@ -234,7 +234,7 @@ ERRORS = [
     ("sample", "--model {bad}/pickled --prompts {bad}/prompts.parquet",
      r"model .*/pickled: only pickled weights \['pytorch_model\.bin'\]; weights are loaded from "
      r"safetensors only"),
-    ("reference", "--pairs {bad}/pairs.parquet --model {bad}/pickled", r"only pickled weights"),
+    ("precompute", "--pairs {bad}/pairs.parquet --model {bad}/pickled", r"only pickled weights"),
     ("sft", "--model {bad}/pickled --data {bad}/sft_huge.parquet", r"only pickled weights"),
     ("train", "--model {bad}/pickled --data {bad}/nowhere --beta 0.1", r"only pickled weights"),
     ("score", "--samples {bad}/samples.parquet --scorer reward_model "
@@ -260,7 +260,7 @@ ERRORS = [
      r"model .*/missing: no such directory"),
     ("eval", "--model {bad}/missing --prompts {bad}/prompts.parquet --scorer addition",
      r"model .*/missing: no such directory"),
-    ("reference", "--pairs {bad}/pairs.parquet --model {bad}/missing",
+    ("precompute", "--pairs {bad}/pairs.parquet --model {bad}/missing",
      r"model .*/missing: no such directory"),
     # What counts as correct has no default (issue 16): the toy's `addition` is asked for.
     ("eval", "--model {toy} --prompts {bad}/prompts.parquet",
@@ -277,7 +277,7 @@ def _argv(command: str, args: str, bad: Path, toy: str, out: Path) -> list[str]:
     if command == "eval":
         return argv + ["--out", str(out / "eval.json")]
     argv += [OUT_FLAG.get(command, "--out"), str(out)]
-    if command == "reference":
+    if command == "precompute":
         argv += ["--cache-dir", ""]  # no shared store: each case computes or fails on its own
     return argv
 
@@ -311,11 +311,11 @@ DROPS = [
     ("import", "--data {bad}/same_pairs.parquet", {"identical": 1}, 1),
     # No `prompt` column is TRL's implicit prompt: the common prefix, here none.
     ("import", "--data {bad}/no_prompt_pairs.parquet", {"no_common_prefix": 1}, 0),
-    # import knows no model: length is the reference stage's business (truncate or drop).
+    # import knows no model: length is the precompute stage's business (truncate or drop).
     ("import", "--data {bad}/huge_pairs.parquet", {}, 1),
-    ("reference", "--pairs {bad}/huge_pairs.parquet --model {toy} --truncation drop",
+    ("precompute", "--pairs {bad}/huge_pairs.parquet --model {toy} --truncation drop",
      {"too_long": 1}, 0),
-    ("reference", "--pairs {bad}/same_pairs.parquet --model {toy}", {"identical_ids": 1}, 1),
+    ("precompute", "--pairs {bad}/same_pairs.parquet --model {toy}", {"identical_ids": 1}, 1),
     ("sample", "--model {toy} --prompts {bad}/empty_and_long.parquet",
      {"empty_prompt": 1, "prompt_too_long": 1}, 0),
     ("score", "--samples {bad}/samples.parquet --scorer {bad}/scorers.py:nan_scorer "
@@ -370,7 +370,7 @@ def _plain_logps(model_dir, prompt: str, completion: str) -> float:
 
 
 def _ref_values(out: Path) -> list[float]:
-    """Chosen, rejected, chosen, ... reference log-probs of a reference stage, in pair order."""
+    """Chosen, rejected, chosen, ... reference log-probs of a precompute stage, in pair order."""
     t = pa.concat_tables([pq.read_table(out / f["name"]) for f in read_manifest(out)["files"]])
     return [x for pair in zip(t["ref_chosen_logps"].to_pylist(),
                               t["ref_rejected_logps"].to_pylist(), strict=True) for x in pair]
@@ -384,23 +384,23 @@ def test_reference_from_another_model_is_never_reused(bad, toy_model_dir, ray_lo
     init_toy_model(ToyConfig(out=str(other), seed=1))
     store = tmp_path / "store"
 
-    def reference(model, out, *extra):
-        return main(["reference", "--pairs", str(bad / "pairs.parquet"), "--model", str(model),
+    def precompute(model, out, *extra):
+        return main(["precompute", "--pairs", str(bad / "pairs.parquet"), "--model", str(model),
                      "--out", str(out), "--cache-dir", str(store), *extra])
 
     first = tmp_path / "first"
-    assert reference(toy_model_dir, first) == 0
+    assert precompute(toy_model_dir, first) == 0
     toy_values = _ref_values(first)
-    # `out` holds a complete reference output of another model (the toy).
+    # `out` holds a complete precompute output of another model (the toy).
     out = tmp_path / "out"
     shutil.copytree(first, out)
     before = _snapshot(out)
     capsys.readouterr()
-    assert reference(other, out, "--reference-cache", "require") == 2
-    assert "reference cache miss" in _one_error_line(capsys, "reference")
+    assert precompute(other, out, "--cache", "require") == 2
+    assert "reference cache miss" in _one_error_line(capsys, "precompute")
     assert _snapshot(out) == before
     # Without `require` it is recomputed with the model asked for.
-    assert reference(other, out) == 0
+    assert precompute(other, out) == 0
     assert "cache computed" in capsys.readouterr().out
     expected = [_plain_logps(other, p, c) for p, c in
                 (("1+1=", "2"), ("1+1=", "3"), ("12+30=", "42"), ("12+30=", "43"))]
@@ -411,7 +411,7 @@ def test_reference_from_another_model_is_never_reused(bad, toy_model_dir, ray_lo
     key = read_manifest(out)["cache_key"]
     shutil.rmtree(store / key)
     shutil.copytree(first, store / key)
-    assert reference(other, tmp_path / "again") == 0
+    assert precompute(other, tmp_path / "again") == 0
     assert "cache computed" in capsys.readouterr().out
     assert _ref_values(tmp_path / "again") == pytest.approx(expected, abs=1e-4)
 
@@ -508,7 +508,7 @@ def test_missing_model_path_fails_before_ray_starts(tmp_path):
     (tmp_path / "runs" / "sft").mkdir(parents=True)
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.cli", "train", "--model", "runs/sft/modle", "--data",
-         "runs/r1/reference", "--out", "runs/r1/train", "--beta", "0.1"],
+         "runs/r1/precompute", "--out", "runs/r1/train", "--beta", "0.1"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [

@@ -39,11 +39,11 @@ def _config_classes() -> dict[str, type]:
     from pipeline.score import ScoreConfig
     from pipeline.toy import ToyConfig
     from trainer.dpo import DPOConfig
-    from trainer.reference import ReferenceConfig
+    from trainer.precompute import PrecomputeConfig
     from trainer.sft import SFTConfig
 
     return {"sample": SampleConfig, "score": ScoreConfig, "pair": PairConfig,
-            "reference": ReferenceConfig, "train": DPOConfig, "eval": EvalConfig,
+            "precompute": PrecomputeConfig, "train": DPOConfig, "eval": EvalConfig,
             "sft": SFTConfig, "import": ImportConfig, "toy init": ToyConfig,
             "submit": SubmitConfig}
 
@@ -120,7 +120,7 @@ def test_choices_are_the_constants_the_code_checks(capsys):
     from pipeline.score import NONFINITE_MODES, RM_DTYPES
     from trainer.launch import LR_SCHEDULES, TRAIN_DTYPES
     from trainer.loss import LOSS_TYPES
-    from trainer.reference import CACHE_MODES, DTYPES, TRUNCATION_MODES
+    from trainer.precompute import CACHE_MODES, DTYPES, TRUNCATION_MODES
 
     parsers = dict((" ".join(path[1:]), p) for path, p in _subcommands(build_parser()))
     expected = {
@@ -128,8 +128,7 @@ def test_choices_are_the_constants_the_code_checks(capsys):
         "sft": {"lr_schedule": LR_SCHEDULES, "dtype": TRAIN_DTYPES},
         "pair": {"mode": MODES},
         "score": {"nonfinite": NONFINITE_MODES, "rm_dtype": RM_DTYPES},
-        "reference": {"truncation": TRUNCATION_MODES, "dtype": DTYPES,
-                      "reference_cache": CACHE_MODES},
+        "precompute": {"truncation": TRUNCATION_MODES, "dtype": DTYPES, "cache": CACHE_MODES},
         "import": {"bad_rows": BAD_ROWS},
     }
     for command, fields in expected.items():
@@ -152,11 +151,11 @@ def test_top_help_pictures_the_round_and_lists_the_commands(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     # The stages of a round, in order, as one chain of arrows; iterate chains the rounds.
-    assert re.search(r"prompts --> sample -+> score -+> pair -+> reference -+> train -+> eval",
+    assert re.search(r"prompts --> sample -+> score -+> pair -+> precompute -+> train -+> eval",
                      text)
     assert re.search(r"\+-+ iterate: round k\+1 samples from the policy", text)
-    assert "import --> sft on chosen --> reference --> train" in text  # byod
-    for command in ("sample", "score", "pair", "reference", "train", "eval", "iterate", "sft",
+    assert "import --> sft on chosen --> precompute --> train" in text  # byod
+    for command in ("sample", "score", "pair", "precompute", "train", "eval", "iterate", "sft",
                     "import", "byod", "toy", "report", "submit"):
         assert re.search(rf"^    {command}\b", text, re.M), command
     assert "odpo.log" in text and "-v" in text  # where the logs go
@@ -183,8 +182,8 @@ def test_summary_lines_format_the_stage_summaries():
         "score: 4 samples -> 4 scored (dropped: none), in 1.0s -> o"]
     hit = {"pairs": 8, "dropped": {}, "cache": "hit", "source": "/c/k", "key": "ab" * 32,
            "seconds": 0.25, "out": "o", "stats": {"tokens": 1}}
-    assert summary_lines("reference", hit) == [
-        f"reference: 8 pairs (dropped: none), cache hit from /c/k (key {'ab' * 8}), in 0.2s -> o"]
+    assert summary_lines("precompute", hit) == [
+        f"precompute: 8 pairs (dropped: none), cache hit from /c/k (key {'ab' * 8}), in 0.2s -> o"]
     rounds = {"rounds": [{"round": 0, "greedy_reward": 0.25, "sampled_reward": 0.125,
                           "policy": "p0"}], "rounds_run": 0, "wall_s": 9.6, "report": "r.md"}
     assert summary_lines("iterate", rounds) == [

@@ -314,7 +314,7 @@ try:
         "sample": main(["sample", *A, "--model", model, "--prompts", data, "--out", out]),
         "score": main(["score", *A, "--samples", data, "--scorer", "addition", "--out", out]),
         "pair": main(["pair", *A, "--scored", data, "--out", out]),
-        "reference": main(["reference", *A, "--pairs", pairs, "--model", model, "--out", out]),
+        "precompute": main(["precompute", *A, "--pairs", pairs, "--model", model, "--out", out]),
         "train": main(["train", *A, "--model", model, "--data", data, "--beta", "0.1",
                        "--out", out]),
         "sft": main(["sft", *A, "--model", model, "--data", data, "--out", out]),
@@ -333,10 +333,10 @@ try:
                             "--batch-size", "2", "--engine-replicas", "2",
                             "--engine-cpus-per-replica", "2",
                             "--engine-gpu-memory-utilization", "0.06"])
-    rc["s3_reference"] = main(["reference", *A, "--pairs", s3["pairs"], "--model", s3["model"],
-                               "--out", f"{s3['run']}/reference", "--cache-dir", ""])
+    rc["s3_precompute"] = main(["precompute", *A, "--pairs", s3["pairs"], "--model", s3["model"],
+                                "--out", f"{s3['run']}/precompute", "--cache-dir", ""])
     rc["s3_train"] = main(["train", *A, "--model", s3["model"], "--data",
-                           f"{s3['run']}/reference", "--out", f"{s3['run']}/train", "--beta",
+                           f"{s3['run']}/precompute", "--out", f"{s3['run']}/train", "--beta",
                            "0.1", "--lr", "5e-4", "--batch-size", "4", "--max-steps", "2",
                            "--num-workers", "2", "--cpus-per-worker", "2", "--log-every", "1"])
     ran = {}
@@ -348,9 +348,9 @@ try:
     os.environ["ODPO_SHARED_STORAGE"] = "1"  # one machine: both nodes share its disk
     # With use_gpu each stage asks Ray for the GPU; the stage then fails on this CPU-only torch /
     # vLLM (no CUDA), after Ray has placed it.
-    rc["reference"] = main(["reference", *A, "--pairs", pairs, "--model", model, "--out",
-                            f"{work}/ref", "--use-gpu", "--cpus-per-replica", "0.5",
-                            "--cache-dir", ""])
+    rc["precompute"] = main(["precompute", *A, "--pairs", pairs, "--model", model, "--out",
+                             f"{work}/ref", "--use-gpu", "--cpus-per-replica", "0.5",
+                             "--cache-dir", ""])
     rc["sample"] = main(["sample", *A, "--model", model, "--prompts", f"{data}/prompts.parquet",
                          "--out", f"{work}/samples", "--engine-use-gpu",
                          "--engine-cpus-per-replica", "0.5", "--engine-dtype", "no-such-dtype"])
@@ -440,7 +440,7 @@ def test_local_paths_refused_on_two_nodes(two_nodes):
 @pytest.mark.slow
 def test_sample_and_train_on_both_nodes_with_everything_on_s3(two_nodes):
     """Engines and DDP workers on both nodes, reading the model from S3 and writing there:
-    samples and reference shards, and training's model, metrics, TensorBoard files and Ray
+    samples and precompute shards, and training's model, metrics, TensorBoard files and Ray
     Train checkpoints all in the bucket."""
     import math
 
@@ -450,7 +450,7 @@ def test_sample_and_train_on_both_nodes_with_everything_on_s3(two_nodes):
 
     result, s3 = two_nodes["result"], two_nodes["s3"]
     rc = result["rc"]
-    assert (rc["s3_sample"], rc["s3_reference"], rc["s3_train"]) == (0, 0, 0), \
+    assert (rc["s3_sample"], rc["s3_precompute"], rc["s3_train"]) == (0, 0, 0), \
         two_nodes["log"][-4000:]
     assert len(result["nodes"]) == 2
     assert sorted(result["ran"]["RayTrainWorker"]) == result["nodes"], result
@@ -459,7 +459,7 @@ def test_sample_and_train_on_both_nodes_with_everything_on_s3(two_nodes):
     run = s3["run"]
     samples = json.loads(storage.read_text(f"{run}/samples/manifest.json"))
     assert samples["complete"] and samples["rows_out"] == 4 * 2
-    assert json.loads(storage.read_text(f"{run}/reference/manifest.json"))["rows_out"] == 8
+    assert json.loads(storage.read_text(f"{run}/precompute/manifest.json"))["rows_out"] == 8
     names = {storage.relative(f, f"{run}/train") for f in storage.list_files(f"{run}/train")}
     assert {"model/config.json", "model/model.safetensors", "train_summary.json",
             "metrics.jsonl"} <= names
@@ -492,13 +492,13 @@ def _placed(result: dict, name: str) -> list[dict]:
 
 @pytest.mark.slow
 def test_gpu_requests_land_on_the_gpu_node(two_nodes):
-    """With ODPO_SHARED_STORAGE=1, `reference --use-gpu`, `sample --engine-use-gpu` and `sft
+    """With ODPO_SHARED_STORAGE=1, `precompute --use-gpu`, `sample --engine-use-gpu` and `sft
     --use-gpu` put their actors / workers on the GPU node, each requesting one GPU and the
     fractional CPUs asked for."""
     log, result = two_nodes["log"], two_nodes["result"]
     print(json.dumps({k: _placed(result, k) for k in (
         "ReferenceForward", "VLLMSampler", "RayTrainWorker")}, indent=1))
-    assert result["rc"]["reference"] == 2 and "CUDA" in log  # no CUDA here: fails once placed
+    assert result["rc"]["precompute"] == 2 and "CUDA" in log  # no CUDA here: fails once placed
     refs = _placed(result, "ReferenceForward")
     assert refs and all(a["node_gpu"] and a["resources"] == {"GPU": 1.0, "CPU": 0.5}
                         for a in refs), refs

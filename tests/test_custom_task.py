@@ -50,7 +50,7 @@ def test_readme_config_runs_the_rounds(tmp_path, monkeypatch):
 
     scorer = f"{tmp_path}/my_task.py:score"  # absolute: Ray workers run elsewhere
     steps = [step for step, _ in calls]
-    assert steps == ["sft", "eval"] + ["sample", "score", "pair", "reference", "train",
+    assert steps == ["sft", "eval"] + ["sample", "score", "pair", "precompute", "train",
                                        "eval"] * 2
     by_step = {step: cfg for step, cfg in calls}  # the last call of each
     assert by_step["sft"].model == str(tmp_path / "runs" / "toy_addition" / "toy")

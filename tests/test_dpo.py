@@ -1,6 +1,6 @@
 """`odpo train` on real Ray Train, against docs/design.md's invariants. The uninterrupted run is
 the end-to-end run's round 1 training (`e2e_run`: 24 DPO+NLL steps at lr 2e-3 from the SFT
-model, on round 1's reference shards); the runs here repeat it with a live reference, through a
+model, on round 1's precompute shards); the runs here repeat it with a live reference, through a
 crash and through a killed worker. (One step against plain PyTorch: tests/test_loop.py; a
 trained checkpoint sampled by vLLM: the end-to-end run's round 1 eval.)"""
 
@@ -17,10 +17,10 @@ from pipeline.manifest import write_stage
 
 def _train_args(e2e_run, out, *extra) -> list[str]:
     """`odpo train` as the end-to-end run trained round 1 (its `train:` section, its SFT model,
-    round 1's reference shards, seed + 1), into `out`."""
+    round 1's precompute shards, seed + 1), into `out`."""
     cfg, run = e2e_run["cfg"], e2e_run["run"]
     args = ["train", "--model", str(run / "sft" / "model"), "--data",
-            str(run / "round_1" / "reference"), "--out", str(out), "--seed", str(cfg.seed + 1)]
+            str(run / "round_1" / "precompute"), "--out", str(out), "--seed", str(cfg.seed + 1)]
     for key, value in cfg.train.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     return args + list(extra)
@@ -56,7 +56,7 @@ def test_preference_is_learned(e2e_run):
 def live_run(ray_local, e2e_run, tmp_path_factory):
     """The same training with the reference model loaded beside the policy instead of the
     shards' log-probs."""
-    args = _train_args(e2e_run, tmp_path_factory.mktemp("dpo") / "live", "--reference", "live")
+    args = _train_args(e2e_run, tmp_path_factory.mktemp("dpo") / "live", "--ref-logps", "live")
     return args, _train(args)
 
 
@@ -89,7 +89,7 @@ def test_rerun_of_a_current_run_is_skipped(live_run, capsys):
     assert open(f"{out}/model/model.safetensors", "rb").read() == weights
 
 
-def test_refuses_shards_without_reference_columns(toy_model_dir, tmp_path, capsys):
+def test_refuses_shards_without_precompute_columns(toy_model_dir, tmp_path, capsys):
     """Refused on the driver, naming the step that makes them, before Ray starts."""
     table = pa.Table.from_pylist([{"prompt_id": "a", "prompt": "1+1=", "chosen": "2",
                                    "rejected": "3", "chosen_score": 1.0,
@@ -100,7 +100,7 @@ def test_refuses_shards_without_reference_columns(toy_model_dir, tmp_path, capsy
                str(tmp_path / "out"), "--beta", "0.1"])
     assert rc == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "odpo reference" in err
+    assert len(err.splitlines()) == 1 and "odpo precompute" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -193,7 +193,7 @@ def _flip_byte(path):
 
 
 @pytest.mark.parametrize("damage", [_truncate, _flip_byte], ids=["truncated", "corrupted"])
-@pytest.mark.parametrize("command", ["reference", "sft"])
+@pytest.mark.parametrize("command", ["precompute", "sft"])
 def test_damaged_shard_is_named_before_use(toy_model_dir, tmp_path, capsys, damage, command):
     """A shard changed after its manifest was written is refused, by name, before any model
     or Ray work (not `slow`: starting Ray would fail it), and nothing is written."""
@@ -201,8 +201,8 @@ def test_damaged_shard_is_named_before_use(toy_model_dir, tmp_path, capsys, dama
     damage(pairs / "part-00001.parquet")
     out = tmp_path / "out"
     args = {
-        "reference": ["reference", "--pairs", str(pairs), "--model", toy_model_dir, "--out",
-                      str(out), "--cache-dir", str(tmp_path / "cache")],
+        "precompute": ["precompute", "--pairs", str(pairs), "--model", toy_model_dir, "--out",
+                       str(out), "--cache-dir", str(tmp_path / "cache")],
         "sft": ["sft", "--from-pairs", str(pairs), "--model", toy_model_dir, "--out", str(out)],
     }[command]
     assert main(args) == 2
@@ -215,7 +215,7 @@ def test_damaged_shard_is_named_before_use(toy_model_dir, tmp_path, capsys, dama
 def test_missing_shard_is_named(tmp_path, capsys, toy_model_dir):
     pairs = _stage(tmp_path)
     (pairs / "part-00000.parquet").unlink()
-    assert main(["reference", "--pairs", str(pairs), "--model", toy_model_dir, "--out",
+    assert main(["precompute", "--pairs", str(pairs), "--model", toy_model_dir, "--out",
                  str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]) == 2
     err = capsys.readouterr().err.strip()
     assert "part-00000.parquet: listed in manifest.json but missing" in err

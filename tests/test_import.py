@@ -1,5 +1,5 @@
 """`odpo import`, `odpo sft --from-pairs` and `odpo byod`: someone else's preference data into the
-same reference + train path. Trusted values: hand-derived splits and counts, a copy of TRL's
+same precompute + train path. Trusted values: hand-derived splits and counts, a copy of TRL's
 prompt-extraction rule, the tokenizer's own `apply_chat_template(tokenize=True)`, `datasets`, and
 log-probs from a plain `transformers` forward written here."""
 
@@ -407,9 +407,9 @@ def _chosen_logps(model_dir, tok, rows) -> list[float]:
 # ---------------------------------------------------------------- byod: the order (no Ray)
 
 
-def test_byod_runs_import_sft_reference_train_in_order(tmp_path, monkeypatch):
+def test_byod_runs_import_sft_precompute_train_in_order(tmp_path, monkeypatch):
     """`odpo byod`: import (the model's tokenizer renders chat rows) -> SFT on chosen (over-long
-    rows dropped and counted) -> reference with the SFT model -> DPO from the SFT model, each
+    rows dropped and counted) -> precompute with the SFT model -> DPO from the SFT model, each
     section reaching its step, a section's own value over byod's default; a re-run runs every
     step again (each skips itself when current) with the same configs but the changed section's."""
     import dataclasses
@@ -423,7 +423,7 @@ def test_byod_runs_import_sft_reference_train_in_order(tmp_path, monkeypatch):
     (tmp_path / "prefs.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     run, model = str(tmp_path / "run"), str(tmp_path / "model")
     cfg = BYODConfig(run_dir=run, data=str(tmp_path / "prefs.jsonl"), model=model,
-                     sft={"max_steps": 4}, reference_stage={"cache_dir": str(tmp_path / "c")},
+                     sft={"max_steps": 4}, precompute={"cache_dir": str(tmp_path / "c")},
                      train={"beta": 0.1})
     summary = run_byod(cfg)
     sft = f"{run}/sft/model"
@@ -432,9 +432,9 @@ def test_byod_runs_import_sft_reference_train_in_order(tmp_path, monkeypatch):
                     "tokenizer": model}),
         ("sft", {"model": model, "from_pairs": f"{run}/pairs", "out": f"{run}/sft",
                  "max_steps": 4, "too_long": "drop"}),
-        ("reference", {"pairs": f"{run}/pairs", "model": sft, "out": f"{run}/reference",
-                       "cache_dir": str(tmp_path / "c")}),
-        ("train", {"model": sft, "data": f"{run}/reference", "out": f"{run}/train",
+        ("precompute", {"pairs": f"{run}/pairs", "model": sft, "out": f"{run}/precompute",
+                        "cache_dir": str(tmp_path / "c")}),
+        ("train", {"model": sft, "data": f"{run}/precompute", "out": f"{run}/train",
                    "beta": 0.1}),
     ]
     assert [step for step, _ in calls] == [step for step, _ in expected]
@@ -509,7 +509,7 @@ LONG = "1+" * 40 + "1="  # with the template's "Q:" and " A:", longer than the 6
 @pytest.fixture(scope="module")
 def byod_run(ray_local, chat_toy, tmp_path_factory):
     """One real `odpo byod --config`: 256 conversational preference rows (plus one identical
-    pair and one too long for the context) -> import -> SFT on chosen (40 steps) -> reference
+    pair and one too long for the context) -> import -> SFT on chosen (40 steps) -> precompute
     with the SFT model -> 8 DPO steps; then the same command again."""
     import yaml
 
@@ -518,13 +518,13 @@ def byod_run(ray_local, chat_toy, tmp_path_factory):
     rows.append({"prompt": [user("1+1=")], "chosen": [assistant("2")],
                  "rejected": [assistant("2")]})  # identical: dropped at import, counted
     rows.append({"prompt": [user(LONG)], "chosen": [assistant("41")],
-                 "rejected": [assistant("40")]})  # too long: SFT drops it, reference cuts it
+                 "rejected": [assistant("40")]})  # too long: SFT drops it, precompute cuts it
     config = {
         "run_dir": str(root / "run"), "data": str(_write_jsonl(root / "prefs.jsonl", rows)),
         "model": str(chat_toy),
         "sft": {"max_steps": 40, "batch_size": 32, "lr": 3e-3, "lr_schedule": "constant",
                 "warmup_steps": 5, "log_every": 10},
-        "reference_stage": {"cache_dir": str(root / "cache")},
+        "precompute": {"cache_dir": str(root / "cache")},
         "train": {"beta": 0.1, "lr": 5e-4, "lr_schedule": "constant", "epochs": 1,
                   "batch_size": 32, "log_every": 1},
     }
@@ -539,11 +539,11 @@ def byod_run(ray_local, chat_toy, tmp_path_factory):
     return {"run": root / "run", "rows": rows, "rc": rc, "printed": printed, "weights": weights}
 
 
-def test_byod_sft_on_chosen_reference_and_train(byod_run, chat_toy, chat_tok):
+def test_byod_sft_on_chosen_precompute_and_train(byod_run, chat_toy, chat_tok):
     run, rows = byod_run["run"], byod_run["rows"]
     assert byod_run["rc"] == [0, 0]
-    assert [read_manifest(run / d)["stage"] for d in ("pairs", "reference")] == [
-        "import", "reference"]
+    assert [read_manifest(run / d)["stage"] for d in ("pairs", "precompute")] == [
+        "import", "precompute"]
     assert read_manifest(run / "pairs")["dropped"] == {"identical": 1}
     # SFT on chosen (each distinct prompt + chosen once): the over-long row left out and
     # counted, the others trained on.
@@ -553,11 +553,11 @@ def test_byod_sft_on_chosen_reference_and_train(byod_run, chat_toy, chat_tok):
                                                              {"too_long": 1})
     assert f"{distinct} rows (1 too long, dropped)" in byod_run["printed"][0]
     # The reference is the SFT model; the over-long pair is cut (TRL's rule), not dropped.
-    ref = read_manifest(run / "reference")
+    ref = read_manifest(run / "precompute")
     assert ref["config"]["model"] == str(run / "sft" / "model")
     assert ref["rows_out"] == 257 and ref["stats"]["truncated_pairs"] == 1
     kept = rows[:256]
-    shards = _pairs(run / "reference")
+    shards = _pairs(run / "precompute")
     assert [json.loads(s["prompt_messages"]) for s in shards] == [r["prompt"] for r in
                                                                    rows[:256] + rows[257:]]
     # The stage's reference log-probs are the SFT model's, on the template's exact tokens.

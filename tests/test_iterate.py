@@ -15,7 +15,7 @@ from jobs.cli import main
 from jobs.iterate import IterateConfig, run_iterate
 from pipeline import storage
 
-STAGES = ("samples", "scored", "pairs", "reference")
+STAGES = ("samples", "scored", "pairs", "precompute")
 
 
 # ---------------------------------------------------------------- the real round
@@ -83,15 +83,15 @@ def test_every_stage_accounts_for_every_row(e2e_run, sample_prompts):
     # pair: prompts in = prompts with pairs + prompts dropped by reason
     assert m["pairs"]["rows_in"] == len({r["prompt_id"] for r in rows["scored"]})
     assert m["pairs"]["rows_kept"] == len({r["prompt_id"] for r in rows["pairs"]}) > 0
-    # reference: one row per pair, the same pairs
+    # precompute: one row per pair, the same pairs
     pair = lambda r: (r["prompt_id"], r["chosen"], r["rejected"])  # noqa: E731
-    stored, source = Counter(map(pair, rows["reference"])), Counter(map(pair, rows["pairs"]))
+    stored, source = Counter(map(pair, rows["precompute"])), Counter(map(pair, rows["pairs"]))
     assert not stored - source  # no pair invented or repeated
-    assert source.total() - stored.total() == sum(m["reference"]["dropped"].values())
-    # train: every reference row is a training pair, in whole batches of 4 (24 steps); the
+    assert source.total() - stored.total() == sum(m["precompute"]["dropped"].values())
+    # train: every precompute row is a training pair, in whole batches of 4 (24 steps); the
     # rest of each epoch is reported, not silent
     summary = json.loads((r1 / "train" / "train_summary.json").read_text())
-    assert summary["pairs"] == m["reference"]["rows_out"] >= 4
+    assert summary["pairs"] == m["precompute"]["rows_out"] >= 4
     assert summary["steps"] == 24
     assert summary["pairs_left_over_per_epoch"] == summary["pairs"] % 4
 
@@ -176,7 +176,7 @@ def _picked(calls, expected):
             for (step, cfg), (_, want) in zip(calls, expected, strict=True)]
 
 
-def _round(run, k, policy, reference, seed, scorer, prompts, heldout, **sections):
+def _round(run, k, policy, ref_model, seed, scorer, prompts, heldout, **sections):
     r = f"{run}/round_{k}"
     return [
         ("sample", {"model": policy, "prompts": prompts, "out": f"{r}/samples", "seed": seed,
@@ -184,8 +184,8 @@ def _round(run, k, policy, reference, seed, scorer, prompts, heldout, **sections
         ("score", {"samples": f"{r}/samples", "out": f"{r}/scored", "scorer": scorer}),
         ("pair", {"scored": f"{r}/scored", "out": f"{r}/pairs", "round": k,
                   **sections.get("pair", {})}),
-        ("reference", {"pairs": f"{r}/pairs", "model": reference, "out": f"{r}/reference"}),
-        ("train", {"model": policy, "data": f"{r}/reference", "out": f"{r}/train", "seed": seed,
+        ("precompute", {"pairs": f"{r}/pairs", "model": ref_model, "out": f"{r}/precompute"}),
+        ("train", {"model": policy, "data": f"{r}/precompute", "out": f"{r}/train", "seed": seed,
                    **sections.get("train", {})}),
         ("eval", {"model": f"{r}/train/model", "prompts": heldout, "scorer": scorer,
                   "out": f"{r}/eval.json", **sections.get("eval", {})}),
@@ -234,13 +234,13 @@ def test_rounds_chain_policies_seeds_and_sections(tmp_path, monkeypatch):
         assert again == (dataclasses.replace(before, beta=0.5) if step == "train" else before)
 
 
-def test_reference_initial_keeps_the_first_policy(tmp_path, monkeypatch):
-    """`reference: initial` (OpenRLHF's choice): every round's reference is the initial policy,
+def test_ref_model_initial_keeps_the_first_policy(tmp_path, monkeypatch):
+    """`ref_model: initial` (OpenRLHF's choice): every round's reference is the initial policy,
     while each round samples and trains with the previous round's; no `sft_data`: no SFT."""
     calls = stub_steps(monkeypatch)
     monkeypatch.chdir(tmp_path)
     files = _files(tmp_path)
-    run_iterate(IterateConfig(**files, rounds=2, reference="initial", train={"beta": 0.1}))
+    run_iterate(IterateConfig(**files, rounds=2, ref_model="initial", train={"beta": 0.1}))
     run, policy = files["run_dir"], files["policy"]
     places = {"scorer": f"{tmp_path}/my_task.py:score", "prompts": files["prompts"],
               "heldout": files["eval_prompts"]}
@@ -269,7 +269,7 @@ def test_toy_sections_and_the_command_line(tmp_path, monkeypatch, capsys):
                   "prompts": str(run / "data" / "heldout.parquet")}),
         ("sample", {"model": str(run / "sft" / "model"),
                     "prompts": str(run / "data" / "prompts.parquet")}),
-        ("score", {}), ("pair", {}), ("reference", {}), ("train", {}), ("eval", {}),
+        ("score", {}), ("pair", {}), ("precompute", {}), ("train", {}), ("eval", {}),
     ]
     assert _picked(calls, expected) == expected
     assert json.loads((run / "toy" / "config.json").read_text())["model_type"] == "llama"
@@ -279,8 +279,8 @@ def test_toy_sections_and_the_command_line(tmp_path, monkeypatch, capsys):
     assert "iterate: 1 rounds" in out
 
     calls.clear()
-    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "bad"), "toy_model": {},
-                                    "toy_data": {}, "train": {"betta": 0.1}}))
+    path.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "bad"), "scorer": "addition",
+                                    "toy_model": {}, "toy_data": {}, "train": {"betta": 0.1}}))
     assert main(["iterate", "--config", str(path)]) == 2
     assert "unknown key(s) ['betta']" in capsys.readouterr().err
     assert calls == [] and not (tmp_path / "bad").exists()

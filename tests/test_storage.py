@@ -180,7 +180,7 @@ def spread(prompts, responses, rows):
 
 @pytest.fixture(scope="module")
 def s3_chain(s3_server, sft_run, sample_prompts, sample_run, tmp_path_factory):
-    """The stage chain sample -> score -> pair -> reference with every path on S3 (model,
+    """The stage chain sample -> score -> pair -> precompute with every path on S3 (model,
     prompts, outputs, reference cache), beside the same stages on local paths."""
     b = s3_server("chain")
     model = _upload(sft_run / "model", f"{b}/models/sft")
@@ -194,18 +194,18 @@ def s3_chain(s3_server, sft_run, sample_prompts, sample_run, tmp_path_factory):
         "score": ["score", "--samples", f"{run}/samples", "--out", f"{run}/scored",
                   "--scorer", scorer],
         "pair": ["pair", "--scored", f"{run}/scored", "--out", f"{run}/pairs"],
-        "reference": ["reference", "--pairs", f"{run}/pairs", "--model", model, "--out",
-                      f"{run}/reference", "--cache-dir", f"{b}/cache"],
+        "precompute": ["precompute", "--pairs", f"{run}/pairs", "--model", model, "--out",
+                       f"{run}/precompute", "--cache-dir", f"{b}/cache"],
     }
     for name, argv in cmds.items():
         assert main(argv) == 0, name
-    # The same score / pair / reference on local paths, from the local samples.
+    # The same score / pair / precompute on local paths, from the local samples.
     local_cmds = [
         ["score", "--samples", str(sample_run), "--out", str(local / "scored"), "--scorer",
          scorer],
         ["pair", "--scored", str(local / "scored"), "--out", str(local / "pairs")],
-        ["reference", "--pairs", str(local / "pairs"), "--model", str(sft_run / "model"),
-         "--out", str(local / "reference"), "--cache-dir", str(local / "cache")],
+        ["precompute", "--pairs", str(local / "pairs"), "--model", str(sft_run / "model"),
+         "--out", str(local / "precompute"), "--cache-dir", str(local / "cache")],
     ]
     for argv in local_cmds:
         assert main(argv) == 0, argv[0]
@@ -220,7 +220,7 @@ def test_stages_on_s3_equal_the_local_run(s3_chain, sample_run):
     assert _rows(f"{run}/scored", key) == _rows(local / "scored", key)
     pair_key = ["prompt", "chosen", "rejected"]
     assert _rows(f"{run}/pairs", pair_key) == _rows(local / "pairs", pair_key)
-    s3_ref, local_ref = _rows(f"{run}/reference", pair_key), _rows(local / "reference", pair_key)
+    s3_ref, local_ref = _rows(f"{run}/precompute", pair_key), _rows(local / "precompute", pair_key)
     assert len(s3_ref) == len(local_ref) > 0
     logps = ("ref_chosen_logps", "ref_rejected_logps")
     for a, c in zip(s3_ref, local_ref, strict=True):
@@ -230,22 +230,22 @@ def test_stages_on_s3_equal_the_local_run(s3_chain, sample_run):
             assert a[k] == pytest.approx(c[k], abs=1e-9)
     # Each stage's manifest records the URIs it read and wrote.
     assert read_manifest(f"{run}/samples")["config"]["model"] == s3_chain["model"]
-    assert read_manifest(f"{run}/reference")["config"]["out"] == f"{run}/reference"
+    assert read_manifest(f"{run}/precompute")["config"]["out"] == f"{run}/precompute"
 
 
 @pytest.mark.slow
-def test_s3_reruns_skip_and_reuse_the_reference_cache(s3_chain, capsys):
+def test_s3_reruns_skip_and_reuse_the_precompute_cache(s3_chain, capsys):
     run, cmds = s3_chain["run"], s3_chain["cmds"]
     before = storage.read_text(f"{run}/samples/manifest.json")
     capsys.readouterr()
     assert main(cmds["sample"]) == 0
     assert "skipped: up to date" in capsys.readouterr().out  # current on S3: no engine started
     assert storage.read_text(f"{run}/samples/manifest.json") == before
-    # A second reference output (a beta sweep's) comes from the S3 cache store, no forward.
-    argv = list(cmds["reference"])
-    argv[argv.index("--out") + 1] = f"{run}/reference_again"
-    assert main(argv + ["--reference-cache", "require"]) == 0
+    # A second precompute output (a beta sweep's) comes from the S3 cache store, no forward.
+    argv = list(cmds["precompute"])
+    argv[argv.index("--out") + 1] = f"{run}/precompute_again"
+    assert main(argv + ["--cache", "require"]) == 0
     out = capsys.readouterr().out
     assert "hit" in out, out
-    assert (_rows(f"{run}/reference_again", ["prompt", "chosen", "rejected"])
-            == _rows(f"{run}/reference", ["prompt", "chosen", "rejected"]))
+    assert (_rows(f"{run}/precompute_again", ["prompt", "chosen", "rejected"])
+            == _rows(f"{run}/precompute", ["prompt", "chosen", "rejected"]))

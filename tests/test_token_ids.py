@@ -1,6 +1,6 @@
 """Sampled token ids, not re-tokenized text (issue 15, item 6): `odpo sample` stores the ids vLLM
 generated, responses cut at `max_tokens` are dropped (or kept without an EOS), and `odpo
-reference` trains on exactly the stored ids; a prompt the tokenizer cannot encode is dropped.
+precompute` trains on exactly the stored ids; a prompt the tokenizer cannot encode is dropped.
 Checked against vLLM itself, the tokenizer and an independent `transformers` forward."""
 
 import glob
@@ -77,13 +77,13 @@ def test_expand_samples_stores_the_generated_ids():
     assert t["response_token_ids"].type == pa.list_(pa.int32())
     assert t["response_token_ids"].to_pylist() == [[22, 2], [22, 1, 22]]
     assert t["num_response_tokens"].to_pylist() == [2, 3]
-    # vLLM's prompt ids are what the reference stage will rebuild from the text: checked.
+    # vLLM's prompt ids are what the precompute stage will rebuild from the text: checked.
     with pytest.raises(Exception, match="tokenized the prompt"):
         expand_samples(table, [out], 2, prompt_token_ids=[[1, 21, 15, 21]])
 
 
 def test_tokenize_pairs_uses_stored_ids_as_they_are(toy_tokenizer):
-    from trainer.reference import tokenize_pairs
+    from trainer.precompute import tokenize_pairs
 
     tok = toy_tokenizer
     bos, eos = tok.bos_token_id, tok.eos_token_id
@@ -151,7 +151,7 @@ def test_sample_run_stores_the_ids_vllm_generated(sample_run, sft_run, tmp_path)
     stored = {(r["prompt"], r["sample_index"]): (r["response_token_ids"], r["finish_reason"])
               for r in rows}
     for o in result:
-        # vLLM's prompt ids are the tokenizer's encoding with special tokens (what reference uses)
+        # vLLM's prompt ids are the tokenizer's encoding with special tokens (what precompute uses)
         assert o["prompt_token_ids"] == tok(o["prompt"])["input_ids"]
         for j, (ids, finish) in enumerate(o["samples"]):
             assert stored[(o["prompt"], j)] == (ids, finish)
@@ -229,8 +229,8 @@ def test_truncated_dropped_as_counted_reason_or_kept_without_eos(short_run, toy_
             assert p[f"{side}_token_ids"] == s["response_token_ids"]
     assert any((p["prompt_id"], p["chosen_sample_index"]) in cut_keys for p in pair_rows)
 
-    ref = short_run / "reference"
-    assert main(["reference", "--pairs", str(pairs), "--model", str(sft_run / "model"),
+    ref = short_run / "precompute"
+    assert main(["precompute", "--pairs", str(pairs), "--model", str(sft_run / "model"),
                  "--out", str(ref), "--cache-dir", str(short_run / "cache")]) == 0
     rows = _table(ref).to_pylist()
     assert len(rows) == len(pair_rows)
@@ -249,7 +249,7 @@ def test_truncated_dropped_as_counted_reason_or_kept_without_eos(short_run, toy_
             assert r[f"ref_{side}_logps"] == pytest.approx(plain, abs=1e-5)
 
 
-# ------------------------------------------------------------------ reference on stored ids
+# ----------------------------------------------------------------- precompute on stored ids
 
 
 def _pairs_stage(path, rows, stage="pair", extra=None):
@@ -260,8 +260,8 @@ def _pairs_stage(path, rows, stage="pair", extra=None):
 
 
 @pytest.mark.slow
-def test_reference_uses_stored_ids_not_a_retokenization(ray_local, toy_model_dir, toy_tokenizer,
-                                                        tmp_path, capsys):
+def test_precompute_uses_stored_ids_not_a_retokenization(ray_local, toy_model_dir, toy_tokenizer,
+                                                         tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     tok = toy_tokenizer
@@ -282,7 +282,7 @@ def test_reference_uses_stored_ids_not_a_retokenization(ray_local, toy_model_dir
                      "rejected_token_ids": r})
     pairs = _pairs_stage(tmp_path / "pairs", rows)
     out = tmp_path / "ref"
-    assert main(["reference", "--pairs", str(pairs), "--model", toy_model_dir, "--out",
+    assert main(["precompute", "--pairs", str(pairs), "--model", toy_model_dir, "--out",
                  str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
     got = _table(out).to_pylist()
     model = AutoModelForCausalLM.from_pretrained(toy_model_dir).eval()
@@ -298,7 +298,7 @@ def test_reference_uses_stored_ids_not_a_retokenization(ray_local, toy_model_dir
     # Imported preference data keeps the text path (ids in an import are just metadata).
     imported = _pairs_stage(tmp_path / "imported", rows, stage="import")
     out = tmp_path / "ref_imported"
-    assert main(["reference", "--pairs", str(imported), "--model", toy_model_dir, "--out",
+    assert main(["precompute", "--pairs", str(imported), "--model", toy_model_dir, "--out",
                  str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
     for r in _table(out).to_pylist():
         assert r["chosen_input_ids"] == _char_ids(tok, "12") + [eos]
@@ -307,7 +307,7 @@ def test_reference_uses_stored_ids_not_a_retokenization(ray_local, toy_model_dir
     # Ids sampled with another vocabulary than the reference's tokenizer: refused, one line.
     other = _pairs_stage(tmp_path / "other_vocab", rows, extra={"tokenizer_vocab": "0" * 64})
     capsys.readouterr()
-    assert main(["reference", "--pairs", str(other), "--model", toy_model_dir, "--out",
+    assert main(["precompute", "--pairs", str(other), "--model", toy_model_dir, "--out",
                  str(tmp_path / "ref_other"), "--cache-dir", str(tmp_path / "cache2")]) == 2
     err = capsys.readouterr().err
     assert "another vocabulary" in err and err.count("\n") == 1, err

@@ -1,6 +1,6 @@
-"""`odpo train`: DPO / DPO+NLL on reference shards, with no reference model in memory.
+"""`odpo train`: DPO / DPO+NLL on precompute shards, with no reference model in memory.
 
-The reference log-probs come from the shards written by `odpo reference`. `reference="live"`
+The reference log-probs come from the shards written by `odpo precompute`. `ref_logps="live"`
 loads the reference model into every worker and recomputes them on the fly with the same code;
 it exists to measure the saving and to check that both modes agree.
 """
@@ -20,7 +20,7 @@ from trainer.launch import check_training_config, run_training
 from trainer.loss import LABEL_SMOOTHING_LOSS_TYPES, LOSS_TYPES
 
 STAGE = "train"
-REFERENCE_COLUMNS = (
+PRECOMPUTE_COLUMNS = (
     "prompt_input_ids",
     "chosen_input_ids",
     "rejected_input_ids",
@@ -32,7 +32,7 @@ REFERENCE_COLUMNS = (
 @dataclass(frozen=True)
 class DPOConfig:
     model: str  # policy to start from (HF checkpoint); usually the reference model itself
-    data: str  # reference stage directory (`odpo reference` output)
+    data: str  # precompute stage directory (`odpo precompute` output)
     out: str  # run directory: model/, metrics.jsonl, tensorboard/, ray/
     beta: float  # KL strength of DPO; no default: it sets the trade-off, choose it on purpose
     # preference loss by TRL 1.16's names (trainer/loss.py: each with its paper); sigmoid is DPO.
@@ -41,8 +41,8 @@ class DPOConfig:
     loss_type: str = "sigmoid"
     label_smoothing: float = 0.0  # label noise ε in [0, 0.5): cDPO (sigmoid), robust, exo_pair, aot
     alpha: float = 0.0  # weight of the chosen NLL term: 1.0 is DPO+NLL (Iterative RPO)
-    reference: str = "cached"  # cached (from the shards) | live (load the reference: checks only)
-    reference_model: str | None = None  # live mode: the reference checkpoint; None: `model`
+    ref_logps: str = "cached"  # cached (from the shards) | live (load the reference: checks only)
+    ref_model: str | None = None  # live mode: the reference checkpoint; None: `model`
     epochs: int = 1  # passes over the pairs
     max_steps: int = 0  # stop after this many optimizer steps; 0 means all epochs
     batch_size: int = 64  # global pairs per optimizer step
@@ -66,10 +66,10 @@ class DPOConfig:
     max_failures: int = 0  # worker failures Ray Train restarts from the last checkpoint
 
 
-def read_reference_stage(path: str) -> Upstream:
-    """The `odpo reference` output at `path`, its shards checked against their manifest; a
-    one-line error naming `odpo reference` for anything else (pairs, plain Parquet)."""
-    return read_stage(path, ("reference",), REFERENCE_COLUMNS, flag="--data", plain=False)
+def read_precompute_stage(path: str) -> Upstream:
+    """The `odpo precompute` output at `path`, its shards checked against their manifest; a
+    one-line error naming `odpo precompute` for anything else (pairs, plain Parquet)."""
+    return read_stage(path, ("precompute",), PRECOMPUTE_COLUMNS, flag="--data", plain=False)
 
 
 def check_config(cfg: DPOConfig) -> None:
@@ -77,8 +77,8 @@ def check_config(cfg: DPOConfig) -> None:
     checks = (
         (cfg.loss_type in LOSS_TYPES,
          f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}"),
-        (cfg.reference in ("cached", "live"),
-         f"reference must be cached or live, got {cfg.reference!r}"),
+        (cfg.ref_logps in ("cached", "live"),
+         f"ref_logps must be cached or live, got {cfg.ref_logps!r}"),
         (cfg.beta > 0, f"beta must be > 0, got {cfg.beta}"),
         (0 <= cfg.label_smoothing < 0.5,
          f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}"),
@@ -96,35 +96,35 @@ def check_config(cfg: DPOConfig) -> None:
 
 
 def run_dpo(cfg: DPOConfig) -> dict:
-    """Train the policy on reference shards; write `out/model` and return the run's summary
+    """Train the policy on precompute shards; write `out/model` and return the run's summary
     (`run_training`: skipped when current, a half-done run of this config resumed)."""
     check_config(cfg)
     cfg = dataclasses.replace(cfg, model=resolve_path(cfg.model), data=resolve_path(cfg.data),
                               out=storage.absolute(cfg.out),
-                              reference_model=resolve_path(cfg.reference_model or cfg.model))
-    live = cfg.reference == "live"
+                              ref_model=resolve_path(cfg.ref_model or cfg.model))
+    live = cfg.ref_logps == "live"
     paths = {"--model": cfg.model, "--data": cfg.data,
-             "--reference-model": cfg.reference_model if live else None}
+             "--ref-model": cfg.ref_model if live else None}
     check_out(cfg.out, STAGE, paths)
     join_named_cluster(cfg.out, paths)
     check_checkpoint(cfg.model)
     if live:
-        check_checkpoint(cfg.reference_model, "reference model")
-    up = read_reference_stage(cfg.data)
+        check_checkpoint(cfg.ref_model, "reference model")
+    up = read_precompute_stage(cfg.data)
     inputs = {"model": checkpoint_digest(cfg.model), "data": input_digest(cfg.data)}
     if live:
-        inputs["reference_model"] = checkpoint_digest(cfg.reference_model)
+        inputs["ref_model"] = checkpoint_digest(cfg.ref_model)
     return run_training(
         cfg, stage=STAGE, objective="dpo", source=cfg.data, unit="pairs", config=asdict(cfg),
         inputs=inputs, ray_inputs=paths,
-        read=lambda: (read_pairs(up), up.manifest["rows_out"], {"reference": cfg.reference}),
+        read=lambda: (read_pairs(up), up.manifest["rows_out"], {"ref_logps": cfg.ref_logps}),
     )
 
 
 def read_pairs(up: Upstream):
-    """The reference shards' token ids and log-probs as a materialized Ray dataset (None when
+    """The precompute shards' token ids and log-probs as a materialized Ray dataset (None when
     there are none): two floats a pair beside the ids, small enough to hold once in the object
     store and read whole by every worker; trainer.loop orders the pairs (`shuffle`: anew each
     epoch)."""
     ds = read_rows(up)
-    return None if ds is None else ds.select_columns(list(REFERENCE_COLUMNS)).materialize()
+    return None if ds is None else ds.select_columns(list(PRECOMPUTE_COLUMNS)).materialize()

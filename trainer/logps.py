@@ -1,7 +1,7 @@
 """Per-sequence log-probabilities: the one function that serves both policy and reference.
 
 DPO (Rafailov et al. 2023, eq. 7) needs log π(y|x) summed over the completion tokens. The same
-function runs on the policy inside the trainer and on the reference in `odpo reference`, so the
+function runs on the policy inside the trainer and on the reference in `odpo precompute`, so the
 two sides of the log-ratio are computed identically (docs/design.md, Numerics).
 """
 

@@ -129,24 +129,24 @@ def _pair_logps(model, batch: dict, pad_token_id: int) -> tuple[torch.Tensor, to
 
 
 def dpo_step_loss(
-    model, batch: dict, pad_token_id: int, cfg: dict, reference_model=None
+    model, batch: dict, pad_token_id: int, cfg: dict, ref_model=None
 ) -> tuple[torch.Tensor, dict]:
     """DPO (+ alpha * NLL on chosen) of one micro-batch; chosen and rejected in one forward.
 
-    The reference log-probs come from the batch (cached), or, when `reference_model` is given
+    The reference log-probs come from the batch (cached), or, when `ref_model` is given
     (live mode, for checks and benchmarks), from its forward on the same tokens.
     """
     chosen_logps, rejected_logps, t = _pair_logps(model, batch, pad_token_id)
     n = chosen_logps.shape[0]
     device = chosen_logps.device
     lengths = t["completion_lengths"].to(device)  # chosen rows, then rejected rows
-    if reference_model is None:
+    if ref_model is None:
         ref_chosen, ref_rejected = (
             torch.tensor(np.array(batch[k]), dtype=torch.float64, device=device)
             for k in ("ref_chosen_logps", "ref_rejected_logps"))
     else:
         with torch.inference_mode():
-            ref_chosen, ref_rejected, _ = _pair_logps(reference_model, batch, pad_token_id)
+            ref_chosen, ref_rejected, _ = _pair_logps(ref_model, batch, pad_token_id)
         ref_chosen, ref_rejected = ref_chosen.clone(), ref_rejected.clone()
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta=cfg["beta"],
@@ -308,7 +308,7 @@ def take_rows(table, rows: np.ndarray) -> dict[str, np.ndarray]:
 
 def accumulate_gradients(
     model, micro_batches: list[dict], cfg: dict, pad_token_id: int, *, world: int,
-    step_tokens: int = 0, reference_model=None,
+    step_tokens: int = 0, ref_model=None,
 ) -> dict[str, float]:
     """Forward and backward of this worker's micro-batches of one optimizer step; DDP all-reduces
     the summed gradients on the last one only (`no_sync` before it).
@@ -329,7 +329,7 @@ def accumulate_gradients(
                 loss, metrics = sft_step_loss(model, batch, pad_token_id, step_tokens, world)
                 loss.backward()
             else:
-                loss, metrics = dpo_step_loss(model, batch, pad_token_id, cfg, reference_model)
+                loss, metrics = dpo_step_loss(model, batch, pad_token_id, cfg, ref_model)
                 (loss / accum).backward()
                 metrics = {k: v if k == "num_tokens" else v / (accum * world)
                            for k, v in metrics.items()}
@@ -353,7 +353,7 @@ def optimizer_step(model, optimizer, scheduler, grad_clip: float) -> float:
 def train_steps(
     model, optimizer, scheduler, table, cfg: dict, *, rank: int, world: int, start_step: int,
     pad_token_id: int, log: Callable[[int, dict], None], after_step: Callable[[int, int], None],
-    reference_model=None,
+    ref_model=None,
 ) -> None:
     """Optimizer steps `start_step`..`cfg["total_steps"]`-1 on this worker, without Ray (tests
     run it under plain torch.distributed).
@@ -379,7 +379,7 @@ def train_steps(
         window.append(accumulate_gradients(
             model, [take_rows(table, rows) for rows in micro_rows], cfg, pad_token_id,
             world=world, step_tokens=0 if targets is None else int(targets[step_rows].sum()),
-            reference_model=reference_model,
+            ref_model=ref_model,
         ))
         lr = scheduler.get_last_lr()[0]
         grad_norm = optimizer_step(model, optimizer, scheduler, cfg["grad_clip"])
@@ -415,7 +415,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     start, state = start_point(cfg)
     # Never the checkpoint's own code, never pickle (the driver checked: check_checkpoint).
     tokenizer = AutoTokenizer.from_pretrained(start, trust_remote_code=False)
-    model, reference_model = load_models(cfg, start)
+    model, ref_model = load_models(cfg, start)
     optimizer, scheduler = make_optimizer(model, cfg)
     step = resume(optimizer, scheduler, state)
     table = read_training_set(cfg, rank)
@@ -430,7 +430,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     train_steps(model, optimizer, scheduler, table, cfg, rank=rank, world=world, start_step=step,
                 pad_token_id=pad_id, log=logger.log, after_step=after_step,
-                reference_model=reference_model)
+                ref_model=ref_model)
     logger.close()
 
 
@@ -459,7 +459,7 @@ def _from_pretrained(path: str, cfg: dict):
 
 def load_models(cfg: dict, path: str):
     """(policy, reference): the policy from `path` in train mode, wrapped for DDP; with
-    `reference="live"` the frozen reference model on this worker's device, else None."""
+    `ref_logps="live"` the frozen reference model on this worker's device, else None."""
     import ray.train.torch
 
     model = _from_pretrained(path, cfg)
@@ -467,9 +467,9 @@ def load_models(cfg: dict, path: str):
         model.gradient_checkpointing_enable()
     model.train()
     model = ray.train.torch.prepare_model(model)
-    if cfg.get("reference") != "live":
+    if cfg.get("ref_logps") != "live":
         return model, None
-    reference = _from_pretrained(storage.local_copy(cfg["reference_model"]), cfg)
+    reference = _from_pretrained(storage.local_copy(cfg["ref_model"]), cfg)
     reference.eval().requires_grad_(False)
     return model, reference.to(ray.train.torch.get_device())
 
@@ -489,7 +489,7 @@ def read_training_set(cfg: dict, rank: int):
     that `launch.fit` does not split; checked against the driver's plan.
 
     Every worker holds it (token ids and, for DPO, two floats a pair) and indexes it by the plan:
-    one Arrow copy per worker, 4 bytes a token id for the reference shards' int32 (8 for SFT's
+    one Arrow copy per worker, 4 bytes a token id for the precompute shards' int32 (8 for SFT's
     int64), e.g. ~0.6 GB for 100k pairs of 1,500 tokens. Ray Data's streaming split, which needed
     none, could not give every worker the same number of micro-batches each epoch, nor each epoch
     its own order."""

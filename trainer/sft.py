@@ -46,7 +46,7 @@ class SFTConfig:
     shuffle: bool = True  # a new row order each epoch (seeded by seed, epoch); off: file order
     max_length: int = 0  # tokens per prompt+response; 0 means the model's context length
     # a row longer than max_length: `error` stops before training, naming it; `drop` leaves it
-    # out and counts it (sft_summary.json `dropped`), as sample and reference do
+    # out and counts it (sft_summary.json `dropped`), as sample and precompute do
     too_long: str = "error"
     num_workers: int = 1  # DDP workers (gloo on CPU, NCCL on GPU)
     cpus_per_worker: float = 1.0  # fractional CPUs keep Ray Data's readers from starving

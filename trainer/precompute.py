@@ -1,4 +1,4 @@
-"""`odpo reference`: tokenize each pair once and compute the reference log-probs once, cached.
+"""`odpo precompute`: tokenize each pair once and compute the reference log-probs once, cached.
 
 Output: the pairs' columns plus `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids`
 (list<int32>, already truncated: the trainer uses them as they are and needs no rule of its own)
@@ -19,7 +19,7 @@ the tokenizer files' digest, the truncation settings, the compute dtype and the 
 digest. Computing the key hashes files but never loads the model. With an equal key the stage
 finishes from `out` itself, or from the content-addressed store `cache_dir/<key>/` that every run
 fills; so a beta sweep or a re-run into a new directory never recomputes. Any difference in the key
-recomputes; `reference_cache="require"` fails instead.
+recomputes; `cache="require"` fails instead.
 
 Truncation rule (TRL's classic DPO rule, keeping BOS); lengths count BOS and EOS:
   1. A pair fits when len(prompt) + max(len(chosen), len(rejected)) <= max_length.
@@ -71,7 +71,7 @@ from pipeline.stage import (
 from trainer.collate import collate, tokenize_completions
 from trainer.logps import per_token_logps
 
-STAGE = "reference"
+STAGE = "precompute"
 PAIR_STAGES = ("pair", "import")  # manifests whose shards hold pairs
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -85,7 +85,7 @@ TRUNCATION_MODES = ("truncate", "drop")
 
 
 @dataclass(frozen=True)
-class ReferenceConfig:
+class PrecomputeConfig:
     pairs: str  # pairs stage dir (`pair`/`import` manifest), or Parquet/JSONL with the pair columns
     model: str  # reference checkpoint (HF dir, local or URI); no default: the anchor is a choice
     out: str  # output stage directory: Parquet shards + manifest.json
@@ -99,7 +99,7 @@ class ReferenceConfig:
     cpus_per_replica: float = 1.0  # Ray CPUs reserved per actor
     torch_threads: int = 0  # intra-op threads per actor; 0 = cpus_per_replica (at least 1)
     use_gpu: bool = False  # one GPU per replica
-    reference_cache: str = "auto"  # auto (reuse an equal key, else compute) | require | recompute
+    cache: str = "auto"  # auto (reuse an equal key, else compute) | require | recompute
     # Content-addressed store shared by all runs (sweeps, new out dirs); "" turns it off.
     # Default: $ODPO_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache, + /offline-dpo/reference.
     cache_dir: str | None = None
@@ -282,7 +282,7 @@ def _local_dir(path: str, what: str) -> Path:
     p = Path(path)
     if not p.is_dir():
         raise UserError(
-            f"{what} {path}: no such directory; the reference stage hashes the files for its "
+            f"{what} {path}: no such directory; the precompute stage hashes the files for its "
             f"cache key, so it needs a checkpoint directory, local or a URI (download it first)"
         )
     return p.resolve()
@@ -307,11 +307,11 @@ def _model_config(model_dir: Path) -> dict:
 # ---------------------------------------------------------------- the stage
 
 
-def _validate(cfg: ReferenceConfig) -> None:
+def _validate(cfg: PrecomputeConfig) -> None:
     for name, value, allowed in (
         ("truncation", cfg.truncation, TRUNCATION_MODES),
         ("dtype", cfg.dtype, DTYPES),
-        ("reference_cache", cfg.reference_cache, CACHE_MODES),
+        ("cache", cfg.cache, CACHE_MODES),
     ):
         if value not in allowed:
             raise UserError(f"{name} must be one of {allowed}, got {value!r}")
@@ -322,7 +322,7 @@ def _validate(cfg: ReferenceConfig) -> None:
         raise UserError("max_length and max_prompt_length must be >= 0 (0 = default)")
 
 
-def _lengths(cfg: ReferenceConfig, model_dir: Path, model_config: dict) -> tuple[int, int]:
+def _lengths(cfg: PrecomputeConfig, model_dir: Path, model_config: dict) -> tuple[int, int]:
     """(max_length, max_prompt_length): the config's, or the model's context and half of it."""
     context = config_context_length(model_config)
     max_length = cfg.max_length or context
@@ -338,8 +338,8 @@ def _lengths(cfg: ReferenceConfig, model_dir: Path, model_config: dict) -> tuple
     return max_length, max_prompt_length
 
 
-def run_reference(cfg: ReferenceConfig) -> dict:
-    """Fill `cfg.out` with reference shards: from `out` or the store when the key is equal
+def run_precompute(cfg: PrecomputeConfig) -> dict:
+    """Fill `cfg.out` with precompute shards: from `out` or the store when the key is equal
     (without loading the model or starting Ray), else by computing them. Returns a summary
     (`cache`: "hit" or "computed")."""
     t0 = time.perf_counter()
@@ -377,14 +377,14 @@ def run_reference(cfg: ReferenceConfig) -> dict:
     join_named_cluster(out, reads)
 
     summary = {"out": str(out), "key": key}
-    hit = None if cfg.reference_cache == "recompute" else _cached(out, entry, key, config)
+    hit = None if cfg.cache == "recompute" else _cached(out, entry, key, config)
     if hit is not None:
         return {**summary, **_summary(hit[0], t0), "cache": "hit", "source": hit[1]}
-    if cfg.reference_cache == "require":
+    if cfg.cache == "require":
         raise UserError(
             f"reference cache miss (key {key[:16]}): neither {out} nor "
             f"{entry or 'the store (off)'} holds it; rerun without "
-            f"--reference-cache=require to compute it"
+            f"--cache=require to compute it"
         )
     ensure_ray(out, reads)
     extra = {"cache_key": key, "key_parts": key_parts, "source": "computed"}
@@ -414,7 +414,7 @@ def _cached(out: str, entry: str | None, key: str, config: dict) -> tuple[dict, 
 
 
 def _hit(stage_dir: str, key: str) -> dict | None:
-    """The manifest of a complete, intact reference output under `key`, else None."""
+    """The manifest of a complete, intact precompute output under `key`, else None."""
     manifest = read_manifest(stage_dir) if storage.is_dir(stage_dir) else None
     if not manifest or manifest.get("stage") != STAGE or manifest.get("cache_key") != key:
         return None
@@ -441,7 +441,7 @@ def _store(out: str, entry: str) -> None:
             for f in storage.list_files(out):
                 storage.copy(f, storage.join(tmp, storage.relative(f, out)))
     except (OSError, UserError) as e:
-        print(f"odpo reference: warning: cache store {entry} not written ({e})", file=sys.stderr)
+        print(f"odpo precompute: warning: cache store {entry} not written ({e})", file=sys.stderr)
 
 
 def _stored_ids(table, manifest: dict | None) -> tuple[list, list] | None:
@@ -562,6 +562,6 @@ def _forward(cfg, model_dir, tokenizer, seq_prompt, seq_completion, batches) -> 
         logps[b["seq_index"]] = b["logps"]
         filled[b["seq_index"]] = True
     if not filled.all():
-        raise RuntimeError(f"reference: {int((~filled).sum())} sequences got no log-prob")
+        raise RuntimeError(f"precompute: {int((~filled).sum())} sequences got no log-prob")
     return logps
 

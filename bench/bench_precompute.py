@@ -1,14 +1,14 @@
-"""`odpo reference` precompute throughput against a bare batched forward, side by side in one run.
+"""`odpo precompute` throughput against a bare batched forward, side by side in one run.
 
 Same model, same pairs, same tokens, same threads. The bare forward is the floor of the work:
 the model alone on the stage's own length-grouped batches (already padded tensors, no Ray, no
 tokenization, no log-softmax, no I/O), timed before and after the stage to bracket machine noise.
-The stage is timed end to end (`run_reference` with Ray already up: tokenization, actor start
+The stage is timed end to end (`run_precompute` with Ray already up: tokenization, actor start
 and model load, forward, log-probs, Parquet + manifest, cache store). Reports tokens/s (real,
 non-padding tokens), the ratio stage / bare, the padding fraction of the stage's batches and of
 naive batches in file order, the cache-hit time, and (optionally) the bf16-vs-fp32 drift.
 
-    python bench/bench_reference.py --work /tmp/bench_reference
+    python bench/bench_precompute.py --work /tmp/bench_precompute
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def sequences(model_dir: Path, pairs: Path, context: int) -> tuple[list, list]:
     import pyarrow.parquet as pq
     from transformers import AutoTokenizer
 
-    from trainer.reference import tokenize_pairs
+    from trainer.precompute import tokenize_pairs
 
     t = pq.read_table(sorted(pairs.glob("*.parquet")))
     _, p, c, r, _, _ = tokenize_pairs(
@@ -79,7 +79,7 @@ def bare_forward(model_dir: Path, seq_p: list, seq_c: list, batch_size: int, thr
     from transformers import AutoModelForCausalLM
 
     from trainer.collate import collate
-    from trainer.reference import length_batches
+    from trainer.precompute import length_batches
 
     torch.set_num_threads(threads)
     lengths = [len(p) + len(c) for p, c in zip(seq_p, seq_c, strict=True)]
@@ -100,7 +100,7 @@ def naive_padding(ref_dir: Path, batch_size: int) -> float:
     """Padding fraction of batches taken in file order (chosen, rejected of each pair)."""
     import pyarrow.parquet as pq
 
-    from trainer.reference import padding_fraction
+    from trainer.precompute import padding_fraction
 
     t = pq.read_table(sorted(ref_dir.glob("*.parquet")))
     p = [len(x) for x in t["prompt_input_ids"].to_pylist()]
@@ -114,7 +114,7 @@ def naive_padding(ref_dir: Path, batch_size: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default="/tmp/bench_reference")
+    ap.add_argument("--work", default="/tmp/bench_precompute")
     ap.add_argument("--pairs", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2, help="torch threads, stage and bare alike")
@@ -128,7 +128,7 @@ def main() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
     from pipeline.cluster import init_ray
-    from trainer.reference import ReferenceConfig, run_reference
+    from trainer.precompute import PrecomputeConfig, run_precompute
 
     model = work / "model"
     if not model.exists():
@@ -145,19 +145,19 @@ def main() -> None:
     t0 = time.perf_counter()
     init_ray()
     ray_start_s = time.perf_counter() - t0
-    cfg = ReferenceConfig(pairs=str(pairs), model=str(model), out=str(work / "reference"),
-                          batch_size=args.batch_size, torch_threads=args.threads,
-                          reference_cache="recompute", cache_dir=str(work / "cache"))
+    cfg = PrecomputeConfig(pairs=str(pairs), model=str(model), out=str(work / "precompute"),
+                           batch_size=args.batch_size, torch_threads=args.threads,
+                           cache="recompute", cache_dir=str(work / "cache"))
     seq_p, seq_c = sequences(model, pairs, args.context)
     bare_before = bare_forward(model, seq_p, seq_c, args.batch_size, args.threads)
     t0 = time.perf_counter()
-    stage = run_reference(cfg)
+    stage = run_precompute(cfg)
     stage_s = time.perf_counter() - t0
     bare_after = bare_forward(model, seq_p, seq_c, args.batch_size, args.threads)
     assert stage["stats"]["tokens"] == bare_after["tokens"]  # the same tokens
     t0 = time.perf_counter()
-    hit = run_reference(dataclasses.replace(cfg, reference_cache="auto",
-                                            out=str(work / "reference-sweep")))
+    hit = run_precompute(dataclasses.replace(cfg, cache="auto",
+                                             out=str(work / "precompute-sweep")))
     hit_s = time.perf_counter() - t0
     assert hit["cache"] == "hit"
 
@@ -181,7 +181,7 @@ def main() -> None:
         "ratio_stage_over_best_bare": tokens / stage_s / max(bare_before["tokens_per_s"],
                                                                bare_after["tokens_per_s"]),
         "padding_fraction_stage": stage["stats"]["padding_fraction"],
-        "padding_fraction_file_order": naive_padding(work / "reference", args.batch_size),
+        "padding_fraction_file_order": naive_padding(work / "precompute", args.batch_size),
         "cache_hit_s": hit_s,
     }
     if args.bf16_pairs:
@@ -193,9 +193,9 @@ def main() -> None:
         vals = {}
         for dtype in ("float32", "bfloat16"):
             out = work / f"drift-{dtype}"
-            run_reference(ReferenceConfig(pairs=str(small), model=str(model), out=str(out),
-                                          dtype=dtype, batch_size=args.batch_size,
-                                          torch_threads=args.threads, cache_dir=""))
+            run_precompute(PrecomputeConfig(pairs=str(small), model=str(model), out=str(out),
+                                            dtype=dtype, batch_size=args.batch_size,
+                                            torch_threads=args.threads, cache_dir=""))
             t = pq.read_table(sorted(out.glob("*.parquet")))
             vals[dtype] = (t["ref_chosen_logps"].to_numpy(), t["ref_rejected_logps"].to_numpy())
         (c32, r32), (c16, r16) = vals["float32"], vals["bfloat16"]

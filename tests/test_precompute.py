@@ -1,4 +1,4 @@
-"""`odpo reference` against an independent `transformers` forward and hand-derived truncation, and
+"""`odpo precompute` against an independent `transformers` forward and hand-derived truncation, and
 the cache's promises: an equal key finishes without loading the model, any change recomputes."""
 
 import json
@@ -18,7 +18,7 @@ from conftest import plain_logp as _plain_logp
 from jobs.cli import main
 from pipeline.checkpoint import tokenizer_digest, weights_digest
 from pipeline.manifest import read_manifest, write_stage
-from trainer.reference import (
+from trainer.precompute import (
     length_batches,
     padding_fraction,
     reference_logps,
@@ -161,7 +161,7 @@ def pairs_dir(toy_data_dir, tmp_path_factory):
 
 
 def _args(pairs, model, out, cache, *extra):
-    return ["reference", "--pairs", str(pairs), "--model", str(model), "--out", str(out),
+    return ["precompute", "--pairs", str(pairs), "--model", str(model), "--out", str(out),
             "--cache-dir", str(cache), "--max-length", str(MAX_LENGTH), "--max-prompt-length",
             str(MAX_PROMPT), *extra]
 
@@ -169,7 +169,7 @@ def _args(pairs, model, out, cache, *extra):
 @pytest.fixture(scope="module")
 def computed(ray_local, pairs_dir, toy_model_dir, tmp_path_factory):
     """One real run: one big mixed-length batch of all 52 sequences."""
-    root = tmp_path_factory.mktemp("reference")
+    root = tmp_path_factory.mktemp("precompute")
     out, cache = root / "out", root / "cache"
     assert main(_args(pairs_dir, toy_model_dir, out, cache, "--batch-size", "64")) == 0
     return {"out": out, "cache": cache, "root": root}
@@ -184,7 +184,7 @@ def test_stage_values_ids_and_manifest(computed, toy_model_dir, toy_tokenizer, t
     tok = toy_tokenizer
     bos, eos = tok.bos_token_id, tok.eos_token_id
     manifest = read_manifest(computed["out"])
-    assert manifest["stage"] == "reference" and manifest["rows_in"] == 27
+    assert manifest["stage"] == "precompute" and manifest["rows_in"] == 27
     assert manifest["rows_out"] == 26 and manifest["dropped"] == {"identical_ids": 1}
     assert manifest["stats"]["truncated_pairs"] == 2
     schema = pq.read_schema(sorted(computed["out"].glob("*.parquet"))[0])
@@ -215,7 +215,7 @@ def test_stage_values_ids_and_manifest(computed, toy_model_dir, toy_tokenizer, t
 def test_batch_size_one_equals_big_batch(computed, pairs_dir, toy_model_dir):
     out = computed["root"] / "bs1"
     assert main(_args(pairs_dir, toy_model_dir, out, computed["cache"], "--batch-size", "1",
-                      "--replicas", "2", "--reference-cache", "recompute")) == 0
+                      "--replicas", "2", "--cache", "recompute")) == 0
     big, one = _read(computed["out"]), _read(out)
     for side in ("ref_chosen_logps", "ref_rejected_logps"):
         np.testing.assert_allclose([r[side] for r in one], [r[side] for r in big], atol=1e-5)
@@ -256,7 +256,7 @@ def test_equal_key_finishes_without_loading_the_model(computed, pairs_dir, toy_m
     sweep = [computed["root"] / f"sweep-beta{beta}" for beta in ("0.1", "0.3")]
     r = _run_isolated(_args(pairs_dir, toy_model_dir, computed["out"], computed["cache"]),
                       *(_args(pairs_dir, toy_model_dir, out, computed["cache"],
-                              "--reference-cache", "require") for out in sweep))
+                              "--cache", "require") for out in sweep))
     assert [(run["rc"], "cache hit" in run["out"]) for run in r["runs"]] == [(0, True)] * 3, r
     assert not r["ray"] and r["modeling"] == [], r
     for out in sweep:
@@ -292,10 +292,10 @@ def test_any_key_change_misses_under_require(computed, pairs_dir, toy_model_dir,
             table, d / "part-00000.parquet"), rows_in=len(rows), dropped={})
     capsys.readouterr()
     rc = main(_args(pairs, toy_model_dir, computed["out"], computed["cache"], *extra,
-                    "--reference-cache", "require"))
+                    "--cache", "require"))
     err = capsys.readouterr().err
     assert rc == 2 and "reference cache miss" in err and err.count("\n") == 1, err
-    assert read_manifest(computed["out"])["stage"] == "reference"  # left as it was
+    assert read_manifest(computed["out"])["stage"] == "precompute"  # left as it was
 
 
 @pytest.mark.slow
@@ -351,10 +351,10 @@ def test_refuses_wrong_inputs_and_outputs(pairs_dir, toy_model_dir, tmp_path, ca
 @pytest.mark.slow
 def test_trainer_reads_the_shards_and_starts_at_ln2(computed, toy_model_dir, toy_tokenizer):
     """The trainer's own step on the stored ids, with policy == reference: every logit is 0."""
-    from trainer.dpo import read_reference_stage
+    from trainer.dpo import read_precompute_stage
     from trainer.loop import dpo_step_loss
 
-    read_reference_stage(str(computed["out"]))
+    read_precompute_stage(str(computed["out"]))
     table = pq.read_table(sorted(computed["out"].glob("*.parquet")))
     batch = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
     cfg = {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "alpha": 0.0}
