@@ -168,25 +168,26 @@ def _cfg(objective, accum, total_steps):
 
 
 def _train_layout(model_dir, table, cfg, rank, world):
-    """`train_steps` as a Ray Train worker runs it: DDP over the process group when world > 1."""
+    """`train_steps` as a Ray Train worker runs it: DDP over the process group when world > 1,
+    wrapping the model's `TokenLogps` as `loop.load_models` does."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.checkpoint import disable_dropout
-    from trainer.loop import make_optimizer, train_steps
+    from trainer.logps import TokenLogps
+    from trainer.loop import causal_lm, make_optimizer, train_steps
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     disable_dropout(model)
     model.train()
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        model = torch.nn.parallel.DistributedDataParallel(TokenLogps(model))
     optimizer, scheduler = make_optimizer(model, cfg)
     logged = []
     train_steps(model, optimizer, scheduler, table, cfg, rank=rank, world=world, start_step=0,
                 pad_token_id=tok.pad_token_id, log=lambda s, m: logged.append({"step": s, **m}),
                 after_step=lambda done, epoch: None)
-    unwrapped = model.module if world > 1 else model
-    return {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}, logged
+    return {k: v.detach().clone() for k, v in causal_lm(model).state_dict().items()}, logged
 
 
 def _gloo_worker(rank, world, store, model_dir, table, cfg, out):

@@ -1,8 +1,17 @@
 """Per-sequence log-probabilities: the one function that serves both policy and reference.
 
 DPO (Rafailov et al. 2023, eq. 7) needs log π(y|x) summed over the completion tokens. The same
-function runs on the policy inside the trainer and on the reference in `odpo precompute`, so the
-two sides of the log-ratio are computed identically (docs/design.md, Numerics).
+function (`model_token_logps`) runs on the policy inside the trainer and on the reference in
+`odpo precompute`, so the two sides of the log-ratio are computed identically (docs/design.md,
+Numerics).
+
+Memory-lean by default: the full (B, T, V) logits are ~2.5 GB per 4k-token sequence in float32
+for a 152k vocabulary, and the log-softmax makes a second copy that the backward keeps. The lean
+path runs the model's body, keeps the hidden states of the completion positions only (a prompt's
+logits are never needed), and applies the LM head and the float32 log-softmax in chunks of
+positions; the backward recomputes a chunk's logits instead of storing them, so the largest
+tensor is one chunk's (chunk, V) float32 logits whatever the sequence length. Models whose
+logits are not the plain head's output (soft-capping, scaling) take the full path.
 """
 
 from __future__ import annotations
@@ -53,3 +62,126 @@ def sequence_logps(
     """
     token_logps, _ = per_token_logps(logits, labels, ignore_index)
     return token_logps.double().sum(dim=-1)
+
+
+# --- memory-lean log-probs ------------------------------------------------------------------
+
+CHUNK_BYTES = 1 << 28  # float32 logits of one chunk: 256 MiB (441 positions of a 152k vocab)
+# Config fields that put something between the LM head and the softmax (Gemma 2's soft-capping,
+# Cohere's and Granite's scaling): such models keep the full-logits path.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def chunk_positions(vocab_size: int) -> int:
+    """Positions per chunk whose float32 (chunk, V) logits fill CHUNK_BYTES (at least 1)."""
+    return max(1, CHUNK_BYTES // (4 * vocab_size))
+
+
+def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    logits = hidden @ weight.t()
+    if bias is not None:
+        logits = logits + bias
+    return logits.float()
+
+
+class _LabelLogps(torch.autograd.Function):
+    """log softmax(h Wᵀ + b)[label] for each row of h, in chunks of rows; the backward recomputes
+    each chunk's logits from (h, W, b) and the saved log-normaliser."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, chunk):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = _chunk_logits(hidden[s:s + chunk], weight, bias)
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            out[s:s + chunk] = logits.gather(1, labels[s:s + chunk, None])[:, 0] - lse[s:s + chunk]
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        chunk, needs = ctx.chunk, ctx.needs_input_grad
+        grad_hidden = torch.empty_like(hidden) if needs[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32,
+                                  device=weight.device) if needs[1] else None
+        grad_bias = torch.zeros(bias.shape, dtype=torch.float32,
+                                device=bias.device) if bias is not None and needs[2] else None
+        for s in range(0, hidden.shape[0], chunk):
+            h, g = hidden[s:s + chunk], grad_out[s:s + chunk].float()
+            # d log p[label] / d logits = onehot(label) - softmax, times the upstream gradient
+            d = torch.exp(_chunk_logits(h, weight, bias) - lse[s:s + chunk, None]).mul_(-g[:, None])
+            d.scatter_add_(1, labels[s:s + chunk, None], g[:, None])
+            d = d.to(hidden.dtype)  # the cast autograd makes on the full path
+            if grad_hidden is not None:
+                grad_hidden[s:s + chunk] = d @ weight
+            if grad_weight is not None:
+                grad_weight += (d.t() @ h).float()
+            if grad_bias is not None:
+                grad_bias += d.float().sum(0)
+        return (grad_hidden,
+                None if grad_weight is None else grad_weight.to(weight.dtype),
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+
+
+def label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                bias: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
+    """(N, H) hidden states, (V, H) LM head weight (+ (V,) bias), (N,) labels -> (N,) float32
+    log-probs of the labels, never holding more than `chunk` rows of logits (0:
+    `chunk_positions(V)`); with gradients, the backward recomputes them chunk by chunk."""
+    chunk = chunk or chunk_positions(weight.shape[0])
+    if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return _LabelLogps.apply(hidden, weight, bias, labels, chunk)
+    out = [hidden.new_zeros(0, dtype=torch.float32)]
+    for s in range(0, hidden.shape[0], chunk):
+        logits = _chunk_logits(hidden[s:s + chunk], weight, bias)
+        out.append(logits.gather(1, labels[s:s + chunk, None])[:, 0]
+                   - torch.logsumexp(logits, dim=-1))
+    return torch.cat(out)
+
+
+def lean_supported(model) -> bool:
+    """Whether `model`'s logits are its body's last hidden state times a plain linear head."""
+    head = model.get_output_embeddings()
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    return (isinstance(head, torch.nn.Linear) and hasattr(model, "get_decoder")
+            and all(getattr(config, k, None) in (None, 1, 1.0) for k in LOGIT_TRANSFORMS))
+
+
+def model_token_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+    lean: bool = True, chunk: int = 0, ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_token_logps` of a causal LM's forward over a `collate` batch: (B, T-1) float32 token
+    log-probs, 0 off the mask, and the mask. Lean (module docstring) where `lean_supported`,
+    else through the model's full logits."""
+    if not (lean and lean_supported(model)):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       use_cache=False).logits
+        return per_token_logps(logits, labels, ignore_index)
+    # use_cache=False: no KV cache is kept for a forward that generates nothing
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    mask = targets != ignore_index
+    head = model.get_output_embeddings()
+    picked = label_logps(hidden[:, :-1][mask], head.weight, targets[mask], head.bias, chunk)
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=picked.device)
+    return out.masked_scatter(mask, picked), mask
+
+
+class TokenLogps(torch.nn.Module):
+    """A causal LM as the module that returns `model_token_logps`: what Ray Train's DDP wraps in
+    training, so that the lean forward (body, then the chunked head) runs inside the wrapper's
+    hooks. `.model` is the causal LM (saved with `save_pretrained`)."""
+
+    def __init__(self, model, lean: bool = True):
+        super().__init__()
+        self.model, self.lean = model, lean
+
+    def forward(self, input_ids, attention_mask, labels):
+        return model_token_logps(self.model, input_ids, attention_mask, labels, self.lean)

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from pipeline import storage
 from pipeline.checkpoint import disable_dropout
 from trainer.collate import collate
-from trainer.logps import per_token_logps, sequence_logps
+from trainer.logps import TokenLogps
 from trainer.loss import dpo_loss, nll_loss
 
 STATE_FILE = "trainer_state.pt"
@@ -86,11 +86,21 @@ def target_tokens(prompt_lengths: np.ndarray, completion_lengths: np.ndarray) ->
     return completion_lengths - (prompt_lengths == 0)
 
 
-def _logits(model, t: dict) -> torch.Tensor:
-    """The model's logits (B, T, V) for a `collate` batch, on the model's device."""
+def _token_logps(model, t: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T-1) token log-probs and mask of a `collate` batch, on the model's device: through
+    `model` when it is a `TokenLogps` (or DDP's wrapper of one, as in training), else through a
+    lean `TokenLogps` of the bare causal LM."""
+    forward = model if isinstance(getattr(model, "module", model), TokenLogps) else TokenLogps(
+        model)
     device = next(model.parameters()).device
-    return model(input_ids=t["input_ids"].to(device),
-                 attention_mask=t["attention_mask"].to(device)).logits
+    return forward(t["input_ids"].to(device), t["attention_mask"].to(device),
+                   t["labels"].to(device))
+
+
+def causal_lm(model):
+    """The Hugging Face model inside DDP's and `TokenLogps`'s wrappers."""
+    model = getattr(model, "module", model)
+    return model.model if isinstance(model, TokenLogps) else model
 
 
 def sft_step_loss(
@@ -109,8 +119,7 @@ def sft_step_loss(
     the shares are the step's token-mean NLL), and num_tokens its input tokens.
     """
     t = collate(batch["prompt_input_ids"], batch["completion_input_ids"], pad_token_id)
-    logits = _logits(model, t)
-    token_logps, mask = per_token_logps(logits, t["labels"].to(logits.device))
+    token_logps, mask = _token_logps(model, t)
     n_tokens = max(int(mask.sum()) if step_tokens is None else step_tokens, 1)
     nll = -token_logps.sum()
     loss = nll * (world / n_tokens)
@@ -123,8 +132,9 @@ def _pair_logps(model, batch: dict, pad_token_id: int) -> tuple[torch.Tensor, to
     n = len(prompts)
     t = collate(prompts + prompts,
                 list(batch["chosen_input_ids"]) + list(batch["rejected_input_ids"]), pad_token_id)
-    logits = _logits(model, t)
-    logps = sequence_logps(logits, t["labels"].to(logits.device))
+    token_logps, _ = _token_logps(model, t)
+    # summed in float64: see trainer.logps.sequence_logps
+    logps = token_logps.double().sum(dim=-1)
     return logps[:n], logps[n:], t
 
 
@@ -466,7 +476,8 @@ def load_models(cfg: dict, path: str):
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
     model.train()
-    model = ray.train.torch.prepare_model(model)
+    # DDP wraps the module that returns token log-probs, so the lean forward runs inside it
+    model = ray.train.torch.prepare_model(TokenLogps(model))
     if cfg.get("ref_logps") != "live":
         return model, None
     reference = _from_pretrained(storage.local_copy(cfg["ref_model"]), cfg)
@@ -514,7 +525,7 @@ def report_checkpoint(model, tokenizer, optimizer, scheduler, step: int, epoch: 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            (model.module if hasattr(model, "module") else model).save_pretrained(
+            causal_lm(model).save_pretrained(
                 tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

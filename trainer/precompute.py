@@ -69,7 +69,7 @@ from pipeline.stage import (
     write_output,
 )
 from trainer.collate import collate, tokenize_completions
-from trainer.logps import per_token_logps
+from trainer.logps import model_token_logps
 
 STAGE = "precompute"
 PAIR_STAGES = ("pair", "import")  # manifests whose shards hold pairs
@@ -78,7 +78,8 @@ ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 LOGP_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 STORED_ID_COLUMNS = ("chosen_token_ids", "rejected_token_ids")  # sampled ids, from `odpo pair`
 # Bump when the tokenization, truncation or log-prob rule changes: old cache entries go stale.
-CACHE_VERSION = 2  # 2: completions are the stored sampled ids when the pairs carry them
+CACHE_VERSION = 3  # 2: completions are the stored sampled ids when the pairs carry them; 3: lean
+# log-probs (trainer.logps.model_token_logps)
 DTYPES = ("float32", "bfloat16", "float16")
 CACHE_MODES = ("auto", "require", "recompute")
 TRUNCATION_MODES = ("truncate", "drop")
@@ -222,11 +223,10 @@ def reference_logps(model, prompt_ids, completion_ids, pad_token_id: int) -> np.
     """
     t = collate(prompt_ids, completion_ids, pad_token_id)
     device = next(model.parameters()).device
-    with torch.inference_mode():
-        logits = model(
-            input_ids=t["input_ids"].to(device), attention_mask=t["attention_mask"].to(device)
-        ).logits
-        token_logps, _ = per_token_logps(logits, t["labels"].to(device))  # masked: 0 off-target
+    with torch.inference_mode():  # lean: the head and log-softmax on completion positions only
+        token_logps, _ = model_token_logps(  # masked: 0 off-target
+            model, t["input_ids"].to(device), t["attention_mask"].to(device),
+            t["labels"].to(device))
     return token_logps.double().sum(-1).cpu().numpy()
 
 
