@@ -13,9 +13,10 @@ log-probs:
 - `trl`: TRL's `DPOTrainer` with `precompute_ref_log_probs=True` (TRL is a dev extra; never a
   runtime dependency), its training steps only.
 
-Reported per variant: median step time (steps after the first) and the step's peak resident
-memory over the process's memory just before the first step (Linux VmHWM, reset there, so the
-model, data, optimizer-free baseline and TRL's reference precompute pass are not counted).
+Reported per variant, over the steps after the first (a warm-up, which also allocates AdamW's
+state): median step time, and the steps' peak resident memory over the process's memory after
+the first step (Linux VmHWM, reset there, so the model, data, optimizer state and TRL's
+reference precompute pass are not counted: what is left is activations, logits and gradients).
 
     python bench/bench_logps.py [--vocab 151936 --hidden 256 --layers 2 --pairs 2 \\
         --prompt 512 --completion 256 --steps 3]
@@ -106,9 +107,10 @@ def run_trainer(args, lean: bool) -> dict:
     policy = TokenLogps(model, lean=lean)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     cfg = {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "alpha": 0.0}
-    base = reset_peak()
-    times, losses = [], []
-    for _ in range(args.steps):
+    times, losses, base = [], [], 0.0
+    for step in range(args.steps):
+        if step == 1:
+            base = reset_peak()
         t0 = time.perf_counter()
         loss, metrics = dpo_step_loss(policy, batch, tok.pad_token_id, cfg)
         loss.backward()
@@ -116,8 +118,8 @@ def run_trainer(args, lean: bool) -> dict:
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
         losses.append(metrics["loss"])
-    return {"step_time_s": statistics.median(times[1:] or times),
-            "step_peak_mb": peak_mb() - base, "baseline_mb": base, "losses": losses}
+    return {"step_time_s": statistics.median(times[1:]), "step_peak_mb": peak_mb() - base,
+            "baseline_mb": base, "losses": losses}
 
 
 def run_trl(args) -> dict:
@@ -134,10 +136,9 @@ def run_trl(args) -> dict:
     marks: dict = {"times": []}
 
     class Clock(TrainerCallback):
-        def on_train_begin(self, *a, **k):  # after TRL's reference precompute pass
-            marks["base"] = reset_peak()
-
         def on_step_begin(self, *a, **k):
+            if len(marks["times"]) == 1:  # after the warm-up step (and the precompute pass)
+                marks["base"] = reset_peak()
             marks["t0"] = time.perf_counter()
 
         def on_step_end(self, *a, **k):
@@ -154,7 +155,7 @@ def run_trl(args) -> dict:
                              callbacks=[Clock()])
         trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"step_time_s": statistics.median(marks["times"][1:] or marks["times"]),
+    return {"step_time_s": statistics.median(marks["times"][1:]),
             "step_peak_mb": peak_mb() - marks["base"], "baseline_mb": marks["base"],
             "losses": losses, "trl": trl.__version__}
 
@@ -172,6 +173,8 @@ def main() -> None:
     ap.add_argument("--variants", default="full,lean,trl")
     ap.add_argument("--variant", help=argparse.SUPPRESS)  # the child process's one variant
     args = ap.parse_args()
+    if args.steps < 2:
+        ap.error("--steps must be >= 2: the first is a warm-up")
     if args.variant:
         import torch
 

@@ -192,8 +192,13 @@ def test_stage_values_ids_and_manifest(computed, toy_model_dir, toy_tokenizer, t
         assert schema.field(c).type == pa.list_(pa.int32())
     for c in ("ref_chosen_logps", "ref_rejected_logps"):
         assert schema.field(c).type == pa.float64()
+    for c in ("chosen_num_tokens", "rejected_num_tokens"):
+        assert schema.field(c).type == pa.int32()
 
     rows = _read(computed["out"])
+    for r in rows:  # the completion tokens behind each sum (truncated completions included)
+        assert r["chosen_num_tokens"] == len(r["chosen_input_ids"]) > 0
+        assert r["rejected_num_tokens"] == len(r["rejected_input_ids"]) > 0
     expected = _pair_rows(toy_data_dir)[:26]
     assert [r["prompt_id"] for r in rows] == [e["prompt_id"] for e in expected]  # order kept
     for r, e in zip(rows[:24], expected[:24], strict=True):  # fit: plain tokenization, BOS / EOS

@@ -3,7 +3,9 @@
 Output: the pairs' columns plus `prompt_input_ids`, `chosen_input_ids`, `rejected_input_ids`
 (list<int32>, already truncated: the trainer uses them as they are and needs no rule of its own)
 and `ref_chosen_logps`, `ref_rejected_logps` (float64) — the summed completion log-probs of the
-reference model, computed with `trainer.logps` exactly as the trainer computes the policy's.
+reference model, computed with `trainer.logps` exactly as the trainer computes the policy's — with
+`chosen_num_tokens`, `rejected_num_tokens` (int32), the completion token counts behind those sums
+(what length-normalised losses divide by: ipo_mean, simpo, sigmoid_norm; trainer/loss.py).
 
 Token ids: pairs from `odpo pair` carry the sampled ids (`chosen_token_ids`, `rejected_token_ids`):
 they are the completion ids exactly as stored (vLLM's EOS / stop token where it stopped on one, no
@@ -76,6 +78,7 @@ PAIR_STAGES = ("pair", "import")  # manifests whose shards hold pairs
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 LOGP_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+COUNT_COLUMNS = ("chosen_num_tokens", "rejected_num_tokens")  # completion tokens of each sum
 STORED_ID_COLUMNS = ("chosen_token_ids", "rejected_token_ids")  # sampled ids, from `odpo pair`
 # Bump when the tokenization, truncation or log-prob rule changes: old cache entries go stale.
 CACHE_VERSION = 3  # 2: completions are the stored sampled ids when the pairs carry them; 3: lean
@@ -474,7 +477,8 @@ def _read_pairs(up: Upstream):
     for c in PAIR_COLUMNS:
         if table[c].null_count:
             raise UserError(f"{up.path}: {table[c].null_count} row(s) with a null `{c}`")
-    return table.drop_columns([c for c in ID_COLUMNS + LOGP_COLUMNS if c in table.column_names])
+    return table.drop_columns([c for c in ID_COLUMNS + LOGP_COLUMNS + COUNT_COLUMNS
+                               if c in table.column_names])
 
 
 def _compute(cfg, up: Upstream, model_dir, tok_dir, model_config, max_length, max_prompt_length,
@@ -512,6 +516,8 @@ def _compute(cfg, up: Upstream, model_dir, tok_dir, model_config, max_length, ma
         result = result.append_column(name, pa.array(values, type=ids_type))
     result = result.append_column("ref_chosen_logps", pa.array(logps[0::2], type=pa.float64()))
     result = result.append_column("ref_rejected_logps", pa.array(logps[1::2], type=pa.float64()))
+    for name, values in zip(COUNT_COLUMNS, (c_ids, r_ids), strict=True):
+        result = result.append_column(name, pa.array([len(x) for x in values], type=pa.int32()))
     tokens = int(sum(lengths))
     stats = {
         "sequences": len(lengths),
