@@ -252,6 +252,8 @@ ERRORS = [
      r"loss_type 'ipo' would ignore it"),
     ("iterate", "--config {bad}/iterate_float16.yaml",
      r"dtype must be one of \('float32', 'bfloat16'\)"),
+    ("train", "--model {toy} --data {bad}/nowhere --beta 0.1 --lora-r -1",
+     r"lora\.r must be >= 0 \(0: full fine-tuning\), got -1"),
     # A model path that does not exist is no hub id: named before any work.
     ("train", "--model {bad}/no/such/model --data {bad}/nowhere --beta 0.1",
      r"model .*/no/such/model: no such directory \(a local checkpoint path; a hub id is "

@@ -8,7 +8,7 @@ it exists to measure the saving and to check that both modes agree.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from pipeline import storage
 from pipeline.checkpoint import check_checkpoint, checkpoint_digest
@@ -17,6 +17,7 @@ from pipeline.manifest import input_digest
 from pipeline.stage import Upstream, check_out, join_named_cluster, read_rows, read_stage
 from pipeline.storage import resolve_path
 from trainer.launch import check_training_config, run_training
+from trainer.lora import LoraSettings
 from trainer.loss import LABEL_SMOOTHING_LOSS_TYPES, LOSS_TYPES
 
 STAGE = "train"
@@ -61,6 +62,7 @@ class DPOConfig:
     dtype: str = "float32"  # policy weights (log-softmax stays float32); float16 would need loss
     # scaling
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    lora: LoraSettings = field(default_factory=LoraSettings)  # r > 0: train LoRA adapters only
     log_every: int = 10  # steps between metric lines (step 0 is always logged)
     save_every: int = 0  # steps between checkpoints (resume points); 0 saves only at the end
     max_failures: int = 0  # worker failures Ray Train restarts from the last checkpoint

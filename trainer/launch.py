@@ -15,6 +15,7 @@ from pipeline.errors import UserError, user_errors
 from pipeline.manifest import current_run, finish_run, start_run
 from pipeline.storage import write_json
 from trainer.loop import STATE_FILE, train_loop_per_worker
+from trainer.lora import ADAPTER_DIR, check_lora
 
 TRAIN_DTYPES = ("float32", "bfloat16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -49,6 +50,7 @@ def check_training_config(cfg) -> None:
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+    check_lora(cfg.lora)
     if cfg.batch_size % (cfg.num_workers * cfg.grad_accum):
         raise UserError(
             f"batch_size {cfg.batch_size} is not divisible by num_workers x grad_accum "
@@ -110,7 +112,9 @@ def fit(loop_cfg: dict, train_ds) -> str:
     `train_ds` is materialized; every worker reads all of it.
 
     Ray Train keeps its checkpoints under `out/ray/<objective>`; a re-run with the same `out`
-    resumes from the latest of them.
+    resumes from the latest of them. A LoRA run's checkpoint model is the merged one; its
+    adapter is published beside it as `out/adapter` (before the model, whose config.json marks
+    the run's result complete).
     """
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -142,8 +146,12 @@ def fit(loop_cfg: dict, train_ds) -> str:
     if result.checkpoint is None:
         raise RuntimeError(f"training in {run_dir} finished without a checkpoint")
     out = storage.join(run_dir, "model")
-    with result.checkpoint.as_directory() as ckpt, storage.output_dir(out, overwrite=True) as tmp:
-        for f in Path(ckpt).iterdir():
-            if f.name != STATE_FILE and f.is_file():
-                shutil.copy2(f, Path(tmp) / f.name)
+    with result.checkpoint.as_directory() as ckpt:
+        if (Path(ckpt) / ADAPTER_DIR).is_dir():
+            with storage.output_dir(storage.join(run_dir, ADAPTER_DIR), overwrite=True) as tmp:
+                shutil.copytree(Path(ckpt) / ADAPTER_DIR, tmp, dirs_exist_ok=True)
+        with storage.output_dir(out, overwrite=True) as tmp:
+            for f in Path(ckpt).iterdir():
+                if f.name != STATE_FILE and f.is_file():
+                    shutil.copy2(f, Path(tmp) / f.name)
     return out

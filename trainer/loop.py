@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from pipeline import storage
 from pipeline.checkpoint import disable_dropout
+from trainer import lora
 from trainer.collate import collate
 from trainer.logps import TokenLogps
 from trainer.loss import dpo_loss, nll_loss
@@ -98,7 +99,8 @@ def _token_logps(model, t: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def causal_lm(model):
-    """The Hugging Face model inside DDP's and `TokenLogps`'s wrappers."""
+    """The Hugging Face model inside DDP's and `TokenLogps`'s wrappers (under LoRA, the
+    PeftModel)."""
     model = getattr(model, "module", model)
     return model.model if isinstance(model, TokenLogps) else model
 
@@ -298,9 +300,11 @@ class _Logger:
 
 
 def make_optimizer(model, cfg: dict):
-    """AdamW and its LambdaLR schedule (`lr_lambda`) over `cfg["total_steps"]` steps."""
+    """AdamW over the trainable parameters (all of them; under LoRA the adapters only) and its
+    LambdaLR schedule (`lr_lambda`) over `cfg["total_steps"]` steps."""
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], betas=(0.9, 0.95)
+        [p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
+        weight_decay=cfg["weight_decay"], betas=(0.9, 0.95),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -425,7 +429,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     start, state = start_point(cfg)
     # Never the checkpoint's own code, never pickle (the driver checked: check_checkpoint).
     tokenizer = AutoTokenizer.from_pretrained(start, trust_remote_code=False)
-    model, ref_model = load_models(cfg, start)
+    model, ref_model = load_models(cfg, start, resumed=state is not None)
     optimizer, scheduler = make_optimizer(model, cfg)
     step = resume(optimizer, scheduler, state)
     table = read_training_set(cfg, rank)
@@ -467,12 +471,24 @@ def _from_pretrained(path: str, cfg: dict):
     return model
 
 
-def load_models(cfg: dict, path: str):
-    """(policy, reference): the policy from `path` in train mode, wrapped for DDP; with
+def load_policy(cfg: dict, path: str, resumed: bool = False):
+    """The causal LM to train, from `path` (`start_point`'s). Under LoRA (`cfg["lora"]`), the
+    base model with adapters: fresh ones, or on a resumed run the checkpoint's on the base model
+    (`cfg["model"]`, not the checkpoint's merged weights), so that the optimizer state restored
+    matches the adapter parameters."""
+    if not lora.enabled(cfg):
+        return _from_pretrained(path, cfg)
+    if not resumed:
+        return lora.add_lora(_from_pretrained(path, cfg), cfg["lora"], base=cfg["model"])
+    return lora.load_lora(_from_pretrained(storage.local_copy(cfg["model"]), cfg), path)
+
+
+def load_models(cfg: dict, path: str, resumed: bool = False):
+    """(policy, reference): the policy (`load_policy`) in train mode, wrapped for DDP; with
     `ref_logps="live"` the frozen reference model on this worker's device, else None."""
     import ray.train.torch
 
-    model = _from_pretrained(path, cfg)
+    model = load_policy(cfg, path, resumed)
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
     model.train()
@@ -518,15 +534,19 @@ def read_training_set(cfg: dict, rank: int):
 def report_checkpoint(model, tokenizer, optimizer, scheduler, step: int, epoch: int,
                       rank: int) -> None:
     """Report `step` to Ray Train with, from rank 0, a checkpoint: the HF directory
-    (`save_pretrained`, what vLLM and the next round load) plus the optimizer's and schedule's
-    state in STATE_FILE, to resume from."""
+    (`save_pretrained`, what vLLM and the next round load; under LoRA the merged model plus the
+    adapter, `lora.save_lora`) and the optimizer's and schedule's state in STATE_FILE, to resume
+    from."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
-            causal_lm(model).save_pretrained(
-                tmp, safe_serialization=True)
+            lm = causal_lm(model)
+            if lora.is_lora(lm):
+                lora.save_lora(lm, tmp)
+            else:
+                lm.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "step": step, "epoch": epoch}, os.path.join(tmp, STATE_FILE))

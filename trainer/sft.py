@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 
 import pyarrow as pa
@@ -18,6 +18,7 @@ from pipeline.storage import local_copy, resolve_path
 from pipeline.tables import read_ray_dataset
 from trainer.collate import tokenize_completions
 from trainer.launch import check_training_config, run_training
+from trainer.lora import LoraSettings
 
 STAGE = "sft"
 
@@ -54,6 +55,7 @@ class SFTConfig:
     use_gpu: bool = False  # one GPU per worker, NCCL
     dtype: str = "float32"  # model weights: bfloat16 on a GPU; float16 would need loss scaling
     gradient_checkpointing: bool = False  # trade compute for activation memory
+    lora: LoraSettings = field(default_factory=LoraSettings)  # r > 0: train LoRA adapters only
     log_every: int = 50  # steps between metric lines (step 0 is always logged)
     save_every: int = 0  # steps between Ray Train checkpoints; 0 saves only at the end
     max_failures: int = 0  # worker failures Ray Train restarts from the last checkpoint
