@@ -29,7 +29,7 @@ def _cmd_toy_data(args) -> None:
     from pipeline.toy import write_task_data
 
     out = write_task_data(args.out, args.sft_rows, args.prompts, args.heldout, args.seed,
-                          overwrite=args.overwrite)
+                          overwrite=args.overwrite, chat=args.chat)
     show("toy data", {**vars(args), "out": out})
 
 
@@ -194,11 +194,11 @@ def _choices() -> dict:
     from pipeline.importer import BAD_ROWS, ImportConfig
     from pipeline.pair import MODES, PairConfig
     from pipeline.score import NONFINITE_MODES, RM_DTYPES, ScoreConfig
-    from trainer.launch import LR_SCHEDULES, TRAIN_DTYPES
+    from trainer.launch import LR_SCHEDULES, STRATEGIES, TRAIN_DTYPES
     from trainer.loss import LOSS_TYPES
     from trainer.precompute import CACHE_MODES, DTYPES, TRUNCATION_MODES, PrecomputeConfig
 
-    training = {"lr_schedule": LR_SCHEDULES, "dtype": TRAIN_DTYPES}
+    training = {"lr_schedule": LR_SCHEDULES, "dtype": TRAIN_DTYPES, "strategy": STRATEGIES}
     return {
         SFTConfig: training,
         DPOConfig: {**training, "loss_type": LOSS_TYPES},
@@ -293,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random operands: the same "
                    "flags give the same files (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--chat", metavar="TOKENIZER_DIR", help="write a chat task: prompts "
+                   "rendered with this tokenizer's chat template (generation prompt added), SFT "
+                   "responses ending with its end-of-turn token, the token vLLM stops on (e.g. "
+                   "a model from `odpo toy init --tokenizer bpe`; default: plain text)")
     p.set_defaults(func=_cmd_toy_data)
 
     p = sub.add_parser("report", help="Markdown + PNG report of an iterate run",

@@ -305,3 +305,35 @@ def test_run_dir_policy_and_prompts_on_s3(s3_server, tmp_path, monkeypatch):
                  "report/reward.png", "report/funnel.png"):
         assert storage.is_file(f"{run}/{name}"), name
     assert not list(tmp_path.iterdir())  # nothing written on local disk
+
+
+@pytest.mark.parametrize("variant", ["fsdp", "lora"])
+def test_real_model_recipe_reaches_every_step(tmp_path, monkeypatch, variant):
+    """jobs/configs/real_model_gpu.yaml (a hub chat model on GPUs: FSDP, bfloat16, gradient
+    checkpointing; its commented variant: LoRA with DDP) is a valid config whose every section
+    reaches its step, with the toy's files standing in for the hub model and the user's data."""
+    from pathlib import Path
+
+    calls = stub_steps(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "jobs" / "configs" /
+                             "real_model_gpu.yaml").read_text())
+    if variant == "lora":
+        recipe["train"] = {**recipe["train"], "strategy": "ddp",
+                           "lora": {"r": 16, "alpha": 32, "dropout": 0.0,
+                                    "target_modules": "all-linear"}}
+    files = _files(tmp_path)
+    summary = run_iterate(IterateConfig(**{**recipe, **files}))
+    steps = dict(calls)  # the last config of each step: round 2's
+    assert [step for step, _ in calls] == ["eval"] + [
+        "sample", "score", "pair", "precompute", "train", "eval"] * 2
+    train, sample, precompute = steps["train"], steps["sample"], steps["precompute"]
+    assert (train.strategy, train.dtype, train.num_workers, train.use_gpu) == (
+        "fsdp" if variant == "fsdp" else "ddp", "bfloat16", 4, True)
+    assert train.gradient_checkpointing and train.lr == 5e-7 and train.alpha == 1.0
+    assert train.lora.r == (16 if variant == "lora" else 0)
+    assert (sample.engine.use_gpu, sample.engine.dtype, sample.engine.replicas) == (
+        True, "bfloat16", 2)
+    assert (precompute.use_gpu, precompute.dtype, precompute.replicas) == (True, "bfloat16", 2)
+    assert steps["eval"].engine.use_gpu and steps["pair"].min_margin == 0.1
+    assert len(summary["rounds"]) == 3

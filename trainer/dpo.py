@@ -8,6 +8,7 @@ it exists to measure the saving and to check that both modes agree.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import asdict, dataclass, field
 
 from pipeline import storage
@@ -55,12 +56,18 @@ class DPOConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off
     seed: int = 0  # torch seed of every worker
     shuffle: bool = True  # a new pair order each epoch (seeded by seed, epoch); off: shard order
-    num_workers: int = 1  # DDP workers (gloo on CPU, NCCL on GPU)
+    num_workers: int = 1  # training workers (gloo on CPU, NCCL on GPU)
+    # ddp: every worker holds the whole model, gradients and AdamW state | fsdp: FSDP2
+    # (fully_shard on every decoder layer) shards them across the workers, for models that do
+    # not fit one device
+    strategy: str = "ddp"
     cpus_per_worker: float = 1.0  # fractional CPUs keep Ray Data's readers from starving
     torch_threads: int = 0  # intra-op threads per worker; 0 = cpus_per_worker (at least 1)
     use_gpu: bool = False  # one GPU per worker, NCCL
-    dtype: str = "float32"  # policy weights (log-softmax stays float32); float16 would need loss
-    # scaling
+    # float32 | bfloat16: mixed precision, the forward in bfloat16 (log-softmax in float32) and
+    # the trained weights and AdamW state in float32 (a LoRA base stays bfloat16); float16
+    # would need loss scaling
+    dtype: str = "float32"
     gradient_checkpointing: bool = False  # trade compute for activation memory
     lora: LoraSettings = field(default_factory=LoraSettings)  # r > 0: train LoRA adapters only
     log_every: int = 10  # steps between metric lines (step 0 is always logged)
@@ -113,6 +120,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     if live:
         check_checkpoint(cfg.ref_model, "reference model")
     up = read_precompute_stage(cfg.data)
+    warn_dtype(up.manifest, cfg)
     inputs = {"model": checkpoint_digest(cfg.model), "data": input_digest(cfg.data)}
     if live:
         inputs["ref_model"] = checkpoint_digest(cfg.ref_model)
@@ -121,6 +129,18 @@ def run_dpo(cfg: DPOConfig) -> dict:
         inputs=inputs, ray_inputs=paths,
         read=lambda: (read_pairs(up), up.manifest["rows_out"], {"ref_logps": cfg.ref_logps}),
     )
+
+
+def warn_dtype(manifest: dict, cfg: DPOConfig) -> None:
+    """Say so when the cached reference log-probs were computed in another precision than the
+    policy's forward: the policy starts as the reference, but step 0's loss is then not exactly
+    ln 2 (docs/design.md, Numerics)."""
+    cached = (manifest.get("config") or {}).get("dtype")
+    if cfg.ref_logps == "cached" and cached and cached != cfg.dtype:
+        print(f"odpo train: warning: the reference log-probs in {cfg.data} were computed in "
+              f"{cached} and the policy's forward runs in {cfg.dtype}: step 0 starts off ln 2 "
+              "by the two precisions' difference (grows with completion length); precompute "
+              f"with --dtype {cfg.dtype} for an exact start", file=sys.stderr)
 
 
 def read_pairs(up: Upstream):

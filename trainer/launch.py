@@ -18,6 +18,7 @@ from trainer.loop import STATE_FILE, train_loop_per_worker
 from trainer.lora import ADAPTER_DIR, check_lora
 
 TRAIN_DTYPES = ("float32", "bfloat16")
+STRATEGIES = ("ddp", "fsdp")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -28,6 +29,10 @@ def check_training_config(cfg) -> None:
         (cfg.dtype in TRAIN_DTYPES,
          f"dtype must be one of {TRAIN_DTYPES} (float16 training would need loss scaling), got "
          f"{cfg.dtype!r}"),
+        (cfg.strategy in STRATEGIES,
+         f"strategy must be one of {STRATEGIES}, got {cfg.strategy!r}"),
+        (not (cfg.strategy == "fsdp" and cfg.lora.r > 0),
+         "lora with strategy fsdp is not supported: LoRA's trainable state is small, use ddp"),
         (cfg.lr_schedule in LR_SCHEDULES,
          f"lr_schedule must be one of {LR_SCHEDULES}, got {cfg.lr_schedule!r}"),
         (cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}"),

@@ -78,9 +78,11 @@ def chunk_positions(vocab_size: int) -> int:
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    logits = hidden @ weight.t()
+    # in the hidden states' dtype, as autocast runs the head (bfloat16 under mixed precision;
+    # the backward, which runs outside autocast, makes the same cast)
+    logits = hidden @ weight.to(hidden.dtype).t()
     if bias is not None:
-        logits = logits + bias
+        logits = logits + bias.to(hidden.dtype)
     return logits.float()
 
 
@@ -116,7 +118,7 @@ class _LabelLogps(torch.autograd.Function):
             d.scatter_add_(1, labels[s:s + chunk, None], g[:, None])
             d = d.to(hidden.dtype)  # the cast autograd makes on the full path
             if grad_hidden is not None:
-                grad_hidden[s:s + chunk] = d @ weight
+                grad_hidden[s:s + chunk] = d @ weight.to(d.dtype)
             if grad_weight is not None:
                 grad_weight += (d.t() @ h).float()
             if grad_bias is not None:
@@ -179,9 +181,11 @@ class TokenLogps(torch.nn.Module):
     training, so that the lean forward (body, then the chunked head) runs inside the wrapper's
     hooks. `.model` is the causal LM (saved with `save_pretrained`)."""
 
-    def __init__(self, model, lean: bool = True):
+    def __init__(self, model, lean: bool = True, autocast_dtype: torch.dtype | None = None):
         super().__init__()
-        self.model, self.lean = model, lean
+        self.model, self.lean, self.autocast_dtype = model, lean, autocast_dtype
 
     def forward(self, input_ids, attention_mask, labels):
-        return model_token_logps(self.model, input_ids, attention_mask, labels, self.lean)
+        with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            return model_token_logps(self.model, input_ids, attention_mask, labels, self.lean)

@@ -338,6 +338,8 @@ def accumulate_gradients(
     shares: dict[str, float] = {"micro_batches": 0.0}
     for i, batch in enumerate(micro_batches):
         no_sync = hasattr(model, "no_sync") and i < accum - 1  # DDP: all-reduce on the last
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last
+            model.set_requires_gradient_sync(i == accum - 1)
         with model.no_sync() if no_sync else contextlib.nullcontext():
             if cfg["objective"] == "sft":
                 loss, metrics = sft_step_loss(model, batch, pad_token_id, step_tokens, world)
@@ -358,6 +360,8 @@ def optimizer_step(model, optimizer, scheduler, grad_clip: float) -> float:
     schedule, clear the gradients; returns the norm before clipping."""
     grad_norm = torch.nn.utils.clip_grad_norm_(
         model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor over the shards
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -431,7 +435,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     tokenizer = AutoTokenizer.from_pretrained(start, trust_remote_code=False)
     model, ref_model = load_models(cfg, start, resumed=state is not None)
     optimizer, scheduler = make_optimizer(model, cfg)
-    step = resume(optimizer, scheduler, state)
+    step = resume(model, optimizer, scheduler, state)
     table = read_training_set(cfg, rank)
     logger = _Logger(cfg, rank == 0, step)
 
@@ -460,15 +464,21 @@ def start_point(cfg: dict) -> tuple[str, dict | None]:
     return path, torch.load(os.path.join(path, STATE_FILE), weights_only=True)
 
 
-def _from_pretrained(path: str, cfg: dict):
-    """A causal LM in `cfg["dtype"]` with dropout off, from safetensors only and never with the
-    checkpoint's own code."""
+def _from_pretrained(path: str, cfg: dict, dtype: str | None = None):
+    """A causal LM in `dtype` (default `cfg["dtype"]`) with dropout off, from safetensors only
+    and never with the checkpoint's own code."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, cfg["dtype"]),
-                                                 trust_remote_code=False, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype or cfg["dtype"]), trust_remote_code=False,
+        use_safetensors=True)
     disable_dropout(model)
     return model
+
+
+def compute_dtype(cfg: dict) -> torch.dtype | None:
+    """bfloat16 when the config trains in mixed precision (`dtype: bfloat16`), else None."""
+    return torch.bfloat16 if cfg["dtype"] == "bfloat16" else None
 
 
 def load_policy(cfg: dict, path: str, resumed: bool = False):
@@ -476,37 +486,103 @@ def load_policy(cfg: dict, path: str, resumed: bool = False):
     base model with adapters: fresh ones, or on a resumed run the checkpoint's on the base model
     (`cfg["model"]`, not the checkpoint's merged weights), so that the optimizer state restored
     matches the adapter parameters."""
-    if not lora.enabled(cfg):
-        return _from_pretrained(path, cfg)
+    if not lora.enabled(cfg):  # trained weights stay float32: the master copy of mixed precision
+        return _from_pretrained(path, cfg, "float32")
+    # LoRA: the frozen base in cfg["dtype"], the adapters float32 (PEFT's default)
     if not resumed:
         return lora.add_lora(_from_pretrained(path, cfg), cfg["lora"], base=cfg["model"])
     return lora.load_lora(_from_pretrained(storage.local_copy(cfg["model"]), cfg), path)
 
 
+def wrap_policy(model, cfg: dict, device: torch.device, world: int):
+    """The policy as the module training calls: `TokenLogps` (so that the lean forward runs
+    inside the wrappers' hooks) on `device`, then for `strategy: ddp` DDP over `world` workers
+    (none for one), for `fsdp` FSDP2's `fully_shard` on every decoder layer and the root:
+    parameters, gradients and AdamW state sharded across the workers.
+
+    Mixed precision (`dtype: bfloat16`): the weights stay float32 and the forward runs in
+    bfloat16 (DDP: autocast; FSDP: its MixedPrecisionPolicy casts the gathered parameters,
+    gradients are reduced in float32); log-softmax is float32 either way (`trainer.logps`)."""
+    bf16 = compute_dtype(cfg)
+    if cfg.get("strategy", "ddp") != "fsdp":
+        wrapped = TokenLogps(model.to(device), autocast_dtype=bf16)
+        if world == 1:
+            return wrapped
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(
+            wrapped, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=torch.float32 if bf16 else None)
+    wrapped = TokenLogps(model.to(device))
+    layers = set(getattr(model, "_no_split_modules", None) or ())  # HF: the decoder layer class
+    for module in model.modules():
+        if type(module).__name__ in layers:
+            fully_shard(module, mp_policy=policy)
+    fully_shard(wrapped, mp_policy=policy)
+    return wrapped
+
+
 def load_models(cfg: dict, path: str, resumed: bool = False):
-    """(policy, reference): the policy (`load_policy`) in train mode, wrapped for DDP; with
-    `ref_logps="live"` the frozen reference model on this worker's device, else None."""
+    """(policy, reference): the policy (`load_policy`) in train mode, wrapped (`wrap_policy`);
+    with `ref_logps="live"` the frozen reference model on this worker's device, else None."""
+    import ray.train
     import ray.train.torch
 
     model = load_policy(cfg, path, resumed)
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
     model.train()
-    # DDP wraps the module that returns token log-probs, so the lean forward runs inside it
-    model = ray.train.torch.prepare_model(TokenLogps(model))
+    device = ray.train.torch.get_device()
+    model = wrap_policy(model, cfg, device, ray.train.get_context().get_world_size())
     if cfg.get("ref_logps") != "live":
         return model, None
     reference = _from_pretrained(storage.local_copy(cfg["ref_model"]), cfg)
     reference.eval().requires_grad_(False)
-    return model, reference.to(ray.train.torch.get_device())
+    return model, reference.to(device)
 
 
-def resume(optimizer, scheduler, state: dict | None) -> int:
+def is_sharded(model) -> bool:
+    """Whether `model` is FSDP2-sharded (its state is gathered collectively)."""
+    return hasattr(model, "set_requires_gradient_sync")
+
+
+def full_state(model, optimizer) -> tuple[dict, dict]:
+    """(model state dict of the causal LM, optimizer state dict), whole, on CPU. Collective
+    under FSDP (every rank must call it); else the local state."""
+    if not is_sharded(model):
+        return causal_lm(model).state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    prefix = "model."  # TokenLogps holds the causal LM as `.model`
+    weights = {k[len(prefix):]: v for k, v in weights.items()}
+    return weights, get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(model, optimizer, state: dict) -> None:
+    """Restore a `full_state` optimizer state dict: each FSDP rank takes its shard."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def resume(model, optimizer, scheduler, state: dict | None) -> int:
     """The step to go on from: 0 on a fresh run, else a checkpoint's, with the optimizer's and
     the schedule's state restored."""
     if state is None:
         return 0
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state["step"]
 
@@ -539,6 +615,7 @@ def report_checkpoint(model, tokenizer, optimizer, scheduler, step: int, epoch: 
     from."""
     import ray.train
 
+    weights, optimizer_state = full_state(model, optimizer)  # collective under FSDP
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
@@ -546,9 +623,9 @@ def report_checkpoint(model, tokenizer, optimizer, scheduler, step: int, epoch: 
             if lora.is_lora(lm):
                 lora.save_lora(lm, tmp)
             else:
-                lm.save_pretrained(tmp, safe_serialization=True)
+                lm.save_pretrained(tmp, state_dict=weights, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                         "step": step, "epoch": epoch}, os.path.join(tmp, STATE_FILE))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({"step": step}, checkpoint=checkpoint)

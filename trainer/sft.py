@@ -49,11 +49,18 @@ class SFTConfig:
     # a row longer than max_length: `error` stops before training, naming it; `drop` leaves it
     # out and counts it (sft_summary.json `dropped`), as sample and precompute do
     too_long: str = "error"
-    num_workers: int = 1  # DDP workers (gloo on CPU, NCCL on GPU)
+    num_workers: int = 1  # training workers (gloo on CPU, NCCL on GPU)
+    # ddp: every worker holds the whole model, gradients and AdamW state | fsdp: FSDP2
+    # (fully_shard on every decoder layer) shards them across the workers, for models that do
+    # not fit one device
+    strategy: str = "ddp"
     cpus_per_worker: float = 1.0  # fractional CPUs keep Ray Data's readers from starving
     torch_threads: int = 0  # intra-op threads per worker; 0 = cpus_per_worker (at least 1)
     use_gpu: bool = False  # one GPU per worker, NCCL
-    dtype: str = "float32"  # model weights: bfloat16 on a GPU; float16 would need loss scaling
+    # float32 | bfloat16: mixed precision, the forward in bfloat16 (log-softmax in float32) and
+    # the trained weights and AdamW state in float32 (a LoRA base stays bfloat16); float16
+    # would need loss scaling
+    dtype: str = "float32"
     gradient_checkpointing: bool = False  # trade compute for activation memory
     lora: LoraSettings = field(default_factory=LoraSettings)  # r > 0: train LoRA adapters only
     log_every: int = 50  # steps between metric lines (step 0 is always logged)
