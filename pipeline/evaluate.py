@@ -86,7 +86,10 @@ def run_eval(cfg: EvalConfig) -> dict:
     rows = table.to_pylist()
     prompts = [r["prompt"] for r in rows]
     scorer = load_scorer(cfg.scorer)
-    remote = ray.remote(_generate).options(**actor_options(cfg.engine), max_retries=0)
+    # max_calls=1: the engine's worker process exits with it (vLLM pins an in-process engine's
+    # threads, which a reused Ray worker would keep)
+    remote = ray.remote(max_calls=1)(_generate).options(**actor_options(cfg.engine),
+                                                        max_retries=0)
     sampling = {k: getattr(cfg, k) for k in ("samples", "temperature", "top_p", "max_tokens",
                                               "seed")}
     texts = ray.get(remote.remote(cfg.model, cfg.engine, prompts, sampling))
