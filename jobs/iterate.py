@@ -33,6 +33,7 @@ from pipeline.evaluate import EvalConfig, run_eval
 from pipeline.storage import resolve_path, write_json
 from trainer.dpo import DPOConfig, run_dpo
 from trainer.dpo import check_config as check_dpo
+from trainer.loss import REFERENCE_FREE_LOSS_TYPES
 from trainer.sft import SFTConfig, eval_settings, run_sft
 from trainer.sft import check_config as check_sft
 
@@ -51,7 +52,9 @@ class IterateConfig:
     ref_model: str = "policy"  # policy: round k's reference is policy k-1 | initial: the SFT one
     seed: int = 0  # base seed; round k samples with seed + k
     toy_model: dict | None = None  # ToyConfig fields: make the toy model from nothing
-    toy_data: dict | None = None  # `odpo toy data` options: sft_rows, prompts, heldout, seed
+    # `odpo toy data` options: sft_rows, prompts, heldout, seed, chat (true: rendered with the
+    # policy's chat template, as --chat)
+    toy_data: dict | None = None
     sft: dict = field(default_factory=dict)  # SFTConfig fields for the initial SFT
     sample: dict = field(default_factory=dict)  # SampleConfig fields
     score: dict = field(default_factory=dict)  # ScoreConfig fields
@@ -88,10 +91,19 @@ def _toy(cfg: IterateConfig, run: str) -> tuple[str | None, dict]:
 
         data_dir = storage.join(run, "data")
         opts = {"sft_rows": 150_000, "prompts": 2048, "heldout": 500, "seed": 0, **cfg.toy_data}
-        unknown = sorted(set(opts) - {"sft_rows", "prompts", "heldout", "seed"})
+        unknown = sorted(set(opts) - {"sft_rows", "prompts", "heldout", "seed", "chat"})
         if unknown:
             raise UserError(f"toy_data: unknown key(s) {unknown}")
-        write_task_data(data_dir, **opts, overwrite=True)  # as the toy model: deterministic
+        # chat: true renders the task with the initial policy's chat template (the toy's with
+        # `toy_model: {tokenizer: bpe}`), as `odpo toy data --chat` does.
+        chat = opts.pop("chat", False)
+        if not isinstance(chat, bool):
+            raise UserError(f"toy_data: chat must be true or false, got {chat!r}")
+        if chat and policy is None:
+            raise UserError("toy_data: chat needs `toy_model:` or `policy:`, whose chat "
+                            "template renders the prompts")
+        write_task_data(data_dir, **opts, overwrite=True,  # as the toy model: deterministic
+                        chat=resolve_path(policy) if chat else None)
         paths = {k: storage.join(data_dir, f"{k}.parquet") for k in ("sft", "prompts", "heldout")}
     return policy, paths
 
@@ -183,10 +195,15 @@ def run_iterate(cfg: IterateConfig) -> dict:
             "scorer": cfg.scorer}))
         run_pair(_section(PairConfig, cfg, "pair", {
             "scored": at["scored"], "out": at["pairs"], "round": k}))
-        ref_model = policy if cfg.ref_model == "policy" else initial
+        # A reference-free loss (simpo, orpo) trains on the token ids alone: the step only
+        # tokenizes (with the policy's tokenizer), no reference model runs.
+        free = cfg.train.get("loss_type", "sigmoid") in REFERENCE_FREE_LOSS_TYPES
+        ref_model = policy if cfg.ref_model == "policy" or free else initial
         ref = run_precompute(_section(PrecomputeConfig, cfg, "precompute", {
-            "pairs": at["pairs"], "model": ref_model, "out": at["precompute"]}))
-        _log(f"round {k}: reference log-probs {ref['cache']} ({ref['pairs']} pairs)")
+            "pairs": at["pairs"], "model": ref_model, "out": at["precompute"],
+            **({"logps": False} if free else {})}))
+        what = "tokenized (reference-free loss)" if free else "reference log-probs"
+        _log(f"round {k}: {what} {ref['cache']} ({ref['pairs']} pairs)")
         train = run_dpo(_section(DPOConfig, cfg, "train", {
             "model": policy, "data": at["precompute"], "out": storage.join(rdir, "train"),
             "seed": seed}))

@@ -14,10 +14,11 @@ left to the completions; whole messages for conversations). The rows where that 
 prefix, or one side is a prefix of the other) are counted in the manifest and dropped.
 
 The rendered text is made to tokenize exactly as `apply_chat_template(..., tokenize=True)`: every
-stage encodes prompts with the tokenizer's BOS and appends EOS to completions
-(`trainer.collate.tokenize_completions`), so a BOS the template writes at the start of the prompt
-and an EOS it writes at the end of a completion (plus whitespace after it) are removed from the
-text, and counted.
+stage encodes prompts with the tokenizer's BOS and appends EOS to completions that do not already
+end with EOS or an end-of-turn token (`trainer.collate.tokenize_completions`), so a BOS the
+template writes at the start of the prompt and an EOS it writes at the end of a completion (plus
+whitespace after it) are removed from the text, and counted; a completion that ends with the
+template's end of turn (ChatML's `<|im_end|>\n`) is kept as it is and gets no EOS.
 
 Bad rows are dropped and counted by reason (`bad_rows: drop`), or stop the import with one
 clear error naming the first such row (`bad_rows: error`); see `REASONS`.

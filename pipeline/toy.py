@@ -14,6 +14,10 @@ Two tokenizers:
   tokens; it adds no BOS. It has merges with a leading space (`Ġthe`), multi-byte characters
   spread over several byte tokens, and text whose tokenization changes at a split point
   ("the peo" + "ple"), so prompt/completion boundaries and stop tokens are exercised for real.
+
+`write_task_data(chat=TOKENIZER_DIR)` (`odpo toy data --chat`) writes the addition task as a
+chat task for such a tokenizer (`as_chat`): prompts rendered with its chat template, SFT responses
+ending with its end-of-turn token.
 """
 
 from __future__ import annotations
@@ -189,6 +193,77 @@ def init_toy_model(cfg: ToyConfig, overwrite: bool = False) -> str:
     return storage.absolute(cfg.out)
 
 
+def _bos_written(tokenizer) -> str | None:
+    """The BOS text a chat template may write that the tokenizer also adds itself (so the
+    rendered prompt must not carry it), else None."""
+    bos = tokenizer.bos_token
+    adds = bos is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return bos if adds else None
+
+
+def chat_turn(tokenizer, question: str, answer: str | None = None,
+              bos: str | None = None) -> tuple[str, str | None]:
+    """(prompt, response) of a one-turn chat, as `tokenizer`'s chat template renders it.
+
+    The prompt is the user turn with the generation prompt (`add_generation_prompt=True`), less
+    a leading `bos` (`_bos_written`). The response is what the template writes for the
+    assistant's `answer`, up to and including the first special token after it: its end of turn
+    (`<|im_end|>`), the token vLLM stops on, so SFT ends the response there
+    (trainer.collate.tokenize_completions appends no EOS after it); whitespace the template puts
+    after it (ChatML's newline) is never generated and is left out. A template that writes no
+    special token after the answer gives the answer alone (EOS is then appended). Without an
+    `answer`, the response is None."""
+    from pipeline.errors import UserError
+
+    user = [{"role": "user", "content": question}]
+    prompt = tokenizer.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    response = None
+    if answer is not None:
+        full = tokenizer.apply_chat_template(
+            user + [{"role": "assistant", "content": answer}], tokenize=False)
+        tail = full[len(prompt):]
+        if not full.startswith(prompt) or not tail.startswith(answer):
+            raise UserError(f"the chat template's rendering of {question!r} and its answer does "
+                            f"not continue its generation prompt: it cannot render a chat task")
+        ends = [i + len(t) for t in tokenizer.all_special_tokens
+                if t not in (tokenizer.bos_token, tokenizer.pad_token, tokenizer.unk_token)
+                and (i := tail.find(t, len(answer))) >= 0]
+        response = tail[:min(ends)] if ends else answer
+    if bos and prompt.startswith(bos):
+        prompt = prompt[len(bos):]
+    return prompt, response
+
+
+def chat_tokenizer(path: str):
+    """The tokenizer of `path` (a model or tokenizer directory), which must have a chat
+    template."""
+    from transformers import AutoTokenizer
+
+    from pipeline import storage
+    from pipeline.errors import UserError
+
+    if not storage.is_dir(path):
+        raise UserError(f"{path}: tokenizer directory not found")
+    tokenizer = AutoTokenizer.from_pretrained(storage.local_copy(path, "tokenizer"),
+                                              trust_remote_code=False)
+    if not tokenizer.chat_template:
+        raise UserError(f"{path}: the tokenizer has no chat template (`odpo toy init --tokenizer "
+                        f"bpe` makes one that has)")
+    return tokenizer
+
+
+def as_chat(rows: list[dict], tokenizer) -> list[dict]:
+    """Task rows with `prompt` (and `response`) rendered as a chat (`chat_turn`); the plain
+    prompt is kept as `question`. The answer column and the held-out split (a digest of the plain
+    prompt, drawn before rendering) are unchanged."""
+    bos, out = _bos_written(tokenizer), []
+    for row in rows:
+        prompt, response = chat_turn(tokenizer, row["prompt"], row.get("response"), bos)
+        out.append({**row, "prompt": prompt, "question": row["prompt"],
+                    **({"response": response} if "response" in row else {})})
+    return out
+
+
 def write_task_data(
     out: str | Path,
     sft_rows: int = 150_000,
@@ -196,19 +271,24 @@ def write_task_data(
     heldout: int = 500,
     seed: int = 0,
     overwrite: bool = False,
+    chat: str | None = None,
 ) -> str:
-    """The addition task's sft / prompts / heldout Parquet files (held-out split disjoint)."""
+    """The addition task's sft / prompts / heldout Parquet files (held-out split disjoint);
+    `chat`: a tokenizer directory whose chat template renders them as a chat task (`as_chat`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from pipeline import storage
     from pipeline.tasks import addition
 
+    tokenizer = chat_tokenizer(chat) if chat else None
     with storage.output_dir(out, overwrite=overwrite) as tmp:
         for name, rows in (
             ("sft", addition.sft_data(sft_rows, seed=seed)),
             ("prompts", addition.prompts(prompts, seed=seed + 1)),
             ("heldout", addition.heldout(heldout, seed=seed + 2)),
         ):
+            if tokenizer is not None:
+                rows = as_chat(rows, tokenizer)
             pq.write_table(pa.Table.from_pylist(rows), Path(tmp) / f"{name}.parquet")
     return storage.absolute(out)

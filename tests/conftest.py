@@ -111,6 +111,17 @@ def toy_tokenizer(toy_model_dir):
 
 
 @pytest.fixture(scope="session")
+def bpe_model_dir(tmp_path_factory):
+    """`odpo toy init --tokenizer bpe`: the toy Llama (random weights) with the byte-level BPE
+    chat tokenizer, end of turn `<|im_end|>` beside EOS `<|endoftext|>`."""
+    from pipeline.toy import ToyConfig, init_toy_model
+
+    out = tmp_path_factory.mktemp("bpe_toy") / "model"
+    init_toy_model(ToyConfig(out=str(out), tokenizer="bpe"))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def toy_data_dir(tmp_path_factory):
     """The addition task's sft (4096 rows), prompts (64) and heldout (64) Parquet files."""
     from pipeline.toy import write_task_data

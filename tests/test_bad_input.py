@@ -81,7 +81,7 @@ def bad(tmp_path_factory, toy_model_dir) -> Path:
     (d / "invalid.yaml").write_text("k: [1, 2\n")
     (d / "iterate_typo.yaml").write_text(
         f"policy: {toy_model_dir}\nprompts: {d / 'prompts.parquet'}\n"
-        f"eval_prompts: {d / 'prompts.parquet'}\ntrain:\n  betta: 0.1\n")
+        f"eval_prompts: {d / 'prompts.parquet'}\nscorer: addition\ntrain:\n  betta: 0.1\n")
     (d / "iterate_float16.yaml").write_text(
         f"policy: {toy_model_dir}\nprompts: {d / 'prompts.parquet'}\n"
         f"eval_prompts: {d / 'prompts.parquet'}\nscorer: addition\ntrain:\n  beta: 0.1\n"

@@ -143,7 +143,11 @@ def test_resume_after_crash_continues_the_same_run(ray_local, e2e_run, tmp_path)
 
 def test_train_worker_killed_restarts_from_checkpoint(ray_local, e2e_run, tmp_path):
     """SIGKILL a Ray Train worker after a checkpoint: `FailureConfig(max_failures)` restarts the
-    worker group from the last checkpoint and the run finishes with the uninterrupted losses."""
+    worker group from the last checkpoint and the run finishes with the uninterrupted losses.
+    The run is sharded (`--strategy fsdp` over 2 workers): its checkpoint holds the gathered
+    weights and AdamW state, and each restarted worker takes its shard back. The uninterrupted
+    run is one unsharded worker: step 0 equal to 1e-5, then the reduction order's float32
+    drift (< 2e-4 here; a lost optimizer state is off by 1e-3 to 1e-2)."""
     import signal
     import threading
     import time
@@ -167,11 +171,14 @@ def test_train_worker_killed_restarts_from_checkpoint(ray_local, e2e_run, tmp_pa
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
     try:
-        metrics = _train(_train_args(e2e_run, out, "--save-every", "4", "--max-failures", "2"))
+        metrics = _train(_train_args(e2e_run, out, "--save-every", "4", "--max-failures", "2",
+                                     "--strategy", "fsdp", "--num-workers", "2",
+                                     "--cpus-per-worker", "0.5", "--torch-threads", "1"))
     finally:
         stop.set()
         thread.join()
     assert killed, "no train worker was killed"
     assert [m["step"] for m in metrics] == list(range(24))
     for a, b in zip(e2e_run["train_metrics"], metrics, strict=True):
-        assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
+        tol = 1e-5 if a["step"] == 0 else 2e-4
+        assert abs(a["loss"] - b["loss"]) < tol, (a["step"], a["loss"], b["loss"])

@@ -337,3 +337,32 @@ def test_real_model_recipe_reaches_every_step(tmp_path, monkeypatch, variant):
     assert (precompute.use_gpu, precompute.dtype, precompute.replicas) == (True, "bfloat16", 2)
     assert steps["eval"].engine.use_gpu and steps["pair"].min_margin == 0.1
     assert len(summary["rounds"]) == 3
+
+
+def test_reference_free_loss_runs_no_reference_model(tmp_path, monkeypatch):
+    """`train: {loss_type: simpo}` (or orpo): each round's precompute step only tokenizes
+    (`logps: false`, the policy's tokenizer), whatever `ref_model` says, and training reads the
+    ids alone; a reference-based loss keeps its reference model."""
+    calls = stub_steps(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    files = _files(tmp_path)
+    run_iterate(IterateConfig(**files, rounds=2, ref_model="initial",
+                              train={"beta": 2.0, "loss_type": "simpo"}))
+    pre = [cfg for step, cfg in calls if step == "precompute"]
+    trained = [cfg for step, cfg in calls if step == "train"]
+    assert [c.logps for c in pre] == [False, False]
+    assert [c.model for c in pre] == [t.model for t in trained]  # the policy's tokenizer
+    assert pre[1].model == f"{files['run_dir']}/round_1/train/model"
+    calls.clear()
+    run_iterate(IterateConfig(**files, rounds=2, ref_model="initial", train={"beta": 0.1}))
+    pre = [cfg for step, cfg in calls if step == "precompute"]
+    assert [(c.logps, c.model) for c in pre] == [(True, files["policy"])] * 2
+
+
+def test_reference_free_loss_with_a_live_reference_is_refused():
+    from pipeline.errors import UserError
+    from trainer.dpo import DPOConfig, check_config
+
+    with pytest.raises(UserError, match="needs no reference model"):
+        check_config(DPOConfig(model="m", data="d", out="o", beta=2.0, loss_type="orpo",
+                               ref_logps="live"))

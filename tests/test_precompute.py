@@ -366,3 +366,36 @@ def test_trainer_reads_the_shards_and_starts_at_ln2(computed, toy_model_dir, toy
     loss, metrics = dpo_step_loss(_load(toy_model_dir), batch, toy_tokenizer.pad_token_id, cfg)
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
     assert metrics["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_no_logps_tokenizes_only_for_reference_free_losses(computed, pairs_dir, toy_model_dir,
+                                                           toy_tokenizer, tmp_path):
+    """`--no-logps`: the same ids and counts as the full stage, no reference log-probs and no
+    reference forward; simpo trains on them to the loss it gets from the full stage's shards
+    (where it ignores the reference columns), and a reference-based loss is refused them."""
+    from pipeline.errors import UserError
+    from trainer.dpo import read_precompute_stage
+    from trainer.loop import dpo_step_loss
+
+    out = tmp_path / "ids"
+    assert main(_args(pairs_dir, toy_model_dir, out, tmp_path / "cache", "--no-logps")) == 0
+    manifest = read_manifest(out)
+    assert manifest["config"]["logps"] is False and "forward_s" in manifest["stats"]
+    ids, full = _read(out), _read(computed["out"])
+    keep = ("prompt_id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids",
+            "chosen_num_tokens", "rejected_num_tokens")
+    assert [{k: r[k] for k in keep} for r in ids] == [{k: r[k] for k in keep} for r in full]
+    assert not any(k.startswith("ref_") for k in ids[0])
+
+    read_precompute_stage(str(out), "simpo")
+    with pytest.raises(UserError, match=r"precomputed without reference log-probs \(--no-logps"):
+        read_precompute_stage(str(out), "sigmoid")
+    cfg = {"beta": 2.0, "loss_type": "simpo", "label_smoothing": 0.0, "alpha": 0.0}
+    model = _load(toy_model_dir)
+    losses = []
+    for d in (out, computed["out"]):
+        table = pq.read_table(sorted(Path(d).glob("*.parquet")))
+        batch = {c: table[c].to_numpy(zero_copy_only=False) for c in table.column_names}
+        losses.append(dpo_step_loss(model, batch, toy_tokenizer.pad_token_id, cfg)[0].item())
+    assert losses[0] == losses[1] and math.isfinite(losses[0])

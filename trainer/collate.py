@@ -42,15 +42,37 @@ def collate(
     }
 
 
+def end_token_ids(tokenizer) -> set[int]:
+    """The special tokens a completion may already end with: EOS and the tokenizer's other special
+    tokens but BOS, PAD and UNK, i.e. a chat template's end of turn (`<|im_end|>`, `<|eot_id|>`,
+    `<end_of_turn>`), where generation stops (generation_config lists it beside EOS)."""
+    skip = {tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}
+    return set(tokenizer.all_special_ids) - skip
+
+
+def ends_turn(tokenizer, ids: Sequence[int], end_ids: set[int]) -> bool:
+    """True when `ids` end with one of `end_ids`, trailing whitespace tokens aside (ChatML writes
+    "<|im_end|>\n")."""
+    i = len(ids)
+    while i and ids[i - 1] not in end_ids and tokenizer.decode(ids[i - 1:i]).isspace():
+        i -= 1
+    return i > 0 and ids[i - 1] in end_ids
+
+
 def tokenize_completions(
     tokenizer, prompts: Sequence[str], completions: Sequence[str]
 ) -> tuple[list[list[int]], list[list[int]]]:
     """Prompt ids (with the tokenizer's BOS) and completion ids (no BOS, EOS appended).
 
     Prompt and completion are tokenized separately, as TRL does, so the boundary between them is
-    exact and the same for every stage that calls this.
+    exact and the same for every stage that calls this. EOS is not appended to a completion that
+    already ends (trailing whitespace aside) with EOS or an end-of-turn token (`ends_turn`): a
+    chat response such as "579<|im_end|>" ends where vLLM stops sampling, and the model never
+    emits EOS after it. TRL's rule: EOS for standard text unless it already ends with one, none
+    for conversations, whose chat template writes the end of turn.
     """
     prompt_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     completion_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    return [list(p) for p in prompt_ids], [list(c) + [eos] for c in completion_ids]
+    eos, end_ids = tokenizer.eos_token_id, end_token_ids(tokenizer)
+    return [list(p) for p in prompt_ids], [
+        list(c) + ([] if ends_turn(tokenizer, c, end_ids) else [eos]) for c in completion_ids]

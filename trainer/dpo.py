@@ -19,16 +19,18 @@ from pipeline.stage import Upstream, check_out, join_named_cluster, read_rows, r
 from pipeline.storage import resolve_path
 from trainer.launch import check_training_config, run_training
 from trainer.lora import LoraSettings
-from trainer.loss import LABEL_SMOOTHING_LOSS_TYPES, LOSS_TYPES
+from trainer.loss import LABEL_SMOOTHING_LOSS_TYPES, LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
 
 STAGE = "train"
-PRECOMPUTE_COLUMNS = (
-    "prompt_input_ids",
-    "chosen_input_ids",
-    "rejected_input_ids",
-    "ref_chosen_logps",
-    "ref_rejected_logps",
-)
+ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+LOGP_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+PRECOMPUTE_COLUMNS = ID_COLUMNS + LOGP_COLUMNS
+
+
+def needed_columns(loss_type: str) -> tuple[str, ...]:
+    """The precompute columns training with `loss_type` reads: no reference log-probs for the
+    reference-free losses (`odpo precompute --no-logps` writes none)."""
+    return ID_COLUMNS if loss_type in REFERENCE_FREE_LOSS_TYPES else PRECOMPUTE_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -75,10 +77,17 @@ class DPOConfig:
     max_failures: int = 0  # worker failures Ray Train restarts from the last checkpoint
 
 
-def read_precompute_stage(path: str) -> Upstream:
-    """The `odpo precompute` output at `path`, its shards checked against their manifest; a
-    one-line error naming `odpo precompute` for anything else (pairs, plain Parquet)."""
-    return read_stage(path, ("precompute",), PRECOMPUTE_COLUMNS, flag="--data", plain=False)
+def read_precompute_stage(path: str, loss_type: str = "sigmoid") -> Upstream:
+    """The `odpo precompute` output at `path`, its shards checked against their manifest and
+    holding what `loss_type` reads; a one-line error naming `odpo precompute` for anything else
+    (pairs, plain Parquet), or for shards without the reference log-probs a loss needs."""
+    up = read_stage(path, ("precompute",), ID_COLUMNS, flag="--data", plain=False)
+    if not (up.manifest.get("config") or {}).get("logps", True) and set(
+            needed_columns(loss_type)) - set(ID_COLUMNS):
+        raise UserError(f"--data {path}: precomputed without reference log-probs "
+                        f"(--no-logps), which loss_type {loss_type!r} needs; reference-free "
+                        f"losses: {REFERENCE_FREE_LOSS_TYPES}")
+    return up
 
 
 def check_config(cfg: DPOConfig) -> None:
@@ -88,6 +97,9 @@ def check_config(cfg: DPOConfig) -> None:
          f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}"),
         (cfg.ref_logps in ("cached", "live"),
          f"ref_logps must be cached or live, got {cfg.ref_logps!r}"),
+        (cfg.ref_logps == "cached" or cfg.loss_type not in REFERENCE_FREE_LOSS_TYPES,
+         f"loss_type {cfg.loss_type!r} needs no reference model: ref_logps live would load one "
+         "for nothing"),
         (cfg.beta > 0, f"beta must be > 0, got {cfg.beta}"),
         (0 <= cfg.label_smoothing < 0.5,
          f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}"),
@@ -119,7 +131,7 @@ def run_dpo(cfg: DPOConfig) -> dict:
     check_checkpoint(cfg.model)
     if live:
         check_checkpoint(cfg.ref_model, "reference model")
-    up = read_precompute_stage(cfg.data)
+    up = read_precompute_stage(cfg.data, cfg.loss_type)
     warn_dtype(up.manifest, cfg)
     inputs = {"model": checkpoint_digest(cfg.model), "data": input_digest(cfg.data)}
     if live:
@@ -127,7 +139,8 @@ def run_dpo(cfg: DPOConfig) -> dict:
     return run_training(
         cfg, stage=STAGE, objective="dpo", source=cfg.data, unit="pairs", config=asdict(cfg),
         inputs=inputs, ray_inputs=paths,
-        read=lambda: (read_pairs(up), up.manifest["rows_out"], {"ref_logps": cfg.ref_logps}),
+        read=lambda: (read_pairs(up, cfg.loss_type), up.manifest["rows_out"],
+                      {"ref_logps": cfg.ref_logps}),
     )
 
 
@@ -143,10 +156,11 @@ def warn_dtype(manifest: dict, cfg: DPOConfig) -> None:
               f"with --dtype {cfg.dtype} for an exact start", file=sys.stderr)
 
 
-def read_pairs(up: Upstream):
-    """The precompute shards' token ids and log-probs as a materialized Ray dataset (None when
-    there are none): two floats a pair beside the ids, small enough to hold once in the object
-    store and read whole by every worker; trainer.loop orders the pairs (`shuffle`: anew each
-    epoch)."""
+def read_pairs(up: Upstream, loss_type: str = "sigmoid"):
+    """The precompute shards' token ids and log-probs (`needed_columns`) as a materialized Ray
+    dataset (None when there are none): two floats a pair beside the ids, small enough to hold
+    once in the object store and read whole by every worker; trainer.loop orders the pairs
+    (`shuffle`: anew each epoch)."""
     ds = read_rows(up)
-    return None if ds is None else ds.select_columns(list(PRECOMPUTE_COLUMNS)).materialize()
+    columns = list(needed_columns(loss_type))
+    return None if ds is None else ds.select_columns(columns).materialize()

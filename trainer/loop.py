@@ -39,7 +39,7 @@ from pipeline.checkpoint import disable_dropout
 from trainer import lora
 from trainer.collate import collate
 from trainer.logps import TokenLogps
-from trainer.loss import dpo_loss, nll_loss
+from trainer.loss import REFERENCE_FREE_LOSS_TYPES, dpo_loss, nll_loss
 
 STATE_FILE = "trainer_state.pt"
 
@@ -152,7 +152,9 @@ def dpo_step_loss(
     n = chosen_logps.shape[0]
     device = chosen_logps.device
     lengths = t["completion_lengths"].to(device)  # chosen rows, then rejected rows
-    if ref_model is None:
+    if cfg["loss_type"] in REFERENCE_FREE_LOSS_TYPES:  # simpo, orpo: no reference at all
+        ref_chosen = ref_rejected = None
+    elif ref_model is None:
         ref_chosen, ref_rejected = (
             torch.tensor(np.array(batch[k]), dtype=torch.float64, device=device)
             for k in ("ref_chosen_logps", "ref_rejected_logps"))

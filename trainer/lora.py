@@ -87,7 +87,7 @@ def load_lora(model, checkpoint: str):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, os.path.join(checkpoint, ADAPTER_DIR),
-                                     is_trainable=True)
+                                     is_trainable=True, trust_remote_code=False)
 
 
 def is_lora(model) -> bool:

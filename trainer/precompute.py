@@ -81,8 +81,10 @@ LOGP_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 COUNT_COLUMNS = ("chosen_num_tokens", "rejected_num_tokens")  # completion tokens of each sum
 STORED_ID_COLUMNS = ("chosen_token_ids", "rejected_token_ids")  # sampled ids, from `odpo pair`
 # Bump when the tokenization, truncation or log-prob rule changes: old cache entries go stale.
-CACHE_VERSION = 3  # 2: completions are the stored sampled ids when the pairs carry them; 3: lean
-# log-probs (trainer.logps.model_token_logps)
+# 2: completions are the stored sampled ids when the pairs carry them; 3: lean log-probs
+# (trainer.logps.model_token_logps); 4: no EOS after a completion that ends its turn
+# (trainer.collate.tokenize_completions); tokenize-only shards (`logps: false`)
+CACHE_VERSION = 4
 DTYPES = ("float32", "bfloat16", "float16")
 CACHE_MODES = ("auto", "require", "recompute")
 TRUNCATION_MODES = ("truncate", "drop")
@@ -107,6 +109,9 @@ class PrecomputeConfig:
     # Content-addressed store shared by all runs (sweeps, new out dirs); "" turns it off.
     # Default: $ODPO_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache, + /offline-dpo/reference.
     cache_dir: str | None = None
+    # false: tokenize only, no reference forward and no ref_*_logps columns, for the losses
+    # that need no reference (simpo, orpo); `model` then only lends its tokenizer and context
+    logps: bool = True
 
 
 # ---------------------------------------------------------------- pure functions (tested bare)
@@ -365,6 +370,7 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
                        "mode": cfg.truncation},
         "dtype": cfg.dtype,
         "pairs": inputs["pairs"],
+        "logps": cfg.logps,
         # Same shards, other source: an import's id columns are never used (`_stored_ids`).
         "completions": "text" if (up.manifest or {}).get("stage") == "import"
         else "stored ids when present",
@@ -505,7 +511,7 @@ def _compute(cfg, up: Upstream, model_dir, tok_dir, model_config, max_length, ma
     batches = length_batches(lengths, cfg.batch_size)
     logps = np.zeros(len(lengths), dtype=np.float64)
     t_forward = time.perf_counter()
-    if lengths:
+    if lengths and cfg.logps:
         logps = _forward(cfg, model_dir, tokenizer, seq_prompt, seq_completion, batches)
     forward_s = time.perf_counter() - t_forward
 
@@ -514,8 +520,9 @@ def _compute(cfg, up: Upstream, model_dir, tok_dir, model_config, max_length, ma
     for name, values in (("prompt_input_ids", p_ids), ("chosen_input_ids", c_ids),
                          ("rejected_input_ids", r_ids)):
         result = result.append_column(name, pa.array(values, type=ids_type))
-    result = result.append_column("ref_chosen_logps", pa.array(logps[0::2], type=pa.float64()))
-    result = result.append_column("ref_rejected_logps", pa.array(logps[1::2], type=pa.float64()))
+    if cfg.logps:
+        for name, values in zip(LOGP_COLUMNS, (logps[0::2], logps[1::2]), strict=True):
+            result = result.append_column(name, pa.array(values, type=pa.float64()))
     for name, values in zip(COUNT_COLUMNS, (c_ids, r_ids), strict=True):
         result = result.append_column(name, pa.array([len(x) for x in values], type=pa.int32()))
     tokens = int(sum(lengths))

@@ -1,5 +1,10 @@
 """The built-in `addition` task: "123+456=" -> "579", checked by exact answer.
 
+As a chat task (`odpo toy data --chat`, pipeline/toy.py) the prompt is the user turn rendered
+with the chat template; the verifier reads the answer before an end-of-turn or EOS text a
+response may carry (vLLM leaves the stop token out of the text, a decoding with special tokens
+keeps it).
+
 Operands are uniform integers in [0, 10**digits). A fixed, seed-independent 2% of all operand pairs
 (chosen by a hash of the prompt text) is the held-out split: training prompts and SFT data are
 drawn only from the other 98%, so an evaluation prompt is never seen in training whatever the
@@ -13,6 +18,9 @@ import random
 from collections.abc import Sequence
 
 HELDOUT_MODULUS = 50  # 1 in 50 operand pairs is held out
+# Texts that end a response rather than belong to it: the bpe toy's (ChatML's) end of turn and
+# its EOS.
+END_TEXTS = ("<|im_end|>", "<|endoftext|>")
 
 
 def make_prompt(a: int, b: int) -> str:
@@ -57,9 +65,18 @@ def heldout(n: int, seed: int = 0, digits: int = 3) -> list[dict]:
     return _draw(n, seed, heldout=True, digits=digits, unique=True)
 
 
+def answer_text(response: str) -> str:
+    """The answer a response gives: the text before its first end-of-turn / EOS text
+    (`END_TEXTS`), spaces stripped."""
+    for end in END_TEXTS:
+        response = response.split(end, 1)[0]
+    return response.strip()
+
+
 def verify(prompts: Sequence[str], responses: Sequence[str], rows: Sequence[dict]) -> list[float]:
-    """Exact-answer verifier: 1.0 if the response (spaces stripped) equals the row's `answer`."""
+    """Exact-answer verifier: 1.0 if the response's answer (`answer_text`) equals the row's
+    `answer`."""
     return [
-        1.0 if str(resp).strip() == str(row["answer"]).strip() else 0.0
+        1.0 if answer_text(str(resp)) == str(row["answer"]).strip() else 0.0
         for resp, row in zip(responses, rows, strict=True)
     ]
