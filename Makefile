@@ -19,7 +19,8 @@ test:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
 
-# Everything that needs neither Ray nor vLLM (pure functions, stage logic, S3 on loopback), in
-# under a minute; the tests marked `slow` (tests/conftest.py marks those using Ray) are left out.
+# Everything that needs neither Ray, vLLM nor processes of its own (pure functions, stage logic,
+# S3 on loopback), in about a minute; the tests marked `slow` (tests/conftest.py marks those
+# using Ray; multi-process gloo tests are marked by hand) are left out.
 test-fast:
 	$(VENV)/bin/python -m pytest -q -m "not slow"

@@ -248,6 +248,7 @@ def _plain_sft(model_dir, tok, steps, lr):
     return model.state_dict(), losses
 
 
+@pytest.mark.slow  # processes of their own (gloo): not in `make test-fast`
 @pytest.mark.parametrize("objective", ["sft", "dpo"])
 def test_two_workers_with_accumulation_equal_one_worker(toy_model_dir, toy_tokenizer, tmp_path,
                                                         objective):
@@ -341,6 +342,7 @@ def _spawn(tmp_path, name, model_dir, table, cfg, **kwargs):
     return torch.load(out, weights_only=False)
 
 
+@pytest.mark.slow  # processes of their own (gloo): not in `make test-fast`
 @pytest.mark.parametrize("objective", ["sft", "dpo"])
 def test_fsdp_two_workers_equal_one_worker(toy_model_dir, toy_tokenizer, tmp_path, objective):
     """`strategy: fsdp` (FSDP2 `fully_shard` on each decoder layer and the root, parameters and
@@ -361,6 +363,7 @@ def test_fsdp_two_workers_equal_one_worker(toy_model_dir, toy_tokenizer, tmp_pat
         torch.testing.assert_close(two[name], value, atol=1e-5, rtol=0, msg=name)
 
 
+@pytest.mark.slow  # processes of their own (gloo): not in `make test-fast`
 def test_fsdp_resumes_from_a_checkpoint(toy_model_dir, toy_tokenizer, tmp_path):
     """A sharded run's checkpoint at step 2 (weights and AdamW state gathered whole, as
     `report_checkpoint` saves them) resumed on 2 fresh FSDP workers (each takes its shard back,
