@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pipeline import storage
 from pipeline.checkpoint import check_checkpoint, checkpoint_digest
 from pipeline.errors import UserError
-from pipeline.manifest import input_digest
+from pipeline.manifest import input_digest, read_manifest
 from pipeline.stage import Upstream, check_out, join_named_cluster, read_rows, read_stage
 from pipeline.storage import resolve_path
 from trainer.launch import check_training_config, run_training
@@ -81,13 +81,14 @@ def read_precompute_stage(path: str, loss_type: str = "sigmoid") -> Upstream:
     """The `odpo precompute` output at `path`, its shards checked against their manifest and
     holding what `loss_type` reads; a one-line error naming `odpo precompute` for anything else
     (pairs, plain Parquet), or for shards without the reference log-probs a loss needs."""
-    up = read_stage(path, ("precompute",), ID_COLUMNS, flag="--data", plain=False)
-    if not (up.manifest.get("config") or {}).get("logps", True) and set(
-            needed_columns(loss_type)) - set(ID_COLUMNS):
+    manifest = read_manifest(path) if storage.is_dir(path) else None
+    if (loss_type not in REFERENCE_FREE_LOSS_TYPES and manifest is not None
+            and not (manifest.get("config") or {}).get("logps", True)):
         raise UserError(f"--data {path}: precomputed without reference log-probs "
                         f"(--no-logps), which loss_type {loss_type!r} needs; reference-free "
                         f"losses: {REFERENCE_FREE_LOSS_TYPES}")
-    return up
+    return read_stage(path, ("precompute",), needed_columns(loss_type), flag="--data",
+                      plain=False)
 
 
 def check_config(cfg: DPOConfig) -> None:

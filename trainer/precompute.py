@@ -13,8 +13,10 @@ EOS after a response cut at max_tokens), never a re-tokenization of the text, wh
 tokens and on BPE / SentencePiece tokenizers need not give the sampled ids back. The prompt ids
 are the tokenizer's encoding of the prompt with special tokens, as vLLM encoded it for sampling
 (`odpo sample` checks that). Pairs without those columns (`odpo import`, a user's Parquet) are
-tokenized from text (`trainer.collate.tokenize_completions`: completions get an EOS). Ids sampled
-with another vocabulary (the pairs manifest's `tokenizer_vocab`) than --tokenizer's are refused.
+tokenized from text (`trainer.collate.tokenize_completions`: completions get an EOS unless they
+already end their turn). Ids sampled with another vocabulary (the pairs manifest's
+`tokenizer_vocab`) than --tokenizer's are refused. With `logps: false` the stage only tokenizes
+(for reference-free losses) and writes no `ref_*_logps` columns.
 
 Cache (docs/design.md, Reference cache key): the key is a sha256 over the reference weights' digest,
 the tokenizer files' digest, the truncation settings, the compute dtype and the pairs' content
