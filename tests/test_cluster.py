@@ -140,6 +140,15 @@ def test_job_submit_succeeds_and_fails(head, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_job_runtime_env_sets_what_every_embedded_run_sets():
+    """`ray job submit --runtime-env jobs/runtime_env.yaml` gives the job's driver and workers the
+    environment that `init_ray` gives an embedded run (loopback, V1 Parquet reads, ...)."""
+    from pipeline.cluster import CLUSTER_ENV_VARS
+
+    env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())["env_vars"]
+    assert env == CLUSTER_ENV_VARS
+
+
 def test_uri_detection():
     assert is_uri("s3://bucket/run") and is_uri("gs://b/x") and is_uri("GCS://b/x")
     assert not is_uri("/tmp/run") and not is_uri("runs/x") and not is_uri("file:///tmp/run")
