@@ -33,6 +33,7 @@ from pipeline.evaluate import EvalConfig, run_eval
 from pipeline.storage import resolve_path, write_json
 from trainer.dpo import DPOConfig, run_dpo
 from trainer.dpo import check_config as check_dpo
+from trainer.loss import unpaired
 from trainer.sft import SFTConfig, eval_settings, run_sft
 from trainer.sft import check_config as check_sft
 
@@ -79,6 +80,9 @@ def run_byod(cfg: BYODConfig) -> dict:
         section = _section(cls, cfg, name, fixed)
         if cls in (SFTConfig, DPOConfig):  # values too: a bad dtype fails before any work
             (check_sft if cls is SFTConfig else check_dpo)(section)
+        if cls is DPOConfig and unpaired(section.loss_type):
+            raise UserError("train: loss_type kto trains on unpaired rows; byod imports pairs "
+                            "(use `odpo iterate` with scored samples, or a pairwise loss)")
     if cfg.model is not None:
         check_model_name(cfg.model)
     run = storage.absolute(cfg.run_dir)

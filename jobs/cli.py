@@ -195,13 +195,13 @@ def _choices() -> dict:
     from pipeline.pair import MODES, PairConfig
     from pipeline.score import NONFINITE_MODES, RM_DTYPES, ScoreConfig
     from trainer.launch import LR_SCHEDULES, STRATEGIES, TRAIN_DTYPES
-    from trainer.loss import LOSS_TYPES
+    from trainer.loss import LOSS_TYPES, UNPAIRED_LOSS_TYPES
     from trainer.precompute import CACHE_MODES, DTYPES, TRUNCATION_MODES, PrecomputeConfig
 
     training = {"lr_schedule": LR_SCHEDULES, "dtype": TRAIN_DTYPES, "strategy": STRATEGIES}
     return {
         SFTConfig: training,
-        DPOConfig: {**training, "loss_type": LOSS_TYPES},
+        DPOConfig: {**training, "loss_type": LOSS_TYPES + UNPAIRED_LOSS_TYPES},
         PrecomputeConfig: {"truncation": TRUNCATION_MODES, "dtype": DTYPES,
                            "cache": CACHE_MODES},
         ImportConfig: {"bad_rows": BAD_ROWS},
@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("sample", "k responses per prompt from vLLM on Ray Data", _cmd_sample, SampleConfig)
     command("score", "score samples: verifier, reward model or function", _cmd_score,
             ScoreConfig)
-    command("pair", "group scored samples by prompt into (chosen, rejected) pairs", _cmd_pair,
+    command("pair", "group scored samples by prompt into (chosen, rejected) pairs, or into "
+            "unpaired labelled rows for kto (--mode unpaired)", _cmd_pair,
             PairConfig)
     command("precompute", "tokenize pairs once and compute (or reuse) the reference log-probs",
             _cmd_precompute, PrecomputeConfig)

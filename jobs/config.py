@@ -20,12 +20,46 @@ RENAMED_KEYS = {
 }
 
 
+# List fields: {annotation: element type}. YAML gives a list; a flag takes comma-separated
+# values. `str|list[str]` is one name or a list of them (`loss_type`).
+_LISTS = {"list[str]": str, "list[float]": float, "str|list[str]": str}
+
+
 def _field_kind(f: dataclasses.Field) -> tuple[str, bool]:
-    """('int' | 'float' | 'str' | 'bool' | dataclass name, optional?) of a field's annotation."""
+    """('int' | 'float' | 'str' | 'bool' | a `_LISTS` key | dataclass name, optional?) of a
+    field's annotation."""
     ann = str(f.type).replace("typing.", "").replace(" ", "")
-    optional = ann.endswith("|None") or ann.startswith("Optional[")
-    base = ann.removesuffix("|None").removeprefix("Optional[").removesuffix("]")
-    return base, optional
+    if ann.startswith("Optional["):
+        return ann[len("Optional["):-1], True
+    if ann.endswith("|None"):
+        return ann.removesuffix("|None"), True
+    return ann, False
+
+
+class _ListChoices(tuple):
+    """A flag's choices that also hold a list of them (argparse tests `value in choices`)."""
+
+    def __contains__(self, value) -> bool:
+        if isinstance(value, list):
+            return all(tuple.__contains__(self, v) for v in value)
+        return tuple.__contains__(self, value)
+
+
+def _comma_list(kind: str, choices: tuple | None):
+    """argparse `type` of a list field: comma-separated values, each checked against
+    `choices`; for `str|list[str]` one value stays a string."""
+    convert = _LISTS[kind]
+
+    def parse(text: str):
+        values = [convert(v.strip()) for v in text.split(",")]
+        for v in values:
+            if choices is not None and v not in choices:
+                raise argparse.ArgumentTypeError(
+                    f"invalid choice: {v!r} (choose from {', '.join(map(repr, choices))})")
+        return values[0] if kind == "str|list[str]" and len(values) == 1 else values
+
+    parse.__name__ = kind  # what argparse names in "invalid <type> value"
+    return parse
 
 
 def _nested(cls, f: dataclasses.Field):
@@ -116,6 +150,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "",
         kw = {"dest": name, "default": argparse.SUPPRESS, "help": help_}
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif kind in _LISTS:
+            allowed = choices.get(name)
+            parser.add_argument(
+                flag, type=_comma_list(kind, allowed), **kw,
+                **({"choices": _ListChoices(allowed)} if allowed else {"metavar": "X,Y,..."}))
         elif name in choices:
             parser.add_argument(flag, choices=choices[name], **kw)
         else:
@@ -136,6 +175,19 @@ def _dotted_fields(cls, prefix: str = "") -> set[str]:
 def _check_type(cls_name: str, key: str, value, kind: str, optional: bool, source: str):
     if value is None and optional:
         return value
+    if kind in _LISTS:
+        if kind == "str|list[str]" and isinstance(value, str):
+            return value
+        element = _LISTS[kind]
+        if isinstance(value, (list, tuple)):
+            try:
+                return [_check_type(cls_name, key, v, element.__name__, False, source)
+                        for v in value]
+            except UserError:
+                pass
+        what = f"{element.__name__} or a list of them" if kind == "str|list[str]" else kind
+        raise UserError(f"{source}: {key} must be {what}{' or null' if optional else ''}, "
+                        f"got {type(value).__name__} {value!r}")
     expected = _SCALARS[kind]
     ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
     if expected is float and isinstance(value, int) and not isinstance(value, bool):

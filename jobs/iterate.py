@@ -33,7 +33,7 @@ from pipeline.evaluate import EvalConfig, run_eval
 from pipeline.storage import resolve_path, write_json
 from trainer.dpo import DPOConfig, run_dpo
 from trainer.dpo import check_config as check_dpo
-from trainer.loss import REFERENCE_FREE_LOSS_TYPES
+from trainer.loss import reference_free, unpaired
 from trainer.sft import SFTConfig, eval_settings, run_sft
 from trainer.sft import check_config as check_sft
 
@@ -70,7 +70,27 @@ def _log(msg: str) -> None:
 
 def _section(cls, cfg: IterateConfig, name: str, fixed: dict):
     """Build a stage config from its YAML section plus the values iterate fixes itself."""
-    return build_section(cls, getattr(cfg, name), fixed, name, "iterate")
+    return build_section(cls, getattr(cfg, name), fixed, name, "iterate",
+                         defaults=_defaults(cfg, name))
+
+
+def _defaults(cfg: IterateConfig, name: str) -> dict:
+    """What a section defaults to beyond its dataclass: with `train: {loss_type: kto}` the pair
+    step writes unpaired rows (`mode: unpaired`)."""
+    if name == "pair" and unpaired(cfg.train.get("loss_type", "sigmoid")):
+        return {"mode": "unpaired"}
+    return {}
+
+
+def _check_pair_mode(mode: str, loss_type) -> None:
+    """kto trains on unpaired rows and every other loss on pairs: refuse a mismatch up front."""
+    if unpaired(loss_type) and mode != "unpaired":
+        raise UserError(f"pair: mode {mode} makes pairs, but train: loss_type kto trains on "
+                        "unpaired rows; use mode unpaired (the default with kto)")
+    if mode == "unpaired" and not unpaired(loss_type):
+        raise UserError(f"pair: mode unpaired makes unpaired rows, which only train: loss_type "
+                        f"kto reads; {loss_type} needs pairs (mode best_worst or "
+                        "correct_incorrect)")
 
 
 def _toy(cfg: IterateConfig, run: str) -> tuple[str | None, dict]:
@@ -146,6 +166,8 @@ def run_iterate(cfg: IterateConfig) -> dict:
         section = _section(cls, cfg, name, fixed)
         if check is not None:
             check(section)
+        if name == "pair":
+            _check_pair_mode(section.mode, cfg.train.get("loss_type", "sigmoid"))
     if cfg.policy is not None:
         check_model_name(cfg.policy, "policy")
     t0 = time.perf_counter()
@@ -197,13 +219,14 @@ def run_iterate(cfg: IterateConfig) -> dict:
             "scored": at["scored"], "out": at["pairs"], "round": k}))
         # A reference-free loss (simpo, orpo) trains on the token ids alone: the step only
         # tokenizes (with the policy's tokenizer), no reference model runs.
-        free = cfg.train.get("loss_type", "sigmoid") in REFERENCE_FREE_LOSS_TYPES
+        free = reference_free(cfg.train.get("loss_type", "sigmoid"))
         ref_model = policy if cfg.ref_model == "policy" or free else initial
         ref = run_precompute(_section(PrecomputeConfig, cfg, "precompute", {
             "pairs": at["pairs"], "model": ref_model, "out": at["precompute"],
             **({"logps": False} if free else {})}))
         what = "tokenized (reference-free loss)" if free else "reference log-probs"
-        _log(f"round {k}: {what} {ref['cache']} ({ref['pairs']} pairs)")
+        unit = "rows" if unpaired(cfg.train.get("loss_type", "sigmoid")) else "pairs"
+        _log(f"round {k}: {what} {ref['cache']} ({ref['pairs']} {unit})")
         train = run_dpo(_section(DPOConfig, cfg, "train", {
             "model": policy, "data": at["precompute"], "out": storage.join(rdir, "train"),
             "seed": seed}))

@@ -96,6 +96,12 @@ def _round_edges(ax, curves):
         ax.axvline(x, color="grey", lw=0.8, ls=":")
 
 
+def _metric(line: dict, key: str) -> float:
+    """A metric of a log line, NaN where the run's loss does not log it (kto has no
+    accuracies, nor chosen rewards in a window without desirable rows)."""
+    return line.get(key, float("nan"))
+
+
 def plot_logps(runs: list[dict], path: Path) -> None:
     """Chosen and rejected log-probs over steps: DPO alone lets the chosen one fall too."""
     plt = _plt()
@@ -106,8 +112,8 @@ def plot_logps(runs: list[dict], path: Path) -> None:
             ax.set_title(f"{r['name']}: no training metrics")
             continue
         x = [m["global_step"] for m in c]
-        ax.plot(x, [m["logps/chosen"] for m in c], color="C2", label="chosen")
-        ax.plot(x, [m["logps/rejected"] for m in c], color="C3", label="rejected")
+        ax.plot(x, [_metric(m, "logps/chosen") for m in c], color="C2", label="chosen")
+        ax.plot(x, [_metric(m, "logps/rejected") for m in c], color="C3", label="rejected")
         _round_edges(ax, c)
         ax.set_xlabel("training step (all rounds; dotted = new round)")
         ax.set_ylabel("mean summed log-prob")
@@ -127,8 +133,9 @@ def plot_rewards(runs: list[dict], path: Path) -> None:
         if not c:
             continue
         x = [m["global_step"] for m in c]
-        a1.plot(x, [m["rewards/margins"] for m in c], color=f"C{i}", label=r["name"])
-        a2.plot(x, [m["rewards/accuracies"] for m in c], color=f"C{i}", label=r["name"])
+        a1.plot(x, [_metric(m, "rewards/margins") for m in c], color=f"C{i}", label=r["name"])
+        a2.plot(x, [_metric(m, "rewards/accuracies") for m in c], color=f"C{i}",
+                label=r["name"])
     a1.set_title("rewards/margins")
     a2.set_title("rewards/accuracies")
     a2.set_ylim(0, 1.05)
@@ -243,10 +250,10 @@ def _write_report(out: Path, main: dict, runs: list[dict], beta: float) -> None:
         for r in runs for k, e in sorted(r["evals"].items())
     ]
     last = [
-        {"run": r["name"], **{k: r["curves"][-1][k] for k in
+        {"run": r["name"], **{k: _metric(r["curves"][-1], k) for k in
                               ("logps/chosen", "logps/rejected", "rewards/margins",
                                "rewards/accuracies")},
-         "logps/chosen at step 0": r["curves"][0]["logps/chosen"]}
+         "logps/chosen at step 0": _metric(r["curves"][0], "logps/chosen")}
         for r in runs if r["curves"]
     ]
     md = f"# Report: {main['name']}\n\nRun directory: `{main['path']}`\n\n"

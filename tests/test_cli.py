@@ -119,12 +119,13 @@ def test_choices_are_the_constants_the_code_checks(capsys):
     from pipeline.pair import MODES
     from pipeline.score import NONFINITE_MODES, RM_DTYPES
     from trainer.launch import LR_SCHEDULES, TRAIN_DTYPES
-    from trainer.loss import LOSS_TYPES
+    from trainer.loss import LOSS_TYPES, UNPAIRED_LOSS_TYPES
     from trainer.precompute import CACHE_MODES, DTYPES, TRUNCATION_MODES
 
     parsers = dict((" ".join(path[1:]), p) for path, p in _subcommands(build_parser()))
     expected = {
-        "train": {"loss_type": LOSS_TYPES, "lr_schedule": LR_SCHEDULES, "dtype": TRAIN_DTYPES},
+        "train": {"loss_type": LOSS_TYPES + UNPAIRED_LOSS_TYPES, "lr_schedule": LR_SCHEDULES,
+                  "dtype": TRAIN_DTYPES},
         "sft": {"lr_schedule": LR_SCHEDULES, "dtype": TRAIN_DTYPES},
         "pair": {"mode": MODES},
         "score": {"nonfinite": NONFINITE_MODES, "rm_dtype": RM_DTYPES},
@@ -143,6 +144,45 @@ def test_choices_are_the_constants_the_code_checks(capsys):
     assert len(err.splitlines()) == 1 and err.startswith("odpo train: error: argument "
                                                          "--loss-type: invalid choice: 'dpo'")
     assert "'sigmoid'" in err and "odpo train --help" in err
+    # A list: each name checked, the unknown one named.
+    assert main(["train", "--model", "m", "--data", "d", "--out", "o", "--beta", "0.1",
+                 "--loss-type", "sigmoid,dpo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("odpo train: error: argument "
+                                                         "--loss-type: invalid choice: 'dpo'")
+
+
+def test_loss_lists_from_flags_and_yaml(tmp_path):
+    """`--loss-type a,b,c` and `--loss-weights x,y,z` (or YAML lists) give lists; one name
+    stays a string; wrong types are one-line errors."""
+    from jobs.config import build, from_args
+    from pipeline.errors import UserError
+    from trainer.dpo import DPOConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--beta",
+                              "0.1", "--loss-type", "sigmoid, bco_pair,sft",
+                              "--loss-weights", "0.8,0.2,1"])
+    cfg = from_args(DPOConfig, args)
+    assert cfg.loss_type == ["sigmoid", "bco_pair", "sft"]
+    assert cfg.loss_weights == [0.8, 0.2, 1.0]
+    args = parser.parse_args(["train", "--model", "m", "--data", "d", "--out", "o", "--beta",
+                              "0.1", "--loss-type", "kto"])
+    assert from_args(DPOConfig, args).loss_type == "kto"
+    base = {"model": "m", "data": "d", "out": "o", "beta": 0.1}
+    cfg = build(DPOConfig, {**base, "loss_type": ["sigmoid", "nll"], "loss_weights": [1, 2]},
+                "x.yaml")
+    assert (cfg.loss_type, cfg.loss_weights) == (["sigmoid", "nll"], [1.0, 2.0])
+    for bad, match in (({"loss_type": 3}, "loss_type must be str or a list of them"),
+                       ({"loss_type": ["sigmoid", 1]}, "loss_type must be str or a list"),
+                       ({"loss_weights": "0.5"}, "loss_weights must be list"),
+                       ({"loss_weights": [0.5, "a"]}, "loss_weights must be list")):
+        with pytest.raises(UserError, match=match):
+            build(DPOConfig, {**base, **bad}, "x.yaml")
+    assert main(["train", "--model", "m", "--data", "d", "--out", "o", "--beta", "0.1",
+                 "--loss-weights", "1,x"]) == 2
+    text = next(p for path, p in _subcommands(parser) if path[1:] == ("train",)).format_help()
+    assert "comma-separated" in " ".join(text.split())  # the field comment is the flag's help
 
 
 def test_top_help_pictures_the_round_and_lists_the_commands(capsys):

@@ -366,3 +366,57 @@ def test_reference_free_loss_with_a_live_reference_is_refused():
     with pytest.raises(UserError, match="needs no reference model"):
         check_config(DPOConfig(model="m", data="d", out="o", beta=2.0, loss_type="orpo",
                                ref_logps="live"))
+
+
+def test_kto_rounds_pair_unpaired_rows(tmp_path, monkeypatch):
+    """`train: {loss_type: kto}`: each round runs score -> pair (`mode: unpaired`, the default
+    with kto) -> precompute (with the reference: kto is not reference-free) -> train; the
+    stand-in trainer's metrics carry no accuracies and the report is still written."""
+    calls = stub_steps(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    files = _files(tmp_path)
+    summary = run_iterate(IterateConfig(**files, rounds=2, ref_model="initial",
+                                        train={"beta": 0.1, "loss_type": "kto",
+                                               "desirable_weight": 1.2}))
+    steps = [step for step, _ in calls]
+    assert steps == ["eval"] + ["sample", "score", "pair", "precompute", "train", "eval"] * 2
+    pairs = [cfg for step, cfg in calls if step == "pair"]
+    assert [(c.mode, c.threshold) for c in pairs] == [("unpaired", 0.5)] * 2
+    pre = [cfg for step, cfg in calls if step == "precompute"]
+    assert [(c.logps, c.model) for c in pre] == [(True, files["policy"])] * 2
+    trained = [cfg for step, cfg in calls if step == "train"]
+    assert [(c.loss_type, c.desirable_weight) for c in trained] == [("kto", 1.2)] * 2
+    assert summary["report"].endswith("report/report.md")
+
+
+@pytest.mark.parametrize("pair, train, match", [
+    ({"mode": "correct_incorrect"}, {"beta": 0.1, "loss_type": "kto"},
+     "pair: mode correct_incorrect makes pairs, but train: loss_type kto"),
+    ({"mode": "unpaired"}, {"beta": 0.1}, "pair: mode unpaired makes unpaired rows"),
+    ({"mode": "unpaired"}, {"beta": 0.1, "loss_type": ["sigmoid", "sft"]},
+     "only train: loss_type kto reads"),
+])
+def test_pair_mode_and_kto_must_agree(tmp_path, monkeypatch, pair, train, match):
+    """A paired mode with kto, or unpaired rows with a pairwise loss: one line, before any
+    step runs."""
+    from pipeline.errors import UserError
+
+    calls = stub_steps(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=match) as e:
+        run_iterate(IterateConfig(**_files(tmp_path), pair=pair, train=train))
+    assert len(str(e.value).splitlines()) == 1 and calls == []
+
+
+def test_loss_list_in_iterate_is_reference_free_only_if_every_loss_is(tmp_path, monkeypatch):
+    """`loss_type: [simpo, sft]` needs no reference (precompute only tokenizes);
+    `[sigmoid, sft]` does."""
+    calls = stub_steps(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    files = _files(tmp_path)
+    for loss_type, logps in ((["simpo", "sft"], False), (["sigmoid", "sft"], True)):
+        calls.clear()
+        run_iterate(IterateConfig(**files, rounds=1, train={"beta": 0.5, "loss_type": loss_type,
+                                                            "loss_weights": [1.0, 0.5]}))
+        pre = [cfg for step, cfg in calls if step == "precompute"]
+        assert [c.logps for c in pre] == [logps]

@@ -466,3 +466,41 @@ def test_ray_run_steps_follow_the_plan_across_epochs(ray_local, toy_model_dir, t
     assert [m["loss"] for m in metrics] == pytest.approx(losses, abs=1e-5)
     for name, value in expected.items():
         torch.testing.assert_close(trained[name], value, atol=1e-5, rtol=0, msg=name)
+
+
+def _kto_table(tok, rows):
+    """Unpaired rows as the loop receives them: each row's completion, the next row's as its KL
+    completion, labels, and reference log-probs set so that the KL log-ratios differ row to
+    row (the two workers' halves have different means) and average > 0."""
+    cols = {"prompt_input_ids": [], "completion_input_ids": [], "kl_completion_input_ids": [],
+            "label": [], "ref_logps": [], "ref_kl_logps": []}
+    ids = [_ids(tok, r["prompt"], r["response"]) for r in rows]
+    for i, (p, c) in enumerate(ids):
+        kl = ids[(i + 1) % len(ids)][1]
+        cols["prompt_input_ids"].append(p)
+        cols["completion_input_ids"].append(c)
+        cols["kl_completion_input_ids"].append(kl)
+        cols["label"].append(i % 3 != 0)
+        cols["ref_logps"].append(-2.0 * len(c) - 0.1 * i)
+        cols["ref_kl_logps"].append(-6.0 * len(kl) - 0.4 * (i % 8))
+    return pa.table(cols)
+
+
+@pytest.mark.slow  # processes of their own (gloo): not in `make test-fast`
+def test_kto_two_workers_equal_one_worker(toy_model_dir, toy_tokenizer, tmp_path):
+    """KTO's reference point is gathered over the workers (TRL's KTOTrainer averages the
+    processes' KL estimates): 2 gloo DDP workers of 4 rows a micro-batch train to the losses,
+    KL estimates and weights of 1 worker of 8, over 4 steps; without the gather each worker
+    would use its own half's z₀ and the runs would differ."""
+    rows = _sft_rows(20)
+    table = _kto_table(toy_tokenizer, rows)
+    cfg = {**_cfg("dpo", 1, 4), "loss_type": "kto", "alpha": 0.0, "desirable_weight": 1.0,
+           "undesirable_weight": 1.5}
+    one, one_log = _train_layout(toy_model_dir, table, cfg, 0, 1)
+    two, two_log = _spawn(tmp_path, "kto", toy_model_dir, table, cfg)
+    assert all(m["kl"] > 0.1 for m in one_log)  # the reference point, not the clamp at 0
+    for a, b in zip(one_log, two_log, strict=True):
+        for key in ("loss", "kl", "grad_norm", "rewards/chosen", "rewards/rejected"):
+            assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, atol=1e-5, rtol=0, msg=name)

@@ -752,3 +752,133 @@ def test_trainer_step_feeds_every_loss_its_lengths(toy_model_dir, toy_tokenizer,
                           label_smoothing=eps, chosen_lengths=t([len(c) for c in chosen]),
                           rejected_lengths=t([len(r) for r in rejected]))
     assert metrics["dpo_loss"] == pytest.approx(want.mean().item(), abs=1e-5)
+
+
+# ---------------------------------------------------------------- (e) loss lists in the trainer
+
+
+def _toy_pair_batch(tok, model, ref_shift=(0.0, 0.0)):
+    """Four pairs as `dpo_step_loss` reads them, with reference log-probs from a plain forward
+    (+ a shift per side: off the reference when nonzero)."""
+    from conftest import char_ids, plain_logp
+
+    eos = tok.eos_token_id
+    prompts = [char_ids(tok, p) for p in PROMPTS[:4]]
+    chosen = [char_ids(tok, str(a + b)) + [eos] for a, b, _ in ROWS[:4]]
+    rejected = [char_ids(tok, str(a + b + o)) + [eos] for a, b, o in ROWS[:4]]
+    ref_c = [plain_logp(model, p, c) + ref_shift[0] * (i + 1)
+             for i, (p, c) in enumerate(zip(prompts, chosen, strict=True))]
+    ref_r = [plain_logp(model, p, r) + ref_shift[1] * (i + 1)
+             for i, (p, r) in enumerate(zip(prompts, rejected, strict=True))]
+    return {"prompt_input_ids": prompts, "chosen_input_ids": chosen,
+            "rejected_input_ids": rejected, "ref_chosen_logps": ref_c,
+            "ref_rejected_logps": ref_r}
+
+
+def _step(model, batch, pad, cfg):
+    """One micro-batch's loss, metrics and gradients."""
+    from trainer.loop import dpo_step_loss
+
+    model.zero_grad(set_to_none=True)
+    loss, metrics = dpo_step_loss(model, batch, pad, cfg)
+    loss.backward()
+    return float(loss.detach()), metrics, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_list_sigmoid_nll_equals_alpha(toy_model_dir, toy_tokenizer):
+    """`loss_type: [sigmoid, nll]` with `loss_weights: [1, a]` is today's DPO + a·NLL
+    (`alpha: a`): the same loss and the same gradients, to 1e-6, off the reference."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(toy_model_dir, dtype=torch.float32).eval()
+    batch = _toy_pair_batch(toy_tokenizer, model, ref_shift=(0.4, -0.3))
+    pad, a = toy_tokenizer.pad_token_id, 0.7
+    base = {"beta": 0.1, "label_smoothing": 0.0}
+    loss_alpha, m_alpha, g_alpha = _step(model, batch, pad,
+                                         {**base, "loss_type": "sigmoid", "alpha": a})
+    loss_list, m_list, g_list = _step(model, batch, pad, {
+        **base, "loss_type": ["sigmoid", "nll"], "loss_weights": [1.0, a], "alpha": 0.0})
+    assert loss_list == pytest.approx(loss_alpha, abs=1e-6)
+    for name, g in g_alpha.items():
+        torch.testing.assert_close(g_list[name], g, atol=1e-6, rtol=0, msg=name)
+    assert m_list["loss/sigmoid"] == pytest.approx(m_alpha["dpo_loss"], abs=1e-6)
+    assert m_list["loss/nll"] == pytest.approx(m_alpha["nll_loss"], abs=1e-6)
+
+
+def test_mpo_list_at_step_zero_is_the_sum_of_its_parts(toy_model_dir, toy_tokenizer):
+    """`[sigmoid, bco_pair, sft]` with `[0.8, 0.2, 1.0]` (MPO) at step 0 (policy == reference):
+    sigmoid is ln 2, bco_pair 2 ln 2 (both sides σ(0)), sft the token-mean NLL of the chosen
+    responses, computed here from a plain forward and lengths counted by hand."""
+    from conftest import plain_logp
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(toy_model_dir, dtype=torch.float32).eval()
+    batch = _toy_pair_batch(toy_tokenizer, model)
+    cfg = {"beta": 0.1, "label_smoothing": 0.0, "alpha": 0.0,
+           "loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]}
+    loss, metrics, _ = _step(model, batch, toy_tokenizer.pad_token_id, cfg)
+    chosen = list(zip(batch["prompt_input_ids"], batch["chosen_input_ids"], strict=True))
+    sft = -sum(plain_logp(model, p, c) for p, c in chosen) / sum(len(c) for _, c in chosen)
+    assert loss == pytest.approx(0.8 * LN2 + 0.2 * 2 * LN2 + sft, abs=1e-5)
+    assert metrics["loss/sigmoid"] == pytest.approx(LN2, abs=1e-6)
+    assert metrics["loss/bco_pair"] == pytest.approx(2 * LN2, abs=1e-6)
+    assert metrics["loss/sft"] == pytest.approx(sft, abs=1e-5)
+
+
+def test_weighted_loss_gives_label_smoothing_to_the_losses_that_read_it():
+    (pc, pr, rc, rr), (lc, lr) = _random_inputs(seed=9)
+    kw = dict(chosen_lengths=lc, rejected_lengths=lr, beta=0.3)
+    losses, _, _ = weighted_loss(pc, pr, rc, rr, loss_types=["sigmoid", "bco_pair"],
+                                 loss_weights=[1.0, 0.5], label_smoothing=0.2, **kw)
+    lists = [x.tolist() for x in (pc, pr, rc, rr, lc, lr)]
+    sigmoid = _paper_losses("sigmoid", *lists, beta=0.3, eps=0.2)
+    bco = _paper_losses("bco_pair", *lists, beta=0.3)
+    torch.testing.assert_close(losses, torch.tensor(
+        [s + 0.5 * b for s, b in zip(sigmoid, bco, strict=True)], dtype=torch.float64))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        weighted_loss(pc, pr, rc, rr, loss_types=["hinge", "bco_pair"], label_smoothing=0.2,
+                      **kw)
+
+
+def test_reference_free_is_every_listed_loss():
+    from trainer.dpo import needed_columns
+    from trainer.loss import reference_free, unpaired
+
+    assert reference_free("simpo") and reference_free(["simpo", "sft"])
+    assert not reference_free(["simpo", "sigmoid"]) and not reference_free("kto")
+    assert unpaired("kto") and not unpaired(["sigmoid", "sft"])
+    assert "ref_chosen_logps" not in needed_columns(["orpo", "nll"])
+    assert "ref_chosen_logps" in needed_columns(["orpo", "sigmoid"])
+    assert "ref_kl_logps" in needed_columns("kto")
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(loss_type=["sigmoid", "dpo"]), "loss_type must be one of .* got 'dpo'"),
+    (dict(loss_type=["sigmoid", "sigmoid"]), "lists a loss twice"),
+    (dict(loss_type=[]), "at least one loss"),
+    (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]),
+     "loss_weights has 1 weight.* for the 2 loss"),
+    (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, -1.0]), "finite and >= 0"),
+    (dict(loss_type=["sigmoid", "nll"], alpha=1.0), "alpha is the weight of an nll term"),
+    (dict(loss_type=["hinge", "bco_pair"], label_smoothing=0.1),
+     "loss_type hinge,bco_pair would ignore it"),
+    (dict(loss_type=["bco_pair", "exo_pair"]), "exo_pair needs label_smoothing"),
+    (dict(loss_type=["simpo", "sft"], ref_logps="live"), "needs no reference model"),
+])
+def test_loss_list_config_errors_are_one_line(fields, match):
+    from pipeline.errors import UserError
+    from trainer.dpo import DPOConfig, check_config
+
+    with pytest.raises(UserError, match=match) as e:
+        check_config(DPOConfig(model="m", data="d", out="o", beta=0.1, **fields))
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_loss_list_config_accepts_what_some_loss_reads():
+    from trainer.dpo import DPOConfig, check_config
+
+    check_config(DPOConfig(model="m", data="d", out="o", beta=0.1, label_smoothing=0.1,
+                           loss_type=["sigmoid", "bco_pair", "sft"],
+                           loss_weights=[0.8, 0.2, 1.0]))
+    check_config(DPOConfig(model="m", data="d", out="o", beta=0.1, alpha=1.0,
+                           loss_type=["sigmoid", "bco_pair"]))

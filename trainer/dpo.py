@@ -3,11 +3,17 @@
 The reference log-probs come from the shards written by `odpo precompute`. `ref_logps="live"`
 loads the reference model into every worker and recomputes them on the fly with the same code;
 it exists to measure the saving and to check that both modes agree.
+
+`loss_type` is one loss or a weighted list of them (`weighted_loss`, MPO), on pairs; or `kto`,
+alone, on the unpaired rows of `odpo pair --mode unpaired` (each row's completion and desirable
+label, with the reference log-probs of the completion and of a mismatched completion for KTO's
+reference point: trainer/precompute.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -19,18 +25,33 @@ from pipeline.stage import Upstream, check_out, join_named_cluster, read_rows, r
 from pipeline.storage import resolve_path
 from trainer.launch import check_training_config, run_training
 from trainer.lora import LoraSettings
-from trainer.loss import LABEL_SMOOTHING_LOSS_TYPES, LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
+from trainer.loss import (
+    LABEL_SMOOTHING_LOSS_TYPES,
+    LOSS_TYPES,
+    REFERENCE_FREE_LOSS_TYPES,
+    UNPAIRED_LOSS_TYPES,
+    loss_types,
+    reference_free,
+    unpaired,
+)
 
 STAGE = "train"
 ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 LOGP_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 PRECOMPUTE_COLUMNS = ID_COLUMNS + LOGP_COLUMNS
+# Unpaired rows (kto): each row's completion, its label, and the mismatched completion whose
+# log-probs give KTO's reference point.
+UNPAIRED_COLUMNS = ("prompt_input_ids", "completion_input_ids", "kl_completion_input_ids",
+                    "label", "ref_logps", "ref_kl_logps")
 
 
-def needed_columns(loss_type: str) -> tuple[str, ...]:
-    """The precompute columns training with `loss_type` reads: no reference log-probs for the
-    reference-free losses (`odpo precompute --no-logps` writes none)."""
-    return ID_COLUMNS if loss_type in REFERENCE_FREE_LOSS_TYPES else PRECOMPUTE_COLUMNS
+def needed_columns(loss_type: str | list[str]) -> tuple[str, ...]:
+    """The precompute columns training with `loss_type` (a name or a list) reads: no reference
+    log-probs when every listed loss is reference-free (`odpo precompute --no-logps` writes
+    none); kto's unpaired rows."""
+    if unpaired(loss_type):
+        return UNPAIRED_COLUMNS
+    return ID_COLUMNS if reference_free(loss_type) else PRECOMPUTE_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -41,10 +62,19 @@ class DPOConfig:
     beta: float  # KL strength of DPO; no default: it sets the trade-off, choose it on purpose
     # preference loss by TRL 1.16's names (trainer/loss.py: each with its paper); sigmoid is DPO.
     # ipo is the IPO paper's loss on *summed* completion log-probs; TRL's `ipo` (per-token mean)
-    # is ipo_mean here, so a β tuned in TRL carries over to ipo_mean, not to ipo
-    loss_type: str = "sigmoid"
+    # is ipo_mean here, so a β tuned in TRL carries over to ipo_mean, not to ipo. A list (YAML
+    # list, or comma-separated: sigmoid,bco_pair,sft) trains the weighted sum of its losses
+    # (MPO). kto (alone) trains on unpaired rows: `odpo pair --mode unpaired`, then precompute
+    loss_type: str | list[str] = "sigmoid"
+    # weight of each listed loss, in loss_type's order (comma-separated); None: 1 each
+    loss_weights: list[float] | None = None
     label_smoothing: float = 0.0  # label noise ε in [0, 0.5): cDPO (sigmoid), robust, exo_pair, aot
-    alpha: float = 0.0  # weight of the chosen NLL term: 1.0 is DPO+NLL (Iterative RPO)
+    # weight of the chosen NLL term: 1.0 is DPO+NLL (Iterative RPO); the same as a list with nll
+    alpha: float = 0.0
+    # kto: λ_D, the weight of desirable rows' losses; the KTO paper advises
+    # λ_D·n_D / (λ_U·n_U) in [1, 4/3] (`odpo pair --mode unpaired` reports n_D and n_U)
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0  # kto: λ_U, the weight of undesirable rows' losses
     ref_logps: str = "cached"  # cached (from the shards) | live (load the reference: checks only)
     ref_model: str | None = None  # live mode: the reference checkpoint; None: `model`
     epochs: int = 1  # passes over the pairs
@@ -77,44 +107,106 @@ class DPOConfig:
     max_failures: int = 0  # worker failures Ray Train restarts from the last checkpoint
 
 
-def read_precompute_stage(path: str, loss_type: str = "sigmoid") -> Upstream:
+def read_precompute_stage(path: str, loss_type: str | list[str] = "sigmoid") -> Upstream:
     """The `odpo precompute` output at `path`, its shards checked against their manifest and
     holding what `loss_type` reads; a one-line error naming `odpo precompute` for anything else
-    (pairs, plain Parquet), or for shards without the reference log-probs a loss needs."""
+    (pairs, plain Parquet), for shards without the reference log-probs a loss needs, and for
+    pairs given to kto or unpaired rows given to a pairwise loss."""
     manifest = read_manifest(path) if storage.is_dir(path) else None
-    if (loss_type not in REFERENCE_FREE_LOSS_TYPES and manifest is not None
+    name = loss_type if isinstance(loss_type, str) else ",".join(loss_type)
+    if manifest is not None and manifest.get("stage") == "precompute":
+        rows_unpaired = bool(manifest.get("unpaired"))
+        if unpaired(loss_type) and not rows_unpaired:
+            raise UserError(f"--data {path}: holds pairs; loss_type kto trains on unpaired rows "
+                            "(`odpo pair --mode unpaired`, then `odpo precompute`)")
+        if rows_unpaired and not unpaired(loss_type):
+            raise UserError(f"--data {path}: holds unpaired rows (`odpo pair --mode "
+                            f"unpaired`), which only loss_type kto reads; {name} needs pairs")
+    if (not reference_free(loss_type) and manifest is not None
             and not (manifest.get("config") or {}).get("logps", True)):
         raise UserError(f"--data {path}: precomputed without reference log-probs "
-                        f"(--no-logps), which loss_type {loss_type!r} needs; reference-free "
+                        f"(--no-logps), which loss_type {name!r} needs; reference-free "
                         f"losses: {REFERENCE_FREE_LOSS_TYPES}")
     return read_stage(path, ("precompute",), needed_columns(loss_type), flag="--data",
                       plain=False)
 
 
-def check_config(cfg: DPOConfig) -> None:
-    """Every field checked on the driver, before Ray starts."""
+def check_loss(cfg: DPOConfig) -> None:
+    """The loss fields (`loss_type`, its weights and settings), one-line errors."""
+    types = loss_types(cfg.loss_type)
+    listed = not isinstance(cfg.loss_type, str)
+    name = ",".join(types) if listed else repr(cfg.loss_type)
+    known = LOSS_TYPES + UNPAIRED_LOSS_TYPES
+    unknown = [t for t in types if t not in known]
+    kto = unpaired(types)
+    weights = cfg.loss_weights
     checks = (
-        (cfg.loss_type in LOSS_TYPES,
-         f"loss_type must be one of {LOSS_TYPES}, got {cfg.loss_type!r}"),
-        (cfg.ref_logps in ("cached", "live"),
-         f"ref_logps must be cached or live, got {cfg.ref_logps!r}"),
-        (cfg.ref_logps == "cached" or cfg.loss_type not in REFERENCE_FREE_LOSS_TYPES,
-         f"loss_type {cfg.loss_type!r} needs no reference model: ref_logps live would load one "
-         "for nothing"),
+        (bool(types), "loss_type must name at least one loss"),
+        (not unknown, f"loss_type must be one of {known} (or a list of them), got "
+                      f"{', '.join(map(repr, unknown))}"),
+        (len(set(types)) == len(types), f"loss_type {name} lists a loss twice"),
+        (not (kto and len(types) > 1),
+         "loss_type kto trains on unpaired rows, alone: it cannot be in a list of pairwise "
+         "losses"),
+        (weights is None or not kto,
+         "loss_weights weigh a list of losses; kto weighs its rows with desirable_weight and "
+         "undesirable_weight"),
+        (weights is None or len(weights) == len(types),
+         f"loss_weights has {len(weights or ())} weight(s) for the {len(types)} loss(es) of "
+         f"loss_type {name}"),
+        (all(math.isfinite(w) and w >= 0 for w in weights or ()),
+         f"loss_weights must be finite and >= 0, got {weights}"),
+        (not ("nll" in types and cfg.alpha > 0),
+         f"alpha is the weight of an nll term, and loss_type {name} lists nll too: set its "
+         "weight in loss_weights and alpha 0"),
+        (cfg.ref_logps == "cached" or not reference_free(types),
+         f"loss_type {name} needs no reference model: ref_logps live would load one for "
+         "nothing"),
         (cfg.beta > 0, f"beta must be > 0, got {cfg.beta}"),
         (0 <= cfg.label_smoothing < 0.5,
          f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}"),
-        (cfg.label_smoothing == 0 or cfg.loss_type in LABEL_SMOOTHING_LOSS_TYPES,
+        (cfg.label_smoothing == 0 or set(types) & set(LABEL_SMOOTHING_LOSS_TYPES),
          f"label_smoothing applies to {LABEL_SMOOTHING_LOSS_TYPES} only; loss_type "
-         f"{cfg.loss_type!r} would ignore it"),
-        (cfg.label_smoothing > 0 or cfg.loss_type != "exo_pair",
+         f"{name} would ignore it"),
+        (cfg.label_smoothing > 0 or "exo_pair" not in types,
          "loss_type exo_pair needs label_smoothing > 0 (its ε; TRL's docs suggest 1e-3)"),
         (cfg.alpha >= 0, f"alpha (NLL weight) must be >= 0, got {cfg.alpha}"),
+        (not (kto and cfg.alpha > 0),
+         "alpha adds the NLL of a chosen response, which kto's unpaired rows do not have"),
+        (kto or (cfg.desirable_weight, cfg.undesirable_weight) == (1.0, 1.0),
+         f"desirable_weight and undesirable_weight weigh kto's rows; loss_type {name} would "
+         "ignore them"),
+        (cfg.desirable_weight > 0 and cfg.undesirable_weight > 0,
+         f"desirable_weight and undesirable_weight must be > 0, got {cfg.desirable_weight} and "
+         f"{cfg.undesirable_weight}"),
     )
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+
+
+def check_config(cfg: DPOConfig) -> None:
+    """Every field checked on the driver, before Ray starts."""
+    if cfg.ref_logps not in ("cached", "live"):
+        raise UserError(f"ref_logps must be cached or live, got {cfg.ref_logps!r}")
+    check_loss(cfg)
     check_training_config(cfg)
+
+
+def kto_balance(desirable: int, undesirable: int, desirable_weight: float,
+                undesirable_weight: float) -> str | None:
+    """The KTO paper's advice on the class weights (Ethayarajh et al. 2024, §4.2):
+    λ_D·n_D / (λ_U·n_U) in [1, 4/3]. None when the data and weights follow it (or one class is
+    absent), else a sentence that says what would."""
+    if not desirable or not undesirable:
+        return None
+    ratio = desirable_weight * desirable / (undesirable_weight * undesirable)
+    if 1.0 <= ratio <= 4.0 / 3.0:
+        return None
+    low = undesirable_weight * undesirable / desirable
+    return (f"λ_D·n_D / (λ_U·n_U) = {desirable_weight:g}·{desirable} / "
+            f"({undesirable_weight:g}·{undesirable}) = {ratio:.3g}, outside the KTO paper's "
+            f"[1, 4/3]: desirable_weight {low:.3g} to {4 * low / 3:.3g} would bring it in")
 
 
 def run_dpo(cfg: DPOConfig) -> dict:
@@ -134,12 +226,19 @@ def run_dpo(cfg: DPOConfig) -> dict:
         check_checkpoint(cfg.ref_model, "reference model")
     up = read_precompute_stage(cfg.data, cfg.loss_type)
     warn_dtype(up.manifest, cfg)
+    kto = unpaired(cfg.loss_type)
+    if kto:
+        stats = up.manifest.get("stats") or {}
+        advice = kto_balance(stats.get("desirable", 0), stats.get("undesirable", 0),
+                             cfg.desirable_weight, cfg.undesirable_weight)
+        if advice:
+            print(f"odpo train: warning: {advice}", file=sys.stderr)
     inputs = {"model": checkpoint_digest(cfg.model), "data": input_digest(cfg.data)}
     if live:
         inputs["ref_model"] = checkpoint_digest(cfg.ref_model)
     return run_training(
-        cfg, stage=STAGE, objective="dpo", source=cfg.data, unit="pairs", config=asdict(cfg),
-        inputs=inputs, ray_inputs=paths,
+        cfg, stage=STAGE, objective="dpo", source=cfg.data,
+        unit="rows" if kto else "pairs", config=asdict(cfg), inputs=inputs, ray_inputs=paths,
         read=lambda: (read_pairs(up, cfg.loss_type), up.manifest["rows_out"],
                       {"ref_logps": cfg.ref_logps}),
     )
@@ -157,7 +256,7 @@ def warn_dtype(manifest: dict, cfg: DPOConfig) -> None:
               f"with --dtype {cfg.dtype} for an exact start", file=sys.stderr)
 
 
-def read_pairs(up: Upstream, loss_type: str = "sigmoid"):
+def read_pairs(up: Upstream, loss_type: str | list[str] = "sigmoid"):
     """The precompute shards' token ids and log-probs (`needed_columns`) as a materialized Ray
     dataset (None when there are none): two floats a pair beside the ids, small enough to hold
     once in the object store and read whole by every worker; trainer.loop orders the pairs

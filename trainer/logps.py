@@ -176,16 +176,48 @@ def model_token_logps(
     return out.masked_scatter(mask, picked), mask
 
 
+def model_read_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+    read_at: torch.Tensor, read_ids: torch.Tensor, lean: bool = True, chunk: int = 0,
+) -> torch.Tensor:
+    """Log-probs of chosen next tokens read at chosen positions of a packed forward
+    (`trainer.packing`): (N,) float32, log p(read_ids[n]) from the logits at flat position
+    read_at[n] of the (R·T) positions.
+
+    input_ids, position_ids (R, T); attention_mask the 4D mask the model's attention takes as it
+    is ((R, 1, T, T), `trainer.packing.attention_mask`). The shift by one is the caller's: it
+    names the position that predicts each token, so one position may predict two (a shared
+    prompt's last token predicts the first chosen and the first rejected token). Lean as
+    `model_token_logps`: the head and the float32 log-softmax run on the N read positions only.
+    """
+    if not (lean and lean_supported(model)):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids, use_cache=False).logits
+        picked = torch.log_softmax(logits.flatten(0, 1)[read_at].float(), dim=-1)
+        return picked.gather(1, read_ids[:, None])[:, 0]
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                 position_ids=position_ids, use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    return label_logps(hidden.flatten(0, 1)[read_at], head.weight, read_ids, head.bias, chunk)
+
+
 class TokenLogps(torch.nn.Module):
     """A causal LM as the module that returns `model_token_logps`: what Ray Train's DDP wraps in
     training, so that the lean forward (body, then the chunked head) runs inside the wrapper's
-    hooks. `.model` is the causal LM (saved with `save_pretrained`)."""
+    hooks. `.model` is the causal LM (saved with `save_pretrained`).
+
+    Given `position_ids` and `read_at` (a packed batch, `trainer.packing`), it returns
+    `model_read_logps` instead: (N,) log-probs of `labels` (N,) read at flat positions
+    `read_at`, through a 4D `attention_mask`."""
 
     def __init__(self, model, lean: bool = True, autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.model, self.lean, self.autocast_dtype = model, lean, autocast_dtype
 
-    def forward(self, input_ids, attention_mask, labels):
+    def forward(self, input_ids, attention_mask, labels, position_ids=None, read_at=None):
         with torch.autocast(input_ids.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
+            if read_at is not None:
+                return model_read_logps(self.model, input_ids, attention_mask, position_ids,
+                                        read_at, labels, self.lean)
             return model_token_logps(self.model, input_ids, attention_mask, labels, self.lean)

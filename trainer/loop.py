@@ -36,10 +36,19 @@ import torch.distributed as dist
 
 from pipeline import storage
 from pipeline.checkpoint import disable_dropout
-from trainer import lora
+from trainer import lora, packing
 from trainer.collate import collate
 from trainer.logps import TokenLogps
-from trainer.loss import REFERENCE_FREE_LOSS_TYPES, dpo_loss, nll_loss
+from trainer.loss import (
+    LABEL_SMOOTHING_LOSS_TYPES,
+    dpo_loss,
+    kto_kl_baseline,
+    kto_loss,
+    nll_loss,
+    reference_free,
+    unpaired,
+    weighted_loss,
+)
 
 STATE_FILE = "trainer_state.pt"
 
@@ -128,8 +137,15 @@ def sft_step_loss(
     return loss, {"loss": nll.item() / n_tokens, "num_tokens": float(t["attention_mask"].sum())}
 
 
-def _pair_logps(model, batch: dict, pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Chosen and rejected summed log-probs (B,) each, from one forward over both (2B rows)."""
+def _pair_logps(model, batch: dict, pad_token_id: int, layout: str = "padded",
+                max_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Chosen and rejected summed log-probs (B,) each, from one forward over both (2B rows;
+    `packed` / `shared_prompt`: `trainer.packing`, rows of at most `max_tokens` tokens)."""
+    if layout != "padded":
+        return packing.pair_logps(
+            model, list(batch["prompt_input_ids"]), list(batch["chosen_input_ids"]),
+            list(batch["rejected_input_ids"]), layout=layout, max_tokens=max_tokens,
+            pad_token_id=pad_token_id)
     prompts = list(batch["prompt_input_ids"])
     n = len(prompts)
     t = collate(prompts + prompts,
@@ -145,6 +161,8 @@ def dpo_step_loss(
 ) -> tuple[torch.Tensor, dict]:
     """DPO (+ alpha * NLL on chosen) of one micro-batch; chosen and rejected in one forward.
 
+    `cfg["loss_type"]` is one loss (`dpo_loss`) or a list of them, summed with
+    `cfg["loss_weights"]` (`weighted_loss`; each one's mean is logged as `loss/<name>`).
     The reference log-probs come from the batch (cached), or, when `ref_model` is given
     (live mode, for checks and benchmarks), from its forward on the same tokens.
     """
@@ -152,7 +170,7 @@ def dpo_step_loss(
     n = chosen_logps.shape[0]
     device = chosen_logps.device
     lengths = t["completion_lengths"].to(device)  # chosen rows, then rejected rows
-    if cfg["loss_type"] in REFERENCE_FREE_LOSS_TYPES:  # simpo, orpo: no reference at all
+    if reference_free(cfg["loss_type"]):  # simpo, orpo, sft, nll: no reference at all
         ref_chosen = ref_rejected = None
     elif ref_model is None:
         ref_chosen, ref_rejected = (
@@ -162,16 +180,29 @@ def dpo_step_loss(
         with torch.inference_mode():
             ref_chosen, ref_rejected, _ = _pair_logps(ref_model, batch, pad_token_id)
         ref_chosen, ref_rejected = ref_chosen.clone(), ref_rejected.clone()
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
-        chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta=cfg["beta"],
-        loss_type=cfg["loss_type"], label_smoothing=cfg["label_smoothing"],
-        chosen_lengths=lengths[:n], rejected_lengths=lengths[n:],
-    )
+    inputs = (chosen_logps, rejected_logps, ref_chosen, ref_rejected)
+    kwargs = {"beta": cfg["beta"], "chosen_lengths": lengths[:n],
+              "rejected_lengths": lengths[n:]}
+    terms = {}
+    if isinstance(cfg["loss_type"], str):
+        losses, chosen_rewards, rejected_rewards = dpo_loss(
+            *inputs, loss_type=cfg["loss_type"], label_smoothing=cfg["label_smoothing"], **kwargs)
+    else:
+        losses, chosen_rewards, rejected_rewards = weighted_loss(
+            *inputs, loss_types=cfg["loss_type"], loss_weights=cfg.get("loss_weights"),
+            label_smoothing=cfg["label_smoothing"], **kwargs)
+        with torch.no_grad():  # each listed loss alone, unweighted, for the metrics
+            for name in cfg["loss_type"]:
+                eps = cfg["label_smoothing"] if name in LABEL_SMOOTHING_LOSS_TYPES else 0.0
+                terms[f"loss/{name}"] = dpo_loss(
+                    *(x if x is None else x.detach() for x in inputs), loss_type=name,
+                    label_smoothing=eps, **kwargs)[0].mean().item()
     nll = nll_loss(chosen_logps, lengths[:n])
     loss = losses.mean() + cfg["alpha"] * nll.mean()
     metrics = {
         "loss": loss.item(),
         "dpo_loss": losses.mean().item(),
+        **terms,
         "nll_loss": nll.mean().item(),
         "rewards/chosen": chosen_rewards.mean().item(),
         "rewards/rejected": rejected_rewards.mean().item(),
@@ -182,6 +213,87 @@ def dpo_step_loss(
         "num_tokens": float(t["attention_mask"].sum()),
     }
     return loss, metrics
+
+
+def _unpaired_logps(model, batch: dict, pad_token_id: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Summed log-probs (B,) of each row's completion and, without autograd, of its mismatched
+    KL completion (`kl_completion_input_ids`, after the same prompt), and the input tokens of
+    both forwards. The KL forward comes first and keeps no graph, as in TRL's KTOTrainer."""
+    prompts = list(batch["prompt_input_ids"])
+    with torch.no_grad():
+        kl = collate(prompts, list(batch["kl_completion_input_ids"]), pad_token_id)
+        kl_logps = _token_logps(model, kl)[0].double().sum(dim=-1)
+    t = collate(prompts, list(batch["completion_input_ids"]), pad_token_id)
+    logps = _token_logps(model, t)[0].double().sum(dim=-1)  # float64 sum, as `_pair_logps`
+    return logps, kl_logps, int(t["attention_mask"].sum() + kl["attention_mask"].sum())
+
+
+def gather_across_workers(x: torch.Tensor) -> torch.Tensor:
+    """(B,) from every worker, concatenated in rank order: (world·B,); `x` itself without a
+    process group. Every worker's micro-batch has the same B (`plan_batches`)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts)
+
+
+def kto_step_loss(
+    model, batch: dict, pad_token_id: int, cfg: dict, ref_model=None
+) -> tuple[torch.Tensor, dict]:
+    """KTO (Ethayarajh et al. 2024) of one micro-batch of unpaired rows, as TRL 1.16's
+    KTOTrainer computes it: the reference point z₀ = max(0, mean(π − ref)) over the rows'
+    mismatched (prompt, KL completion) pairs of this micro-batch on *every* worker (TRL gathers
+    the per-process means and averages them; the workers' micro-batches are equal in size, so
+    that is this mean), then `kto_loss` with `desirable_weight` / `undesirable_weight`, averaged
+    over the rows.
+
+    The reference log-probs come from the batch (`ref_logps`, `ref_kl_logps`, cached by `odpo
+    precompute`), or from `ref_model`'s forward (live mode). The rewards and log-probs are
+    logged as TRL names them (`rewards/chosen` over desirable rows, `rewards/rejected` over
+    undesirable ones, `kl` = z₀), as sums and counts that `pooled_means` turns into means over
+    all the rows of a logging window.
+    """
+    logps, kl_logps, num_tokens = _unpaired_logps(model, batch, pad_token_id)
+    device = logps.device
+    if ref_model is None:
+        ref_logps, ref_kl_logps = (
+            torch.tensor(np.array(batch[k]), dtype=torch.float64, device=device)
+            for k in ("ref_logps", "ref_kl_logps"))
+    else:
+        with torch.inference_mode():
+            ref_logps, ref_kl_logps, _ = _unpaired_logps(ref_model, batch, pad_token_id)
+        ref_logps, ref_kl_logps = ref_logps.clone(), ref_kl_logps.clone()
+    desirable = torch.tensor(np.array(batch["label"], dtype=bool), device=device)
+    z0 = kto_kl_baseline(gather_across_workers(kl_logps), gather_across_workers(ref_kl_logps))
+    losses, rewards = kto_loss(logps, ref_logps, desirable, z0, beta=cfg["beta"],
+                               desirable_weight=cfg.get("desirable_weight", 1.0),
+                               undesirable_weight=cfg.get("undesirable_weight", 1.0))
+    loss = losses.mean()
+    metrics = {"loss": loss.item(), "kl": float(z0), "num_tokens": float(num_tokens)}
+    for side, rows in (("chosen", desirable), ("rejected", ~desirable)):
+        metrics[f"_count/{side}"] = float(rows.sum())
+        metrics[f"_sum/rewards/{side}"] = float(rewards[rows].sum())
+        metrics[f"_sum/logps/{side}"] = float(logps.detach()[rows].sum())
+    return loss, metrics
+
+
+def pooled_means(metrics: dict[str, float]) -> dict[str, float]:
+    """A log line's metrics with every `_sum/<what>/<side>` divided by its `_count/<side>` (the
+    mean over all the window's rows of that side, none when it had none), and
+    `rewards/margins` = chosen − rejected when both exist (TRL's KTO metrics). Other metrics
+    pass unchanged."""
+    out = {k: v for k, v in metrics.items() if not k.startswith(("_sum/", "_count/"))}
+    for key, total in metrics.items():
+        if key.startswith("_sum/"):
+            name = key[len("_sum/"):]
+            count = metrics[f"_count/{name.rsplit('/', 1)[1]}"]
+            if count > 0:
+                out[name] = total / count
+    if "_sum/rewards/chosen" in metrics and {"rewards/chosen", "rewards/rejected"} <= set(out):
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -347,7 +459,8 @@ def accumulate_gradients(
                 loss, metrics = sft_step_loss(model, batch, pad_token_id, step_tokens, world)
                 loss.backward()
             else:
-                loss, metrics = dpo_step_loss(model, batch, pad_token_id, cfg, ref_model)
+                step_loss = kto_step_loss if unpaired(cfg["loss_type"]) else dpo_step_loss
+                loss, metrics = step_loss(model, batch, pad_token_id, cfg, ref_model)
                 (loss / accum).backward()
                 metrics = {k: v if k == "num_tokens" else v / (accum * world)
                            for k, v in metrics.items()}
@@ -405,7 +518,7 @@ def train_steps(
         grad_norm = optimizer_step(model, optimizer, scheduler, cfg["grad_clip"])
         if step % cfg["log_every"] == 0 or step + 1 == total_steps:
             elapsed = time.perf_counter() - t_window
-            metrics = window_metrics(window, world, device)
+            metrics = pooled_means(window_metrics(window, world, device))
             metrics.update(
                 {"epoch": epoch, "learning_rate": lr, "grad_norm": grad_norm,
                  "tokens_per_s": metrics.pop("num_tokens") / max(elapsed, 1e-9),

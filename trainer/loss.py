@@ -70,6 +70,26 @@ REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo", "sft", "nll")
 LENGTH_LOSS_TYPES = ("ipo_mean", "sigmoid_norm", "simpo", "orpo", "sft", "nll")
 # Losses that read `label_smoothing` ε; any other with ε > 0 is refused rather than ignored.
 LABEL_SMOOTHING_LOSS_TYPES = ("sigmoid", "robust", "exo_pair", "aot", "aot_unpaired", "simpo")
+# Losses of unpaired rows (prompt, completion, desirable label): `kto_loss`, trained alone.
+UNPAIRED_LOSS_TYPES = ("kto",)
+
+
+def loss_types(loss_type: str | Sequence[str]) -> tuple[str, ...]:
+    """A config's `loss_type` (one name, or a list for `weighted_loss`) as a tuple of names."""
+    return (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+
+
+def reference_free(loss_type: str | Sequence[str]) -> bool:
+    """Whether training with `loss_type` (a name or a list) needs no reference log-probs: every
+    listed loss is reference-free. The one test behind `odpo train`'s columns, `odpo precompute
+    --no-logps` and `odpo iterate`'s skipping of the reference forward."""
+    types = loss_types(loss_type)
+    return bool(types) and all(t in REFERENCE_FREE_LOSS_TYPES for t in types)
+
+
+def unpaired(loss_type: str | Sequence[str]) -> bool:
+    """Whether `loss_type` trains on unpaired rows (`kto`) rather than on pairs."""
+    return any(t in UNPAIRED_LOSS_TYPES for t in loss_types(loss_type))
 
 
 def _per_token(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -463,21 +483,27 @@ def weighted_loss(
     """Σ_k w_k · loss_k, per pair: TRL's `loss_type` list with `loss_weights` (MPO).
 
     Each entry is a `dpo_loss` type, called with the same inputs and keyword arguments `kwargs`;
-    weights default to 1 each. The mean of the result is TRL's Σ_k w_k · mean(loss_k). `[sigmoid,
-    nll]` with `[1, alpha]` is DPO + alpha·NLL (Iterative RPO); `[sigmoid, sft]` is TRL's form of
-    it (token mean over the batch). Returns (losses (B,), and the first loss type's chosen and
-    rejected rewards).
+    weights default to 1 each. `label_smoothing` ε goes to the listed losses that read it
+    (`LABEL_SMOOTHING_LOSS_TYPES`) and to no other; ε > 0 with none of them is a ValueError.
+    The mean of the result is TRL's Σ_k w_k · mean(loss_k). `[sigmoid, nll]` with `[1, alpha]`
+    is DPO + alpha·NLL (Iterative RPO); `[sigmoid, sft]` is TRL's form of it (token mean over
+    the batch). Returns (losses (B,), and the first loss type's chosen and rejected rewards).
     """
     if isinstance(loss_types, str) or not loss_types:
         raise ValueError(f"loss_types must be a non-empty list of loss types, got {loss_types!r}")
     weights = [1.0] * len(loss_types) if loss_weights is None else list(loss_weights)
     if len(weights) != len(loss_types):
         raise ValueError(f"{len(weights)} loss_weights for {len(loss_types)} loss_types")
+    eps = kwargs.pop("label_smoothing", 0.0)
+    if eps and not set(loss_types) & set(LABEL_SMOOTHING_LOSS_TYPES):
+        raise ValueError(f"label_smoothing applies to {LABEL_SMOOTHING_LOSS_TYPES} only, got "
+                         f"{eps} with loss_types {list(loss_types)}")
     total, rewards = 0.0, None
     for loss_type, weight in zip(loss_types, weights, strict=True):
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-            reference_rejected_logps, beta=beta, loss_type=loss_type, **kwargs)
+            reference_rejected_logps, beta=beta, loss_type=loss_type,
+            label_smoothing=eps if loss_type in LABEL_SMOOTHING_LOSS_TYPES else 0.0, **kwargs)
         total = total + weight * losses
         if rewards is None:
             rewards = (chosen_rewards, rejected_rewards)

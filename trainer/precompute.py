@@ -34,6 +34,20 @@ Truncation rule (TRL's classic DPO rule, keeping BOS); lengths count BOS and EOS
   With truncation="drop" a pair that does not fit is dropped instead (counted as `too_long`).
   Pairs whose chosen and rejected ids are equal (e.g. after a cut) carry no preference signal
   and are dropped as `identical_ids`. Every drop is counted in the manifest.
+
+Unpaired rows (`odpo pair --mode unpaired`, for KTO): each row's (prompt, completion) is
+tokenized and cut by the same rule (a row is a pair whose two completions are its one), and
+the output holds `prompt_input_ids`, `completion_input_ids`, `kl_completion_input_ids`
+(list<int32>), `ref_logps`, `ref_kl_logps` (float64) and `completion_num_tokens` (int32) beside
+the rows' columns (`label`, ...). KTO's reference point z₀ is the policy's KL from the reference
+estimated on *mismatched* (prompt, completion) pairs (Ethayarajh et al. 2024, §4.1); TRL pairs
+each row's prompt with the previous row's completion within a batch. Here the training order is
+drawn per epoch, so the mismatch is fixed in the data instead, deterministic and stored:
+`kl_partners` sorts the kept rows by prompt and gives each row the completion of the row m
+places further on (cyclically), m the most rows any one prompt has, so every row's KL
+completion answers another prompt and every completion is used exactly once. The KL sequence
+is the row's (already cut) prompt and the other row's completion ids, cut to fit max_length;
+the trainer runs the policy on exactly these ids.
 """
 
 from __future__ import annotations
@@ -43,6 +57,7 @@ import json
 import math
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -82,6 +97,13 @@ ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 LOGP_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 COUNT_COLUMNS = ("chosen_num_tokens", "rejected_num_tokens")  # completion tokens of each sum
 STORED_ID_COLUMNS = ("chosen_token_ids", "rejected_token_ids")  # sampled ids, from `odpo pair`
+# Unpaired rows (`odpo pair --mode unpaired`): what they hold, and what this stage adds.
+UNPAIRED_COLUMNS = ("prompt", "completion", "label")
+UNPAIRED_ID_COLUMNS = ("prompt_input_ids", "completion_input_ids", "kl_completion_input_ids")
+UNPAIRED_LOGP_COLUMNS = ("ref_logps", "ref_kl_logps")
+UNPAIRED_COUNT_COLUMN = "completion_num_tokens"
+# The mismatch rule behind `kl_completion_input_ids`, in the cache key of unpaired rows.
+KL_RULE = "sorted by prompt ids, rotated by the largest prompt's row count"
 # Bump when the tokenization, truncation or log-prob rule changes: old cache entries go stale.
 # 2: completions are the stored sampled ids when the pairs carry them; 3: lean log-probs
 # (trainer.logps.model_token_logps); 4: no EOS after a completion that ends its turn
@@ -94,7 +116,9 @@ TRUNCATION_MODES = ("truncate", "drop")
 
 @dataclass(frozen=True)
 class PrecomputeConfig:
-    pairs: str  # pairs stage dir (`pair`/`import` manifest), or Parquet/JSONL with the pair columns
+    # pairs stage dir (`pair`/`import` manifest), or Parquet/JSONL with the pair columns; or
+    # the unpaired rows of `odpo pair --mode unpaired` (for kto)
+    pairs: str
     model: str  # reference checkpoint (HF dir, local or URI); no default: the anchor is a choice
     out: str  # output stage directory: Parquet shards + manifest.json
     tokenizer: str | None = None  # tokenizer dir; default the model's (the policy must share it)
@@ -194,18 +218,88 @@ def tokenize_pairs(
         p_out.append(p)
         c_out.append(c)
         r_out.append(r)
-    top = max((max(x) for x in p_out + c_out + r_out if x), default=-1)
+    _check_ids(p_out + c_out + r_out, vocab_size, stored=chosen_token_ids is not None)
+    return keep, p_out, c_out, r_out, dropped, truncated
+
+
+def _check_ids(ids: list[list[int]], vocab_size: int | None, stored: bool) -> None:
+    """Every id within the model's vocabulary, none negative (`stored`: sampled ids, not the
+    tokenizer's)."""
+    top = max((max(x) for x in ids if x), default=-1)
     if vocab_size and top >= vocab_size:
         raise UserError(
             f"the tokenizer produces id {top}, beyond the model's vocab_size {vocab_size}: "
             f"is --tokenizer the reference model's?"
-            if chosen_token_ids is None else
+            if not stored else
             f"the pairs hold token id {top}, beyond the model's vocab_size {vocab_size}: were "
             f"they sampled with another model's tokenizer?"
         )
-    if min((min(x) for x in c_out + r_out if x), default=0) < 0:
+    if min((min(x) for x in ids if x), default=0) < 0:
         raise UserError("the pairs hold a negative token id")
-    return keep, p_out, c_out, r_out, dropped, truncated
+
+
+def tokenize_unpaired(
+    tokenizer,
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    truncation: str,
+    vocab_size: int | None = None,
+    completion_token_ids: Sequence[Sequence[int]] | None = None,
+) -> tuple[list[int], list[list[int]], list[list[int]], dict[str, int], int]:
+    """`tokenize_pairs` for unpaired rows: each (prompt, completion) tokenized once (or the
+    stored sampled ids as they are) and cut by the same rule. Returns (kept row indices, prompt
+    ids, completion ids, dropped counts by reason, number of kept rows that were cut)."""
+    if completion_token_ids is None:
+        prompt_ids, completion_ids = tokenize_completions(
+            tokenizer, list(prompts), list(completions)) if len(prompts) else ([], [])
+    else:
+        prompt_ids = [list(p) for p in tokenizer(list(prompts), add_special_tokens=True)[
+            "input_ids"]] if len(prompts) else []
+        completion_ids = [list(c) for c in completion_token_ids]
+    bos = tokenizer.bos_token_id
+    keep, p_out, c_out, dropped, truncated = [], [], [], {"too_long": 0}, 0
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+        if truncation == "drop" and len(p) + len(c) > max_length:
+            dropped["too_long"] += 1
+            continue
+        p, c, _, cut = truncate_pair(p, c, c, max_length=max_length,
+                                     max_prompt_length=max_prompt_length, bos_token_id=bos)
+        truncated += cut
+        keep.append(i)
+        p_out.append(p)
+        c_out.append(c)
+    _check_ids(p_out + c_out, vocab_size, stored=completion_token_ids is not None)
+    return keep, p_out, c_out, dropped, truncated
+
+
+def kl_partners(prompt_ids: Sequence[Sequence[int]]) -> np.ndarray:
+    """KTO's mismatched pairs: for row i, the row j whose completion is i's KL completion,
+    (n,) int.
+
+    The rows sorted by prompt (stable), row at sorted position k takes the row at position
+    (k + m) mod n, m the most rows one prompt has. A prompt's rows are contiguous in that order
+    and fewer than m + 1, so j answers another prompt whenever no prompt has more than half
+    the rows (n >= 2m; a UserError otherwise: no rotation can mismatch them all); j runs over
+    a permutation, so each completion serves once.
+    """
+    keys = [tuple(p) for p in prompt_ids]
+    n = len(keys)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    m = max(Counter(keys).values())
+    if n < 2 * m:
+        raise UserError(
+            f"unpaired rows: one prompt holds {m} of the {n} rows; KTO's reference point pairs "
+            "each row's prompt with another prompt's completion, which needs every prompt to "
+            "hold at most half of the rows (add prompts)")
+    order = sorted(range(n), key=keys.__getitem__)
+    partner = np.empty(n, dtype=np.int64)
+    for k, i in enumerate(order):
+        partner[i] = order[(k + m) % n]
+    return partner
 
 
 def length_batches(lengths: Sequence[int], batch_size: int) -> list[np.ndarray]:
@@ -355,7 +449,12 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
     t0 = time.perf_counter()
     _validate(cfg)
     pairs, out = storage.absolute(cfg.pairs), storage.absolute(cfg.out)
-    up = read_stage(pairs, PAIR_STAGES, PAIR_COLUMNS, flag="--pairs")
+    unpaired = _unpaired_input(pairs)
+    if unpaired and not cfg.logps:
+        raise UserError("--pairs holds unpaired rows, which only kto reads, and kto needs the "
+                        "reference log-probs: drop --no-logps")
+    up = read_stage(pairs, PAIR_STAGES, UNPAIRED_COLUMNS if unpaired else PAIR_COLUMNS,
+                    flag="--pairs")
     check_out(out, STAGE, {"--pairs": pairs})
     model_dir = _local_dir(cfg.model, "model")
     check_checkpoint(model_dir)
@@ -376,6 +475,7 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
         # Same shards, other source: an import's id columns are never used (`_stored_ids`).
         "completions": "text" if (up.manifest or {}).get("stage") == "import"
         else "stored ids when present",
+        **({"unpaired": {"kl": KL_RULE}} if unpaired else {}),
     }
     key = cache_key(key_parts)
     named = {name: str(d) if not storage.is_uri(path) else path
@@ -398,8 +498,10 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
             f"--cache=require to compute it"
         )
     ensure_ray(out, reads)
-    extra = {"cache_key": key, "key_parts": key_parts, "source": "computed"}
-    manifest = write_output(out, STAGE, config, inputs, lambda: _compute(
+    extra = {"cache_key": key, "key_parts": key_parts, "source": "computed",
+             **({"unpaired": True} if unpaired else {})}
+    compute = _compute_unpaired if unpaired else _compute
+    manifest = write_output(out, STAGE, config, inputs, lambda: compute(
         cfg, up, named["model"], tok_dir, model_config, max_length, max_prompt_length, extra))
     if entry is not None:
         _store(out, entry)
@@ -420,7 +522,8 @@ def _cached(out: str, entry: str | None, key: str, config: dict) -> tuple[dict, 
     manifest = _hit(entry, key) if entry is not None else None
     if manifest is None:
         return None
-    extra = {k: manifest[k] for k in ("cache_key", "key_parts", "stats")}
+    extra = {k: manifest[k] for k in ("cache_key", "key_parts", "stats", "unpaired")
+             if k in manifest}
     return _copy_stage(entry, manifest, out, config, {**extra, "source": str(entry)}), str(entry)
 
 
@@ -453,6 +556,13 @@ def _store(out: str, entry: str) -> None:
                 storage.copy(f, storage.join(tmp, storage.relative(f, out)))
     except (OSError, UserError) as e:
         print(f"odpo precompute: warning: cache store {entry} not written ({e})", file=sys.stderr)
+
+
+def _unpaired_input(path: str) -> bool:
+    """Whether `path` holds the unpaired rows of `odpo pair --mode unpaired`."""
+    manifest = read_manifest(path) if storage.is_dir(path) else None
+    return bool(manifest) and manifest.get("stage") == "pair" and (
+        manifest.get("config") or {}).get("mode") == "unpaired"
 
 
 def _stored_ids(table, manifest: dict | None) -> tuple[list, list] | None:
@@ -532,6 +642,70 @@ def _compute(cfg, up: Upstream, model_dir, tok_dir, model_config, max_length, ma
         "sequences": len(lengths),
         "tokens": tokens,
         "truncated_pairs": truncated,
+        "completions": "text" if stored is None else "stored ids",
+        "padding_fraction": padding_fraction(lengths, batches),
+        "forward_s": forward_s,
+        "tokens_per_s": tokens / forward_s if forward_s > 0 else 0.0,
+    }
+    return Shards(result, table.num_rows, {k: v for k, v in dropped.items() if v},
+                  extra={**extra, "stats": stats})
+
+
+def _compute_unpaired(cfg, up: Upstream, model_dir, tok_dir, model_config, max_length,
+                      max_prompt_length, extra) -> Shards:
+    """`_compute` for unpaired rows: the completion's and the mismatched KL completion's
+    reference log-probs of every row (module docstring)."""
+    from transformers import AutoTokenizer
+
+    table = read_rows(up, table=True)
+    if table is None:
+        raise UserError(f"{up.path}: the manifest lists no shards (no rows)")
+    for c in UNPAIRED_COLUMNS:
+        if table[c].null_count:
+            raise UserError(f"{up.path}: {table[c].null_count} row(s) with a null `{c}`")
+    table = table.drop_columns([c for c in UNPAIRED_ID_COLUMNS + UNPAIRED_LOGP_COLUMNS
+                                + (UNPAIRED_COUNT_COLUMN,) if c in table.column_names])
+    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=False)
+    stored = None
+    if "completion_token_ids" in table.column_names:
+        if table["completion_token_ids"].null_count:
+            raise UserError(f"{table['completion_token_ids'].null_count} row(s) with a null "
+                            "`completion_token_ids`")
+        stored = table["completion_token_ids"].to_pylist()
+        _check_vocab(up.manifest, tokenizer, cfg.tokenizer or cfg.model)
+    keep, p_ids, c_ids, dropped, truncated = tokenize_unpaired(
+        tokenizer, table["prompt"].to_pylist(), table["completion"].to_pylist(),
+        max_length=max_length, max_prompt_length=max_prompt_length, truncation=cfg.truncation,
+        vocab_size=model_config.get("vocab_size"), completion_token_ids=stored)
+    partners = kl_partners(p_ids)
+    kl_ids = [c_ids[j][:max_length - len(p)] for p, j in zip(p_ids, partners, strict=True)]
+    # Sequence 2k is row k's completion, 2k + 1 its KL completion; batched by length.
+    seq_prompt = [p for p in p_ids for _ in range(2)]
+    seq_completion = [x for row in zip(c_ids, kl_ids, strict=True) for x in row]
+    lengths = [len(p) + len(c) for p, c in zip(seq_prompt, seq_completion, strict=True)]
+    batches = length_batches(lengths, cfg.batch_size)
+    t_forward = time.perf_counter()
+    logps = (_forward(cfg, model_dir, tokenizer, seq_prompt, seq_completion, batches)
+             if lengths else np.zeros(0))
+    forward_s = time.perf_counter() - t_forward
+
+    ids_type = pa.list_(pa.int32())
+    result = table.take(pa.array(keep, type=pa.int64()))
+    for name, values in zip(UNPAIRED_ID_COLUMNS, (p_ids, c_ids, kl_ids), strict=True):
+        result = result.append_column(name, pa.array(values, type=ids_type))
+    for name, values in zip(UNPAIRED_LOGP_COLUMNS, (logps[0::2], logps[1::2]), strict=True):
+        result = result.append_column(name, pa.array(values, type=pa.float64()))
+    result = result.append_column(UNPAIRED_COUNT_COLUMN,
+                                  pa.array([len(c) for c in c_ids], type=pa.int32()))
+    labels = result["label"].to_pylist()
+    tokens = int(sum(lengths))
+    stats = {
+        "sequences": len(lengths),
+        "tokens": tokens,
+        "truncated_rows": truncated,
+        "desirable": sum(labels),  # n_D, n_U: KTO's class weights (odpo train warns)
+        "undesirable": len(labels) - sum(labels),
+        "kl_mismatch": KL_RULE,
         "completions": "text" if stored is None else "stored ids",
         "padding_fraction": padding_fraction(lengths, batches),
         "forward_s": forward_s,

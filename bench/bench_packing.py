@@ -1,0 +1,269 @@
+"""Padded vs packed vs shared-prompt batches (issue 19): tokens/s and peak memory, side by side.
+
+One random Llama (vocabulary 32k, a narrow body scaled to a 2-core CPU) and B preference pairs
+shaped like real data: prompt and completion lengths drawn log-uniform from `--prompt` and
+`--completion` (so a batch mixes short and long pairs, as sampled responses do). Each variant
+runs in its own process on the same seeded model and pairs, twice: `train` (the policy's
+forward + backward of a DPO sigmoid loss on the pairs' summed log-probs, through `TokenLogps`
+as training calls it) and `reference` (forward only under `torch.inference_mode`, as the
+precompute stage runs the reference model). Variants: `padded` (`trainer.collate`), `packed`
+and `shared_prompt` (`trainer.packing`); `NAME:N` sets a row budget of N tokens (default: the
+longest sequence / pair).
+
+Reported per variant and mode: median step time over the steps after the first (a warm-up),
+tokens/s counted in pair tokens Σ (2P + C + R) (the same data for every layout, so tokens/s
+compare), the positions each layout computes (rows × width, and the real tokens among them),
+and memory: the process's peak RSS (`resource.getrusage`, the process is fresh) and the steps'
+peak over the memory after the warm-up (Linux VmHWM, reset there, as bench_logps.py does).
+
+`attention` (its own process): the attention op alone on one packed batch's 4D mask, forward +
+backward and forward only: SDPA with a boolean mask (the choice), SDPA with an additive float
+mask, eager (matmul + softmax), and compiled flex attention with a BlockMask.
+
+    python bench/bench_packing.py [--hidden 256 --layers 4 --pairs 8 --prompt 64,512 \\
+        --completion 32,256 --steps 3 --variants padded,packed,shared_prompt,attention]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _rss_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak() -> float:
+    """Reset the process's peak resident memory (VmHWM) to its current value; return it."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _rss_mb("VmRSS")
+
+
+def pairs_of(args) -> tuple[list, list, list]:
+    """B pairs of random ids, lengths log-uniform in the --prompt / --completion ranges."""
+    import numpy as np
+
+    g = np.random.default_rng(args.seed)
+
+    def length(lo_hi: str) -> int:
+        lo, hi = (int(x) for x in lo_hi.split(","))
+        return int(round(math.exp(g.uniform(math.log(lo), math.log(hi)))))
+
+    def ids(n: int) -> list[int]:
+        return g.integers(4, args.vocab, size=n).tolist()
+
+    rows = [(ids(length(args.prompt)), ids(length(args.completion)),
+             ids(length(args.completion))) for _ in range(args.pairs)]
+    return tuple(list(x) for x in zip(*rows, strict=True))
+
+
+def model_of(args):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 3,
+        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+        num_key_value_heads=args.hidden // 64, max_position_embeddings=4096,
+        tie_word_embeddings=False, attn_implementation="sdpa"))
+
+
+def counts(prompts, chosen, rejected, layout: str, max_tokens: int) -> dict:
+    """Positions computed by `layout`: rows, width, rows × width, real tokens among them."""
+    from trainer.collate import collate
+    from trainer.packing import layout_pairs
+
+    if layout == "padded":
+        t = collate(prompts * 2, chosen + rejected, 0)
+    else:
+        t = layout_pairs(prompts, chosen, rejected, layout=layout, max_tokens=max_tokens)
+        t["attention_mask"] = t["tokens"]
+    rows, width = t["input_ids"].shape
+    return {"rows": rows, "width": width, "positions": rows * width,
+            "real_tokens": int(t["attention_mask"].sum())}
+
+
+def run_variant(args, variant: str, mode: str) -> dict:
+    import torch
+
+    from trainer.logps import TokenLogps
+    from trainer.loss import dpo_loss
+    from trainer.packing import pair_logps
+
+    layout, _, budget = variant.partition(":")
+    max_tokens = int(budget or 0)
+    prompts, chosen, rejected = pairs_of(args)
+    model = model_of(args)
+    n = len(prompts)
+    ref = torch.zeros(n, dtype=torch.float64)
+    if mode == "train":
+        model.train()
+        module = TokenLogps(model)
+    else:
+        model.eval().requires_grad_(False)
+        module = model
+    times, base, values = [], 0.0, None
+    for step in range(args.steps):
+        if step == 1:
+            base = reset_peak()
+        t0 = time.perf_counter()
+        if mode == "train":
+            c, r, _ = pair_logps(module, prompts, chosen, rejected, layout=layout,
+                                 max_tokens=max_tokens)
+            losses, _, _ = dpo_loss(c, r, ref, ref, beta=0.1, loss_type="sigmoid",
+                                    label_smoothing=0.0)
+            losses.mean().backward()
+            model.zero_grad(set_to_none=True)
+        else:
+            with torch.inference_mode():
+                c, r, _ = pair_logps(module, prompts, chosen, rejected, layout=layout,
+                                     max_tokens=max_tokens)
+        times.append(time.perf_counter() - t0)
+        values = torch.cat([c, r]).detach().tolist()
+    step_s = statistics.median(times[1:])
+    pair_tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in
+                      zip(prompts, chosen, rejected, strict=True))
+    return {"step_s": step_s, "tokens_per_s": pair_tokens / step_s,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "step_peak_mb": _rss_mb("VmHWM") - base,
+            **counts(prompts, chosen, rejected, layout, max_tokens), "logps": values}
+
+
+def run_attention(args) -> dict:
+    """The attention op alone on the shared-prompt layout's mask of this run's pairs (the
+    largest budget's rows), (R, heads, T, 64) float32."""
+    import torch
+    import torch.nn.functional as F
+
+    from trainer.packing import attention_mask, layout_pairs
+
+    prompts, chosen, rejected = pairs_of(args)
+    t = layout_pairs(prompts, chosen, rejected, layout="shared_prompt")
+    seg, branch = t["segment_ids"], t["branch_ids"]
+    boolean = attention_mask(seg, branch, "sdpa")
+    additive = attention_mask(seg, branch, "eager")
+    rows, width = seg.shape
+    heads = args.hidden // 64
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(rows, heads, width, 64, generator=g) for _ in range(3))
+
+    def eager(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) / 8 + additive, -1) @ v
+
+    impls = {"sdpa_bool": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, boolean),
+             "sdpa_float": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, additive),
+             "eager": eager}
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        t0 = time.perf_counter()
+        block = attention_mask(seg, branch, "flex_attention")
+        compiled = torch.compile(flex_attention)
+        impls["flex"] = lambda q, k, v: compiled(q, k, v, block_mask=block)
+        out = {"flex_block_mask_s": time.perf_counter() - t0}
+    except Exception as e:  # noqa: BLE001 -- reported, not hidden
+        out = {"flex_block_mask": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+    out["shape"] = [rows, heads, width, 64]
+
+    def clock(fn, backward: bool) -> float:
+        ts = []
+        for _ in range(args.steps):
+            qq, kk, vv = (x.clone().requires_grad_(backward) for x in (q, k, v))
+            t0 = time.perf_counter()
+            if backward:
+                fn(qq, kk, vv).sum().backward()
+            else:
+                with torch.inference_mode():
+                    fn(qq, kk, vv)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts[1:])
+
+    want = impls["sdpa_bool"](q, k, v)
+    for name, fn in impls.items():
+        for backward in (True, False):
+            key = f"{name}_{'fwd_bwd' if backward else 'fwd'}_s"
+            try:
+                out[key] = clock(fn, backward)
+            except Exception as e:  # noqa: BLE001 -- flex has no CPU backward: reported
+                out[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        with torch.no_grad():
+            out[f"{name}_max_diff"] = float((fn(q, k, v) - want).abs().max())
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--vocab", type=int, default=32_000)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--prompt", default="64,512", help="prompt tokens: lo,hi (log-uniform)")
+    ap.add_argument("--completion", default="32,256", help="completion tokens: lo,hi")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variants", default="padded,packed,shared_prompt,attention")
+    ap.add_argument("--modes", default="train,reference")
+    ap.add_argument("--child", help=argparse.SUPPRESS)  # variant/mode of a child process
+    args = ap.parse_args()
+    if args.steps < 2:
+        ap.error("--steps must be >= 2: the first is a warm-up")
+    if args.child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        variant, _, mode = args.child.partition("/")
+        result = run_attention(args) if variant == "attention" else run_variant(
+            args, variant, mode)
+        print("RESULT " + json.dumps(result))
+        return
+    prompts, chosen, rejected = pairs_of(args)
+    p, c, r = ([len(x) for x in xs] for xs in (prompts, chosen, rejected))
+    print(json.dumps({"prompt_lengths": p, "chosen_lengths": c, "rejected_lengths": r,
+                      "pair_tokens": sum(2 * a + b + d for a, b, d in zip(p, c, r,
+                                                                          strict=True))}))
+    results: dict = {}
+    t_start = time.perf_counter()
+    for variant in args.variants.split(","):
+        for mode in (["-"] if variant == "attention" else args.modes.split(",")):
+            out = subprocess.run(
+                [sys.executable, __file__, *sys.argv[1:], "--child", f"{variant}/{mode}"],
+                check=True, capture_output=True, text=True).stdout
+            results[(variant, mode)] = res = json.loads(
+                out.split("RESULT ", 1)[1].splitlines()[0])
+            shown = {k: v for k, v in res.items() if k != "logps"}
+            print(f"{variant} {mode} {json.dumps(shown)}", flush=True)
+    summary: dict = {"wall_s": time.perf_counter() - t_start}
+    base = {m: results.get(("padded", m)) for m in args.modes.split(",")}
+    for (variant, mode), res in results.items():
+        if variant in ("padded", "attention") or base.get(mode) is None:
+            continue
+        b = base[mode]
+        diff = max(abs(x - y) for x, y in zip(res["logps"], b["logps"], strict=True))
+        summary[f"{variant} {mode}"] = {
+            "tokens_per_s_over_padded": res["tokens_per_s"] / b["tokens_per_s"],
+            "step_peak_mb_over_padded": res["step_peak_mb"] / max(b["step_peak_mb"], 1e-9),
+            "peak_rss_mb_over_padded": res["peak_rss_mb"] / b["peak_rss_mb"],
+            "positions_over_padded": res["positions"] / b["positions"],
+            "real_tokens_over_padded": res["real_tokens"] / b["real_tokens"],
+            "max_abs_logps_diff_vs_padded": diff,
+        }
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
