@@ -113,6 +113,20 @@ def _cmd_iterate(args) -> None:
     show("iterate", {**s, "rounds_run": len(s["rounds"]) - 1}, log=cfg.run_dir)
 
 
+def _cmd_sweep(args) -> None:
+    from jobs.config import build, load_yaml
+    from jobs.sweep import SweepConfig, run_sweep
+
+    values = load_yaml(args.config)
+    if args.run_dir:
+        values["run_dir"] = args.run_dir
+    cfg = build(SweepConfig, values, args.config)
+    _use_address(args)
+    s = run_sweep(cfg)
+    print(s["table"], end="")
+    show("sweep", {**s, "n_variants": len(s["variants"])}, log=s["run_dir"])
+
+
 def _cmd_report(args) -> None:
     from jobs.report import write_report
 
@@ -263,6 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="iterate YAML (jobs/configs/*.yaml)")
     p.add_argument("--run-dir", help="where the rounds go, instead of the config's run_dir")
     p.add_argument("--rounds", type=int, help="DPO rounds, instead of the config's rounds")
+    p = command("sweep", "variants of one iterate recipe (losses, betas, ...) from the same SFT "
+                "model and round-1 samples, compared side by side", _cmd_sweep)
+    p.add_argument("--config", required=True,
+                   help="sweep YAML: iterate (the base recipe's YAML), variants, run_dir "
+                        "(jobs/configs/sweep_losses.yaml)")
+    p.add_argument("--run-dir", help="where the sweep goes, instead of the config's run_dir")
     # Around it.
     command("sft", "supervised fine-tuning on (prompt, response) rows with Ray Train", _cmd_sft,
             SFTConfig)

@@ -137,22 +137,20 @@ def _skipped(summary: dict) -> str:
     return " (skipped: up to date)" if summary.get("skipped") else ""
 
 
-def run_iterate(cfg: IterateConfig) -> dict:
-    """Run the rounds; each stage starts or joins Ray itself when it has work (`ensure_ray`)."""
+def check_iterate(cfg: IterateConfig) -> None:
+    """Every section's keys, types and (where a stage's check needs no file) values, before any
+    work: a typo in `train:` or a bad dtype would otherwise surface rounds later, inside a Ray
+    worker (placeholders for what iterate sets itself)."""
     from pipeline.evaluate import check_config as check_eval
-    from pipeline.pair import PairConfig, run_pair
-    from pipeline.sample import SampleConfig, run_sample
-    from pipeline.score import ScoreConfig, run_score
-    from trainer.precompute import PrecomputeConfig, run_precompute
+    from pipeline.pair import PairConfig
+    from pipeline.sample import SampleConfig
+    from pipeline.score import ScoreConfig
+    from trainer.precompute import PrecomputeConfig
 
     if cfg.ref_model not in ("policy", "initial"):
         raise UserError(f"ref_model must be policy or initial, got {cfg.ref_model!r}")
     if cfg.rounds < 1:
         raise UserError(f"rounds must be >= 1, got {cfg.rounds}")
-    # Every section's keys and types before any work: a typo in `train:` would otherwise
-    # surface only after a round's sampling (placeholders for what iterate sets itself).
-    # Their values too, where a stage's check needs no file (a bad dtype would otherwise fail
-    # inside a Ray worker, rounds later).
     p = "<set by iterate>"
     for cls, name, fixed, check in (
         (SFTConfig, "sft", {"model": p, "data": p, "out": p}, check_sft),
@@ -170,7 +168,24 @@ def run_iterate(cfg: IterateConfig) -> dict:
             _check_pair_mode(section.mode, cfg.train.get("loss_type", "sigmoid"))
     if cfg.policy is not None:
         check_model_name(cfg.policy, "policy")
-    t0 = time.perf_counter()
+
+
+@dataclass(frozen=True)
+class Start:
+    """What every round builds on: the run directory, the config as run (a scorer file made
+    absolute), the initial policy (after SFT), the prompt files and round 0's history entry."""
+
+    cfg: IterateConfig
+    run: str
+    initial: str
+    prompts: str
+    eval_prompts: str
+    round_0: dict
+
+
+def prepare(cfg: IterateConfig) -> Start:
+    """Toy model and data when asked, SFT when there is SFT data, and the initial policy's
+    held-out reward (RUN/round_0/eval.json)."""
     run = storage.absolute(cfg.run_dir)
     if cluster_named():  # joined and its storage checked before anything is written
         ensure_ray(run, {"policy": cfg.policy, "prompts": cfg.prompts,
@@ -199,51 +214,89 @@ def run_iterate(cfg: IterateConfig) -> dict:
             run_eval(EvalConfig(**eval_settings(sft_cfg, sft["model"])))
         _log(f"SFT: {sft['steps']} steps{_skipped(sft)}")
         policy = sft["model"]
-    initial = policy
-    history = [{"round": 0, "policy": policy,
-                **_rewards(_evaluate(policy, cfg, eval_prompts,
-                                     storage.join(run, "round_0", "eval.json")))}]
-    _log(f"round 0 (initial policy): {_fmt(history[-1])}")
+    round_0 = {"round": 0, "policy": policy,
+               **_rewards(_evaluate(policy, cfg, eval_prompts,
+                                    storage.join(run, "round_0", "eval.json")))}
+    _log(f"round 0 (initial policy): {_fmt(round_0)}")
+    return Start(cfg, run, policy, prompts, eval_prompts, round_0)
 
+
+def sample_and_score(cfg: IterateConfig, k: int, policy: str, prompts: str, rdir: str) -> str:
+    """Round k's `samples/` and `scored/` in `rdir`, sampled from `policy`; the scored dir."""
+    from pipeline.sample import SampleConfig, run_sample
+    from pipeline.score import ScoreConfig, run_score
+
+    samples, scored = storage.join(rdir, "samples"), storage.join(rdir, "scored")
+    _log(f"round {k}: sampling with {policy}")
+    run_sample(_section(SampleConfig, cfg, "sample", {
+        "model": policy, "prompts": prompts, "out": samples, "seed": cfg.seed + k}))
+    run_score(_section(ScoreConfig, cfg, "score", {
+        "samples": samples, "out": scored, "scorer": cfg.scorer}))
+    return scored
+
+
+def train_round(cfg: IterateConfig, k: int, policy: str, initial: str, scored: str, rdir: str,
+                eval_prompts: str) -> dict:
+    """Round k from its scored samples: pair -> precompute -> train -> eval in `rdir`; its
+    history entry (the trained policy, its pairs, its held-out rewards)."""
+    from pipeline.pair import PairConfig, run_pair
+    from trainer.precompute import PrecomputeConfig, run_precompute
+
+    at = {d: storage.join(rdir, d) for d in ("pairs", "precompute")}
+    seed = cfg.seed + k
+    run_pair(_section(PairConfig, cfg, "pair", {"scored": scored, "out": at["pairs"], "round": k}))
+    # A reference-free loss (simpo, orpo) trains on the token ids alone: the step only
+    # tokenizes (with the policy's tokenizer), no reference model runs.
+    loss_type = cfg.train.get("loss_type", "sigmoid")
+    free = reference_free(loss_type)
+    ref_model = policy if cfg.ref_model == "policy" or free else initial
+    ref = run_precompute(_section(PrecomputeConfig, cfg, "precompute", {
+        "pairs": at["pairs"], "model": ref_model, "out": at["precompute"],
+        **({"logps": False} if free else {})}))
+    what = "tokenized (reference-free loss)" if free else "reference log-probs"
+    unit = "rows" if unpaired(loss_type) else "pairs"
+    _log(f"round {k}: {what} {ref['cache']} ({ref['pairs']} {unit})")
+    train = run_dpo(_section(DPOConfig, cfg, "train", {
+        "model": policy, "data": at["precompute"], "out": storage.join(rdir, "train"),
+        "seed": seed}))
+    _log(f"round {k}: {train['steps']} DPO steps{_skipped(train)}")
+    entry = {"round": k, "policy": train["model"], "pairs": ref["pairs"],
+             **_rewards(_evaluate(train["model"], cfg, eval_prompts,
+                                  storage.join(rdir, "eval.json")))}
+    _log(f"round {k}: {_fmt(entry)}")
+    return entry
+
+
+def run_rounds(start: Start, cfg: IterateConfig, run: str, first_scored: str | None = None
+               ) -> list[dict]:
+    """Rounds 1..cfg.rounds into `run`/round_k from `start`'s initial policy; round 1 trains on
+    `first_scored` (a sweep's shared round-1 samples) when given, else samples its own.
+    Returns the history entries of rounds 0..rounds."""
+    history, policy = [start.round_0], start.initial
     for k in range(1, cfg.rounds + 1):
         rdir = storage.join(run, f"round_{k}")
-        at = {d: storage.join(rdir, d) for d in ("samples", "scored", "pairs", "precompute")}
-        seed = cfg.seed + k
-        _log(f"round {k}: sampling with {policy}")
-        run_sample(_section(SampleConfig, cfg, "sample", {
-            "model": policy, "prompts": prompts, "out": at["samples"], "seed": seed}))
-        run_score(_section(ScoreConfig, cfg, "score", {
-            "samples": at["samples"], "out": at["scored"],
-            "scorer": cfg.scorer}))
-        run_pair(_section(PairConfig, cfg, "pair", {
-            "scored": at["scored"], "out": at["pairs"], "round": k}))
-        # A reference-free loss (simpo, orpo) trains on the token ids alone: the step only
-        # tokenizes (with the policy's tokenizer), no reference model runs.
-        free = reference_free(cfg.train.get("loss_type", "sigmoid"))
-        ref_model = policy if cfg.ref_model == "policy" or free else initial
-        ref = run_precompute(_section(PrecomputeConfig, cfg, "precompute", {
-            "pairs": at["pairs"], "model": ref_model, "out": at["precompute"],
-            **({"logps": False} if free else {})}))
-        what = "tokenized (reference-free loss)" if free else "reference log-probs"
-        unit = "rows" if unpaired(cfg.train.get("loss_type", "sigmoid")) else "pairs"
-        _log(f"round {k}: {what} {ref['cache']} ({ref['pairs']} {unit})")
-        train = run_dpo(_section(DPOConfig, cfg, "train", {
-            "model": policy, "data": at["precompute"], "out": storage.join(rdir, "train"),
-            "seed": seed}))
-        _log(f"round {k}: {train['steps']} DPO steps{_skipped(train)}")
-        policy = train["model"]
-        history.append({"round": k, "policy": policy, "pairs": ref["pairs"],
-                        **_rewards(_evaluate(policy, cfg, eval_prompts,
-                                             storage.join(rdir, "eval.json")))})
-        _log(f"round {k}: {_fmt(history[-1])}")
+        scored = (first_scored if k == 1 and first_scored
+                  else sample_and_score(cfg, k, policy, start.prompts, rdir))
+        history.append(train_round(cfg, k, policy, start.initial, scored, rdir,
+                                   start.eval_prompts))
+        policy = history[-1]["policy"]
+    return history
+
+
+def run_iterate(cfg: IterateConfig) -> dict:
+    """Run the rounds; each stage starts or joins Ray itself when it has work (`ensure_ray`)."""
+    check_iterate(cfg)
+    t0 = time.perf_counter()
+    start = prepare(cfg)
+    history = run_rounds(start, start.cfg, start.run)
 
     from jobs.report import write_report
 
     beta = float(cfg.train.get("beta", 0.1))
-    report = write_report(run, beta=beta)
-    summary = {"run_dir": run, "rounds": history, "report": report,
+    report = write_report(start.run, beta=beta)
+    summary = {"run_dir": start.run, "rounds": history, "report": report,
                "wall_s": time.perf_counter() - t0}
-    write_json(storage.join(run, "iterate_summary.json"), summary)
+    write_json(storage.join(start.run, "iterate_summary.json"), summary)
     return summary
 
 

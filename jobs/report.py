@@ -50,8 +50,11 @@ def load_run(run: str | Path) -> dict:
             if lines:
                 offset += lines[-1]["step"] + 1
         stages = {}
+        # A sweep variant's round 1 reads the sweep's shared samples: shared.json says where.
+        shared = _json(storage.join(rdir, "shared.json")) or {}
         for stage in FUNNEL_STAGES:
-            if (m := _json(storage.join(rdir, stage, "manifest.json"))) is not None:
+            where = shared.get(stage, storage.join(rdir, stage))
+            if (m := _json(storage.join(where, "manifest.json"))) is not None:
                 stages[stage] = m
         if stages:
             funnel[k] = stages
@@ -105,8 +108,12 @@ def _metric(line: dict, key: str) -> float:
 def plot_logps(runs: list[dict], path: Path) -> None:
     """Chosen and rejected log-probs over steps: DPO alone lets the chosen one fall too."""
     plt = _plt()
-    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
-    for ax, r in zip(axes[0], runs, strict=True):
+    cols = min(len(runs), 4)  # a sweep's many runs wrap into rows of four
+    rows = -(-len(runs) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4 * rows), squeeze=False)
+    for ax in axes.flat[len(runs):]:
+        ax.set_visible(False)
+    for ax, r in zip(axes.flat, runs, strict=False):
         c = r["curves"]
         if not c:
             ax.set_title(f"{r['name']}: no training metrics")
@@ -227,18 +234,21 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def write_report(run_dir: str | Path, compare: list[str] | None = None, beta: float = 0.1) -> str:
-    """Write RUN/report/report.md and its PNGs (replacing an older report whole); return the
-    Markdown path."""
+def write_report(run_dir: str | Path, compare: list[str] | None = None, beta: float = 0.1,
+                 dest: str | None = None, title: str | None = None, preamble: str = "") -> str:
+    """Write RUN/report/report.md and its PNGs (replacing an older report whole), or into
+    `dest` (a sweep's own report), headed `title` (the run's name) and `preamble` (Markdown);
+    return the Markdown path."""
     main = load_run(run_dir)
     runs = [main] + [load_run(c) for c in compare or []]
-    dest = storage.join(main["path"], "report")
+    dest = dest or storage.join(main["path"], "report")
     with storage.output_dir(dest, overwrite=True) as tmp:
-        _write_report(Path(tmp), main, runs, beta)
+        _write_report(Path(tmp), main, runs, beta, title or main["name"], preamble)
     return storage.join(dest, "report.md")
 
 
-def _write_report(out: Path, main: dict, runs: list[dict], beta: float) -> None:
+def _write_report(out: Path, main: dict, runs: list[dict], beta: float, title: str,
+                  preamble: str = "") -> None:
     plot_reward(runs, out / "reward.png")
     plot_logps(runs, out / "logps.png")
     plot_rewards(runs, out / "rewards.png")
@@ -256,7 +266,7 @@ def _write_report(out: Path, main: dict, runs: list[dict], beta: float) -> None:
          "logps/chosen at step 0": _metric(r["curves"][0], "logps/chosen")}
         for r in runs if r["curves"]
     ]
-    md = f"# Report: {main['name']}\n\nRun directory: `{main['path']}`\n\n"
+    md = f"# Report: {title}\n\nRun directory: `{main['path']}`\n\n" + preamble
     md += "## Task reward per round\n\n![reward](reward.png)\n\n" + _md_table(reward_rows)
     md += "\n## Chosen and rejected log-probs during training\n\n"
     md += (
