@@ -16,12 +16,17 @@ compare), the positions each layout computes (rows × width, and the real tokens
 and memory: the process's peak RSS (`resource.getrusage`, the process is fresh) and the steps'
 peak over the memory after the warm-up (Linux VmHWM, reset there, as bench_logps.py does).
 
+Where a gain can come from: the layouts change the body's work only (`positions`: padding
+removed by `packed`, each prompt computed once by `shared_prompt`); the lean LM head and its
+float32 log-softmax run on the completion tokens (`head_positions`) in every layout, so the
+narrower the body against the vocabulary, the smaller the end-to-end gain.
+
 `attention` (its own process): the attention op alone on one packed batch's 4D mask, forward +
 backward and forward only: SDPA with a boolean mask (the choice), SDPA with an additive float
 mask, eager (matmul + softmax), and compiled flex attention with a BlockMask.
 
-    python bench/bench_packing.py [--hidden 256 --layers 4 --pairs 8 --prompt 64,512 \\
-        --completion 32,256 --steps 3 --variants padded,packed,shared_prompt,attention]
+    python bench/bench_packing.py [--hidden 384 --layers 6 --pairs 8 --prompt 64,512 \\
+        --completion 32,256 --steps 4 --variants padded,packed,shared_prompt,attention]
 """
 
 from __future__ import annotations
@@ -83,18 +88,23 @@ def model_of(args):
 
 
 def counts(prompts, chosen, rejected, layout: str, max_tokens: int) -> dict:
-    """Positions computed by `layout`: rows, width, rows × width, real tokens among them."""
+    """Positions computed by `layout`: rows, width, rows × width (the body's work), real tokens
+    among them, and head_positions: the positions the LM head and log-softmax run on (the
+    completion tokens, the same in every layout)."""
     from trainer.collate import collate
+    from trainer.logps import IGNORE_INDEX
     from trainer.packing import layout_pairs
 
     if layout == "padded":
         t = collate(prompts * 2, chosen + rejected, 0)
+        head = int((t["labels"][:, 1:] != IGNORE_INDEX).sum())
     else:
         t = layout_pairs(prompts, chosen, rejected, layout=layout, max_tokens=max_tokens)
         t["attention_mask"] = t["tokens"]
+        head = len(t["read_at"])
     rows, width = t["input_ids"].shape
     return {"rows": rows, "width": width, "positions": rows * width,
-            "real_tokens": int(t["attention_mask"].sum())}
+            "real_tokens": int(t["attention_mask"].sum()), "head_positions": head}
 
 
 def run_variant(args, variant: str, mode: str) -> dict:
@@ -208,12 +218,12 @@ def run_attention(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vocab", type=int, default=32_000)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=384)
+    ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--prompt", default="64,512", help="prompt tokens: lo,hi (log-uniform)")
     ap.add_argument("--completion", default="32,256", help="completion tokens: lo,hi")
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default="padded,packed,shared_prompt,attention")

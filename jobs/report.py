@@ -73,7 +73,8 @@ def _plt():
 
 def plot_reward(runs: list[dict], path: Path) -> None:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    many = len(runs) > 2  # a sweep: the legend goes beside the plot, not over the curves
+    fig, ax = plt.subplots(figsize=(9 if many else 6.5, 4))
     for i, r in enumerate(runs):
         ks = sorted(r["evals"])
         color = f"C{i}"
@@ -86,7 +87,10 @@ def plot_reward(runs: list[dict], path: Path) -> None:
     ax.set_ylabel("held-out task reward")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
     ax.set_title("Task reward per round")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
