@@ -123,7 +123,6 @@ def _cmd_sweep(args) -> None:
     cfg = build(SweepConfig, values, args.config)
     _use_address(args)
     s = run_sweep(cfg)
-    print(s["table"], end="")
     show("sweep", {**s, "n_variants": len(s["variants"])}, log=s["run_dir"])
 
 
@@ -208,6 +207,7 @@ def _choices() -> dict:
     from pipeline.importer import BAD_ROWS, ImportConfig
     from pipeline.pair import MODES, PairConfig
     from pipeline.score import NONFINITE_MODES, RM_DTYPES, ScoreConfig
+    from trainer.dpo import DPO_LAYOUTS
     from trainer.launch import LR_SCHEDULES, STRATEGIES, TRAIN_DTYPES
     from trainer.loss import LOSS_TYPES, UNPAIRED_LOSS_TYPES
     from trainer.precompute import CACHE_MODES, DTYPES, TRUNCATION_MODES, PrecomputeConfig
@@ -215,7 +215,8 @@ def _choices() -> dict:
     training = {"lr_schedule": LR_SCHEDULES, "dtype": TRAIN_DTYPES, "strategy": STRATEGIES}
     return {
         SFTConfig: training,
-        DPOConfig: {**training, "loss_type": LOSS_TYPES + UNPAIRED_LOSS_TYPES},
+        DPOConfig: {**training, "loss_type": LOSS_TYPES + UNPAIRED_LOSS_TYPES,
+                    "layout": DPO_LAYOUTS},
         PrecomputeConfig: {"truncation": TRUNCATION_MODES, "dtype": DTYPES,
                            "cache": CACHE_MODES},
         ImportConfig: {"bad_rows": BAD_ROWS},

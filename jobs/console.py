@@ -77,7 +77,7 @@ SUMMARIES: dict[str, tuple] = {
     "iterate": ("iterate: {rounds_run} rounds in {wall_s:.0f}s; report: {report}",),  # + EACH
     "byod": ("byod: {import[pairs]} pairs, SFT-on-chosen {sft[steps]} steps, precompute "
              "{precompute[cache]}, DPO {train[steps]} steps in {wall_s:.0f}s -> {train[model]}",),
-    "sweep": ("sweep: {n_variants} variants in {wall_s:.0f}s; report: {report}",),
+    "sweep": ("{table}sweep: {n_variants} variants in {wall_s:.0f}s; report: {report}",),
     "report": ("report: {path}",),
 }
 # Commands whose summary holds a list to print a line each of first: {command: (key, spec)}.

@@ -722,11 +722,14 @@ def test_kto_bad_arguments():
 # ---------------------------------------------------------------- (d) the trainer's step
 
 
+@pytest.mark.parametrize("layout", ["padded", "auto"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
-def test_trainer_step_feeds_every_loss_its_lengths(toy_model_dir, toy_tokenizer, loss_type):
+def test_trainer_step_feeds_every_loss_its_lengths(toy_model_dir, toy_tokenizer, loss_type,
+                                                    layout):
     """`odpo train`'s micro-batch loss (trainer.loop.dpo_step_loss) for every loss type equals
     `dpo_loss` on log-probs from a plain forward and completion lengths counted here by hand
-    (answer characters + EOS), with reference log-probs that differ from the policy's."""
+    (answer characters + EOS), with reference log-probs that differ from the policy's; in the
+    padded layout and in `auto` (the toy's sdpa attention: shared_prompt)."""
     from conftest import char_ids, plain_logp
     from transformers import AutoModelForCausalLM
 
@@ -744,7 +747,8 @@ def test_trainer_step_feeds_every_loss_its_lengths(toy_model_dir, toy_tokenizer,
     batch = {"prompt_input_ids": prompts, "chosen_input_ids": chosen,
              "rejected_input_ids": rejected, "ref_chosen_logps": ref_c, "ref_rejected_logps": ref_r}
     eps = 0.1 if loss_type == "exo_pair" else 0.0
-    cfg = {"beta": 0.1, "loss_type": loss_type, "label_smoothing": eps, "alpha": 0.0}
+    cfg = {"beta": 0.1, "loss_type": loss_type, "label_smoothing": eps, "alpha": 0.0,
+           "layout": layout}
     _, metrics = dpo_step_loss(model, batch, toy_tokenizer.pad_token_id, cfg)
 
     t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731

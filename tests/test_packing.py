@@ -384,3 +384,22 @@ def test_through_ddp_the_gradients_are_padded_ones(tmp_path):
     for layout in ("shared_prompt", "packed"):
         for name, g in grads["padded"].items():
             torch.testing.assert_close(grads[layout][name], g, atol=1e-5, rtol=0, msg=name)
+
+
+def test_auto_layout_shares_the_prompt_where_the_attention_takes_a_4d_mask(toy):
+    """`layout: auto` (odpo train's default) is shared_prompt under sdpa and eager attention,
+    padded under flash attention (which takes no 4D mask); a forced layout stays as it is."""
+    from trainer.loop import resolve_layout
+
+    assert toy.config._attn_implementation == "sdpa"
+    assert resolve_layout("auto", TokenLogps(toy)) == "shared_prompt"
+    for forced in ("padded", "packed", "shared_prompt"):
+        assert resolve_layout(forced, toy) == forced
+    original = toy.config._attn_implementation
+    try:
+        toy.config._attn_implementation = "eager"
+        assert resolve_layout("auto", toy) == "shared_prompt"
+        toy.config._attn_implementation = "flash_attention_2"
+        assert resolve_layout("auto", toy) == "padded"
+    finally:
+        toy.config._attn_implementation = original

@@ -34,8 +34,10 @@ from trainer.loss import (
     reference_free,
     unpaired,
 )
+from trainer.packing import LAYOUTS
 
 STAGE = "train"
+DPO_LAYOUTS = ("auto", *LAYOUTS)
 ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 LOGP_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 PRECOMPUTE_COLUMNS = ID_COLUMNS + LOGP_COLUMNS
@@ -75,6 +77,11 @@ class DPOConfig:
     # λ_D·n_D / (λ_U·n_U) in [1, 4/3] (`odpo pair --mode unpaired` reports n_D and n_U)
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0  # kto: λ_U, the weight of undesirable rows' losses
+    # how a micro-batch's pairs are laid out for the forward (trainer/packing.py): auto |
+    # padded (2 rows a pair, right-padded) | packed (sequences back to back, no padding) |
+    # shared_prompt ([prompt, chosen, rejected] per pair: the prompt computed once); auto is
+    # shared_prompt where the attention takes a 4D mask (sdpa, eager), padded otherwise
+    layout: str = "auto"
     ref_logps: str = "cached"  # cached (from the shards) | live (load the reference: checks only)
     ref_model: str | None = None  # live mode: the reference checkpoint; None: `model`
     epochs: int = 1  # passes over the pairs
@@ -189,6 +196,8 @@ def check_config(cfg: DPOConfig) -> None:
     """Every field checked on the driver, before Ray starts."""
     if cfg.ref_logps not in ("cached", "live"):
         raise UserError(f"ref_logps must be cached or live, got {cfg.ref_logps!r}")
+    if cfg.layout not in DPO_LAYOUTS:
+        raise UserError(f"layout must be one of {DPO_LAYOUTS}, got {cfg.layout!r}")
     check_loss(cfg)
     check_training_config(cfg)
 
