@@ -403,3 +403,20 @@ def test_auto_layout_shares_the_prompt_where_the_attention_takes_a_4d_mask(toy):
         assert resolve_layout("auto", toy) == "padded"
     finally:
         toy.config._attn_implementation = original
+
+
+def test_tokens_per_s_counts_the_pairs_tokens_in_every_layout(toy):
+    """The `num_tokens` metric (tokens_per_s) counts each prompt with both responses in every
+    layout, so a faster layout shows as more tokens/s, not fewer tokens."""
+    from trainer.loop import dpo_step_loss
+
+    prompts, chosen, rejected = HAND_PAIRS
+    batch = {"prompt_input_ids": prompts, "chosen_input_ids": chosen,
+             "rejected_input_ids": rejected}
+    want = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected,
+                                                                   strict=True))
+    for layout in ("padded", "packed", "shared_prompt"):
+        cfg = {"beta": 0.1, "loss_type": "orpo", "label_smoothing": 0.0, "alpha": 0.0,
+               "layout": layout}
+        _, metrics = dpo_step_loss(TokenLogps(toy), batch, PAD, cfg)
+        assert metrics["num_tokens"] == want, layout

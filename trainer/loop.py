@@ -224,7 +224,11 @@ def dpo_step_loss(
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
         "logps/chosen": chosen_logps.detach().mean().item(),
         "logps/rejected": rejected_logps.detach().mean().item(),
-        "num_tokens": float(t["attention_mask"].sum()),
+        # the pairs' tokens, each prompt counted with both responses whatever the layout
+        # computed (shared_prompt: once), so that tokens_per_s compares across layouts
+        "num_tokens": float(sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(
+            batch["prompt_input_ids"], batch["chosen_input_ids"], batch["rejected_input_ids"],
+            strict=True))),
     }
     return loss, metrics
 
