@@ -281,6 +281,7 @@ def test_odpo_submit_ctrl_c_leaves_the_job_running(head):
 
 TWO_NODES = r"""
 import json, os, sys, time
+from pathlib import Path
 import ray
 import ray.data
 from ray.cluster_utils import Cluster
@@ -373,8 +374,10 @@ try:
     gpu_node = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")][0]
     placed = [{"cls": x.class_name, "node_gpu": x.node_id == gpu_node,
                "resources": x.required_resources} for x in actors() if x.actor_id not in before]
-    print("RESULT " + json.dumps({"rc": rc, "nodes": nodes, "placed": placed, "seconds": seconds,
-                                  "ran": {k: sorted(v) for k, v in ran.items()}}))
+    # to a file: a long line on stdout can be split by Ray's log lines going to the same log
+    Path(a["result"]).write_text(json.dumps({"rc": rc, "nodes": nodes, "placed": placed,
+                                            "seconds": seconds,
+                                            "ran": {k: sorted(v) for k, v in ran.items()}}))
 finally:
     ray.shutdown()
     c.shutdown()
@@ -383,7 +386,7 @@ finally:
 
 @pytest.fixture(scope="module")
 def two_nodes(toy_model_dir, toy_data_dir, s3_server, tmp_path_factory):
-    """One run of TWO_NODES in a fresh interpreter: its log and parsed RESULT."""
+    """One run of TWO_NODES in a fresh interpreter: its log and parsed result."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -415,11 +418,12 @@ def two_nodes(toy_model_dir, toy_data_dir, s3_server, tmp_path_factory):
     for name, values in configs.items():
         (tmp / f"{name}.yaml").write_text(yaml.safe_dump(values))
     args = {"model": toy_model_dir, "data": str(toy_data_dir), "pairs": str(pairs),
-            "work": str(work), "s3": s3, **{n: str(tmp / f"{n}.yaml") for n in configs}}
+            "work": str(work), "s3": s3, "result": str(tmp / "result.json"),
+            **{n: str(tmp / f"{n}.yaml") for n in configs}}
     log = _own_cluster(TWO_NODES, [json.dumps(args)], "odpo2n", timeout=600,
                        log=tmp / "two_nodes.log")
-    assert "RESULT " in log, log[-4000:]
-    result = json.loads(log.split("RESULT ", 1)[1].splitlines()[0])
+    assert (tmp / "result.json").exists(), log[-4000:]
+    result = json.loads((tmp / "result.json").read_text())
     print(json.dumps({k: v for k, v in result.items() if k != "placed"}, indent=1))
     return {"log": log, "result": result, "work": work, "s3": s3, "bucket": b,
             "model": toy_model_dir}
