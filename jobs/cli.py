@@ -211,6 +211,7 @@ def _choices() -> dict:
     from trainer.launch import LR_SCHEDULES, STRATEGIES, TRAIN_DTYPES
     from trainer.loss import LOSS_TYPES, UNPAIRED_LOSS_TYPES
     from trainer.precompute import CACHE_MODES, DTYPES, TRUNCATION_MODES, PrecomputeConfig
+    from trainer.precompute import LAYOUTS as PRECOMPUTE_LAYOUTS
 
     training = {"lr_schedule": LR_SCHEDULES, "dtype": TRAIN_DTYPES, "strategy": STRATEGIES}
     return {
@@ -218,7 +219,7 @@ def _choices() -> dict:
         DPOConfig: {**training, "loss_type": LOSS_TYPES + UNPAIRED_LOSS_TYPES,
                     "layout": DPO_LAYOUTS},
         PrecomputeConfig: {"truncation": TRUNCATION_MODES, "dtype": DTYPES,
-                           "cache": CACHE_MODES},
+                           "cache": CACHE_MODES, "layout": PRECOMPUTE_LAYOUTS},
         ImportConfig: {"bad_rows": BAD_ROWS},
         PairConfig: {"mode": MODES},
         ScoreConfig: {"nonfinite": NONFINITE_MODES, "rm_dtype": RM_DTYPES},

@@ -21,6 +21,8 @@ from pipeline.manifest import read_manifest, write_stage
 from trainer.precompute import (
     length_batches,
     padding_fraction,
+    pair_padding_fraction,
+    pair_reference_logps,
     reference_logps,
     tokenize_pairs,
     truncate_pair,
@@ -87,6 +89,43 @@ def test_length_batches_and_padding_fraction():
     assert [b.tolist() for b in batches] == [[1, 3], [2, 0], [4]]
     # Padded widths 9*2 + 5*2 + 1*1 = 29 positions for 27 tokens.
     assert padding_fraction(lengths, batches) == pytest.approx(1 - 27 / 29)
+
+
+def test_pair_padding_fraction_by_hand():
+    # Pairs (P, C, R): (4, 3, 5) -> 12 shared / 16 padded tokens; (1, 1, 1) -> 3 / 4;
+    # (2, 6, 1) -> 9 / 11.
+    p, c, r = [4, 1, 2], [3, 1, 6], [5, 1, 1]
+    batches = [np.array([0, 2]), np.array([1])]
+    # shared_prompt, batch 0: budget 12, pairs of 12 and 9 need 2 rows -> 24 positions for 21;
+    # batch 1: one row of 3. Total 27 positions, 24 real.
+    assert pair_padding_fraction(p, c, r, batches, "shared_prompt") == pytest.approx(1 - 24 / 27)
+    # One batch of budget 12: rows [0] and [2, 1] (9 + 3) -> 24 positions, all real.
+    assert pair_padding_fraction(p, c, r, [np.array([0, 1, 2])], "shared_prompt") == 0.0
+    # padded, batch 0: 4 rows of max(4 + 5, 2 + 6) = 9 -> 36 for 27; batch 1: 2 rows of 2 for 4.
+    assert pair_padding_fraction(p, c, r, batches, "padded") == pytest.approx(1 - 31 / 40)
+
+
+def test_pair_reference_logps_equal_plain_forward(toy_model_dir, toy_tokenizer):
+    """The pair rows' forward, each layout, equals the plain unpadded forward of each sequence;
+    `auto` on the toy (sdpa) is the shared prompt."""
+    from trainer.loop import resolve_layout
+
+    model = _load(toy_model_dir)
+    assert resolve_layout("auto", model) == "shared_prompt"
+    rng = np.random.default_rng(1)
+    tok = toy_tokenizer
+    p, c, r = [], [], []
+    for _ in range(16):
+        p.append([tok.bos_token_id] + rng.integers(4, 99, rng.integers(2, 30)).tolist())
+        c.append(rng.integers(4, 99, rng.integers(1, 30)).tolist() + [tok.eos_token_id])
+        r.append(rng.integers(4, 99, rng.integers(1, 30)).tolist() + [tok.eos_token_id])
+    plain_c = [_plain_logp(model, *x) for x in zip(p, c, strict=True)]
+    plain_r = [_plain_logp(model, *x) for x in zip(p, r, strict=True)]
+    for layout in ("shared_prompt", "padded"):
+        chosen, rejected = pair_reference_logps(model, p, c, r, tok.pad_token_id, layout)
+        assert chosen.dtype == rejected.dtype == np.float64
+        np.testing.assert_allclose(chosen, plain_c, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(rejected, plain_r, rtol=0, atol=1e-5)
 
 
 def test_reference_logps_equal_plain_forward_any_batching(toy_model_dir, toy_tokenizer):
@@ -187,6 +226,7 @@ def test_stage_values_ids_and_manifest(computed, toy_model_dir, toy_tokenizer, t
     assert manifest["stage"] == "precompute" and manifest["rows_in"] == 27
     assert manifest["rows_out"] == 26 and manifest["dropped"] == {"identical_ids": 1}
     assert manifest["stats"]["truncated_pairs"] == 2
+    assert manifest["stats"]["layout"] == "shared_prompt"  # auto, on the toy's sdpa
     schema = pq.read_schema(sorted(computed["out"].glob("*.parquet"))[0])
     for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
         assert schema.field(c).type == pa.list_(pa.int32())
@@ -214,6 +254,40 @@ def test_stage_values_ids_and_manifest(computed, toy_model_dir, toy_tokenizer, t
         for side in ("chosen", "rejected"):
             plain = _plain_logp(model, r["prompt_input_ids"], r[f"{side}_input_ids"])
             assert r[f"ref_{side}_logps"] == pytest.approx(plain, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_shared_prompt_stage_equals_padded_stage_and_counts_each_prompt_once(
+        ray_local, pairs_dir, toy_model_dir, tmp_path):
+    """Both layouts forced, nothing reused (no store, new outputs), several batches each: the
+    same values to float32 rounding, each equal to the plain forward; the manifest counts the
+    positions each computed, the prompt once per pair in the shared layout."""
+    runs = {}
+    for layout in ("shared_prompt", "padded"):
+        out = tmp_path / layout
+        assert main(_args(pairs_dir, toy_model_dir, out, "", "--batch-size", "8",
+                          "--layout", layout)) == 0
+        runs[layout] = (read_manifest(out), _read(out))
+    (m_shared, shared), (m_padded, padded) = runs["shared_prompt"], runs["padded"]
+    assert m_shared["source"] == m_padded["source"] == "computed"
+    assert m_shared["stats"]["layout"] == "shared_prompt"
+    assert m_padded["stats"]["layout"] == "padded"
+    for side in ("ref_chosen_logps", "ref_rejected_logps"):
+        np.testing.assert_allclose([r[side] for r in shared], [r[side] for r in padded],
+                                   rtol=0, atol=1e-5)
+    model = _load(toy_model_dir)
+    for r in shared:
+        for side in ("chosen", "rejected"):
+            plain = _plain_logp(model, r["prompt_input_ids"], r[f"{side}_input_ids"])
+            assert r[f"ref_{side}_logps"] == pytest.approx(plain, abs=1e-5)
+    p, c, r = ([len(row[f"{k}_input_ids"]) for row in shared]
+               for k in ("prompt", "chosen", "rejected"))
+    once = sum(p) + sum(c) + sum(r)
+    assert m_shared["stats"]["tokens"] == once
+    assert m_padded["stats"]["tokens"] == once + sum(p)  # each prompt twice
+    assert m_shared["stats"]["sequences"] == m_padded["stats"]["sequences"] == 2 * len(shared)
+    # Same key: the layouts' outputs serve each other (module docstring, cache key comment).
+    assert m_shared["cache_key"] == m_padded["cache_key"]
 
 
 @pytest.mark.slow
@@ -348,6 +422,8 @@ def test_refuses_wrong_inputs_and_outputs(pairs_dir, toy_model_dir, tmp_path, ca
          "exceeds the model's context of 64"),
         (_args(pairs_dir, toy_model_dir, tmp_path / "o4", tmp_path / "c", "--dtype", "fp8"),
          "--dtype: invalid choice: 'fp8'"),
+        (_args(pairs_dir, toy_model_dir, tmp_path / "o5", tmp_path / "c", "--layout", "packed"),
+         "--layout: invalid choice: 'packed'"),
     ):
         assert main(argv) == 2
         assert msg in capsys.readouterr().err

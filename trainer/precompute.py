@@ -7,6 +7,14 @@ reference model, computed with `trainer.logps` exactly as the trainer computes t
 `chosen_num_tokens`, `rejected_num_tokens` (int32), the completion token counts behind those sums
 (what length-normalised losses divide by: ipo_mean, simpo, sigmoid_norm; trainer/loss.py).
 
+Layout (`layout`): with `shared_prompt` (what `auto` picks on sdpa / eager attention) the forward
+computes each pair as one [prompt, chosen, rejected] segment, through `trainer.packing.pair_logps`
+as the trainer does: each prompt once instead of twice, pairs batched by P + C + R. `padded`
+sorts the 2 · pairs sequences (prompt + chosen, prompt + rejected) by length into right-padded
+batches. Both give the same values to float32 rounding (tests/test_packing.py), as any two
+batchings do; the manifest's stats say which ran (`layout`) and the positions it computed
+(`tokens`).
+
 Token ids: pairs from `odpo pair` carry the sampled ids (`chosen_token_ids`, `rejected_token_ids`):
 they are the completion ids exactly as stored (vLLM's EOS / stop token where it stopped on one, no
 EOS after a response cut at max_tokens), never a re-tokenization of the text, which loses special
@@ -87,8 +95,10 @@ from pipeline.stage import (
     read_stage,
     write_output,
 )
+from trainer import packing
 from trainer.collate import collate, tokenize_completions
 from trainer.logps import model_token_logps
+from trainer.loop import resolve_layout  # cheap: no Ray (Train) at import
 
 STAGE = "precompute"
 PAIR_STAGES = ("pair", "import")  # manifests whose shards hold pairs
@@ -112,6 +122,7 @@ CACHE_VERSION = 4
 DTYPES = ("float32", "bfloat16", "float16")
 CACHE_MODES = ("auto", "require", "recompute")
 TRUNCATION_MODES = ("truncate", "drop")
+LAYOUTS = ("auto", "padded", "shared_prompt")  # of paired input's forward (trainer/packing.py)
 
 
 @dataclass(frozen=True)
@@ -126,7 +137,17 @@ class PrecomputeConfig:
     max_prompt_length: int = 0  # prompt tokens kept when a pair is cut; 0 = max_length // 2 (TRL)
     truncation: str = "truncate"  # truncate (module docstring rule) | drop (counted as too_long)
     dtype: str = "float32"  # reference weights: float32 | bfloat16 | float16; log-softmax is fp32
-    batch_size: int = 64  # sequences per forward (chosen, rejected count apart), grouped by length
+    # sequences per forward (chosen, rejected count apart), grouped by length; in the pair
+    # layouts a forward holds batch_size // 2 pairs (at least 1), so it never computes more
+    # positions than a padded one of batch_size sequences: a batch_size that fits memory today
+    # still fits
+    batch_size: int = 64
+    # how paired input's forward lays out a pair (trainer/packing.py): auto | padded (prompt +
+    # chosen and prompt + rejected apart, sorted by length: each prompt computed twice) |
+    # shared_prompt ([prompt, chosen, rejected] per pair: the prompt computed once); auto is
+    # shared_prompt where the reference's attention takes a 4D mask (sdpa, eager), padded
+    # otherwise (as DPOConfig.layout). Unpaired rows (kto) always run padded.
+    layout: str = "auto"
     replicas: int = 1  # reference model copies (Ray Data actors) running in parallel
     cpus_per_replica: float = 1.0  # Ray CPUs reserved per actor
     torch_threads: int = 0  # intra-op threads per actor; 0 = cpus_per_replica (at least 1)
@@ -316,6 +337,28 @@ def padding_fraction(lengths: Sequence[int], batches: Sequence[np.ndarray]) -> f
     return 1.0 - float(lengths.sum()) / padded if padded else 0.0
 
 
+def pair_padding_fraction(prompt_lengths, chosen_lengths, rejected_lengths,
+                          batches: Sequence[np.ndarray], layout: str) -> float:
+    """Share of the positions computed that are padding, over batches of pair indices, each
+    laid out by `trainer.packing.pair_logps` in `layout`: `padded`, 2·|b| rows as wide as the
+    batch's longest prompt + completion; `shared_prompt`, the rows `plan_token_batches` packs
+    the pairs into (budget: the longest P + C + R), each as wide as that budget. Real tokens:
+    `packing.pair_tokens` (2P + C + R, or P + C + R)."""
+    p, c, r = (np.asarray(x, dtype=np.int64) for x in (prompt_lengths, chosen_lengths,
+                                                         rejected_lengths))
+    real = packing.pair_tokens(p, c, r, layout)
+    computed = 0
+    for b in batches:
+        if not len(b):
+            continue
+        if layout == "shared_prompt":
+            width = max(1, int(real[b].max()))
+            computed += len(packing.plan_token_batches(real[b], width)) * width
+        else:
+            computed += 2 * len(b) * int((p[b] + np.maximum(c[b], r[b])).max())
+    return 1.0 - float(real.sum()) / computed if computed else 0.0
+
+
 def reference_logps(model, prompt_ids, completion_ids, pad_token_id: int) -> np.ndarray:
     """Summed completion log-probs of B sequences from one right-padded forward: (B,) float64.
 
@@ -334,12 +377,28 @@ def reference_logps(model, prompt_ids, completion_ids, pad_token_id: int) -> np.
     return token_logps.double().sum(-1).cpu().numpy()
 
 
-class ReferenceForward:
-    """Ray Data actor: loads the reference model once; each call runs `reference_logps` on every
-    length group (`batch_id`) of the batch it is given."""
+def pair_reference_logps(model, prompt_ids, chosen_ids, rejected_ids, pad_token_id: int,
+                         layout: str) -> tuple[np.ndarray, np.ndarray]:
+    """Chosen and rejected summed completion log-probs of B pairs from one forward in `layout`
+    (`trainer.packing.pair_logps`, the trainer's own function): (B,) float64 each, no autograd
+    state. `shared_prompt` computes each prompt once; every layout equals `reference_logps` on
+    the pair's two sequences to float32 rounding."""
+    with torch.inference_mode():
+        chosen, rejected, _ = packing.pair_logps(model, prompt_ids, chosen_ids, rejected_ids,
+                                                 layout=layout, pad_token_id=pad_token_id)
+    return chosen.cpu().numpy(), rejected.cpu().numpy()
 
-    def __init__(self, model: str, dtype: str, use_gpu: bool, torch_threads: int, pad_id: int):
+
+class ReferenceForward:
+    """Ray Data actor: loads the reference model once; each call runs, on every length group
+    (`batch_id`) of the batch it is given, `reference_logps` (sequence rows: `layout` None) or
+    `pair_reference_logps` (pair rows, in `layout`; `auto` resolved here from the model's
+    attention implementation, as the trainer resolves it)."""
+
+    def __init__(self, model: str, dtype: str, use_gpu: bool, torch_threads: int, pad_id: int,
+                 layout: str | None = None):
         self.model_path, self.pad_id, self.error = model, pad_id, None
+        self.layout = layout
         try:
             from transformers import AutoModelForCausalLM
 
@@ -352,6 +411,8 @@ class ReferenceForward:
             m.eval().requires_grad_(False)
             disable_dropout(m)
             self.model = m.to("cuda" if use_gpu else "cpu")
+            if layout is not None:
+                self.layout = resolve_layout(layout, self.model)
         except Exception as e:  # noqa: BLE001
             # Ray Data restarts a failing actor constructor without end (docs/design.md,
             # Platforms): keep the error and raise it from the first batch, which fails the job
@@ -362,16 +423,26 @@ class ReferenceForward:
         if self.error is not None:
             raise UserError(f"reference model {self.model_path}: cannot load ({self.error})")
         ids = batch["batch_id"]
-        out = np.empty(len(ids), dtype=np.float64)
+        layout = np.full(len(ids), self.layout or "padded")
+        if self.layout is None:
+            out = np.empty(len(ids), dtype=np.float64)
+            for b in np.unique(ids):
+                sel = np.flatnonzero(ids == b)
+                out[sel] = reference_logps(
+                    self.model,
+                    [batch["prompt_input_ids"][i] for i in sel],
+                    [batch["completion_input_ids"][i] for i in sel],
+                    self.pad_id,
+                )
+            return {"index": batch["index"], "logps": out, "layout": layout}
+        chosen, rejected = np.empty(len(ids)), np.empty(len(ids))
         for b in np.unique(ids):
             sel = np.flatnonzero(ids == b)
-            out[sel] = reference_logps(
-                self.model,
-                [batch["prompt_input_ids"][i] for i in sel],
-                [batch["completion_input_ids"][i] for i in sel],
-                self.pad_id,
-            )
-        return {"seq_index": batch["seq_index"], "logps": out}
+            chosen[sel], rejected[sel] = pair_reference_logps(
+                self.model, *([batch[c][i] for i in sel] for c in ID_COLUMNS), self.pad_id,
+                self.layout)
+        return {"index": batch["index"], "chosen_logps": chosen, "rejected_logps": rejected,
+                "layout": layout}
 
 
 # ---------------------------------------------------------------- cache key
@@ -416,6 +487,7 @@ def _validate(cfg: PrecomputeConfig) -> None:
         ("truncation", cfg.truncation, TRUNCATION_MODES),
         ("dtype", cfg.dtype, DTYPES),
         ("cache", cfg.cache, CACHE_MODES),
+        ("layout", cfg.layout, LAYOUTS),
     ):
         if value not in allowed:
             raise UserError(f"{name} must be one of {allowed}, got {value!r}")
@@ -463,6 +535,9 @@ def run_precompute(cfg: PrecomputeConfig) -> dict:
     max_length, max_prompt_length = _lengths(cfg, model_dir, model_config)
     inputs = {"pairs": input_digest(pairs), "model": weights_digest(model_dir),
               "tokenizer": tokenizer_digest(tok_dir)}
+    # No `layout`: the shared-prompt and padded forwards give the same values to float32
+    # rounding (tests/test_packing.py), as two batch sizes do (also left out), so either
+    # layout's output serves the other's key; the manifest's stats say which one ran.
     key_parts = {
         "version": CACHE_VERSION,
         "weights": inputs["model"],
@@ -616,15 +691,28 @@ def _compute(cfg, up: Upstream, model_dir, tok_dir, model_config, max_length, ma
         chosen_token_ids=None if stored is None else stored[0],
         rejected_token_ids=None if stored is None else stored[1],
     )
-    # Sequence 2k is pair k's chosen, 2k + 1 its rejected; batched by length across pairs.
-    seq_prompt = [p for p in p_ids for _ in range(2)]
-    seq_completion = [x for pair in zip(c_ids, r_ids, strict=True) for x in pair]
-    lengths = [len(p) + len(c) for p, c in zip(seq_prompt, seq_completion, strict=True)]
-    batches = length_batches(lengths, cfg.batch_size)
-    logps = np.zeros(len(lengths), dtype=np.float64)
     t_forward = time.perf_counter()
-    if lengths and cfg.logps:
-        logps = _forward(cfg, model_dir, tokenizer, seq_prompt, seq_completion, batches)
+    if cfg.logps and p_ids and cfg.layout != "padded":
+        # Pair rows, batched by P + C + R: batch_size // 2 pairs a forward (the field's comment).
+        sizes = [np.array([len(x) for x in ids]) for ids in (p_ids, c_ids, r_ids)]
+        batches = length_batches(packing.pair_tokens(*sizes, "shared_prompt"),
+                                 max(1, cfg.batch_size // 2))
+        chosen_logps, rejected_logps, layout = _forward_pairs(
+            cfg, model_dir, tokenizer, p_ids, c_ids, r_ids, batches)
+        tokens = int(packing.pair_tokens(*sizes, layout).sum())
+        padding = pair_padding_fraction(*sizes, batches, layout)
+    else:
+        # Sequence 2k is pair k's chosen, 2k + 1 its rejected; batched by length across pairs.
+        seq_prompt = [p for p in p_ids for _ in range(2)]
+        seq_completion = [x for pair in zip(c_ids, r_ids, strict=True) for x in pair]
+        lengths = [len(p) + len(c) for p, c in zip(seq_prompt, seq_completion, strict=True)]
+        batches = length_batches(lengths, cfg.batch_size)
+        logps = np.zeros(len(lengths), dtype=np.float64)
+        if lengths and cfg.logps:
+            logps = _forward(cfg, model_dir, tokenizer, seq_prompt, seq_completion, batches)
+        chosen_logps, rejected_logps = logps[0::2], logps[1::2]
+        layout = "padded" if cfg.logps else None  # None: no forward ran (tokenize only)
+        tokens, padding = int(sum(lengths)), padding_fraction(lengths, batches)
     forward_s = time.perf_counter() - t_forward
 
     ids_type = pa.list_(pa.int32())
@@ -633,19 +721,23 @@ def _compute(cfg, up: Upstream, model_dir, tok_dir, model_config, max_length, ma
                          ("rejected_input_ids", r_ids)):
         result = result.append_column(name, pa.array(values, type=ids_type))
     if cfg.logps:
-        for name, values in zip(LOGP_COLUMNS, (logps[0::2], logps[1::2]), strict=True):
+        for name, values in zip(LOGP_COLUMNS, (chosen_logps, rejected_logps), strict=True):
             result = result.append_column(name, pa.array(values, type=pa.float64()))
     for name, values in zip(COUNT_COLUMNS, (c_ids, r_ids), strict=True):
         result = result.append_column(name, pa.array([len(x) for x in values], type=pa.int32()))
-    tokens = int(sum(lengths))
     stats = {
-        "sequences": len(lengths),
+        "sequences": 2 * len(p_ids),  # log-probs computed: chosen and rejected of each pair
+        "layout": layout,  # the forward's (`auto` resolved by the reference's attention)
+        # Real (non-padding) positions the forward computed: Σ (2P + C + R) padded, Σ (P + C + R)
+        # shared_prompt (each prompt once); padding_fraction: the padding's share beside them.
         "tokens": tokens,
         "truncated_pairs": truncated,
         "completions": "text" if stored is None else "stored ids",
-        "padding_fraction": padding_fraction(lengths, batches),
+        "padding_fraction": padding,
         "forward_s": forward_s,
         "tokens_per_s": tokens / forward_s if forward_s > 0 else 0.0,
+        # what compares across layouts (tokens_per_s does not: shared_prompt has fewer tokens)
+        "pairs_per_s": len(p_ids) / forward_s if forward_s > 0 else 0.0,
     }
     return Shards(result, table.num_rows, {k: v for k, v in dropped.items() if v},
                   extra={**extra, "stats": stats})
@@ -717,40 +809,65 @@ def _compute_unpaired(cfg, up: Upstream, model_dir, tok_dir, model_config, max_l
 
 def _forward(cfg, model_dir, tokenizer, seq_prompt, seq_completion, batches) -> np.ndarray:
     """Run the actor pool over length-sorted sequences; log-probs back in sequence order."""
+    values, _ = _pool(cfg, model_dir, tokenizer, {"prompt_input_ids": seq_prompt,
+                                                  "completion_input_ids": seq_completion},
+                      batches, cfg.batch_size, None, ("logps",))
+    return values["logps"]
+
+
+def _forward_pairs(cfg, model_dir, tokenizer, p_ids, c_ids, r_ids,
+                   batches) -> tuple[np.ndarray, np.ndarray, str]:
+    """Run the actor pool over length-sorted pairs in `cfg.layout`: (chosen, rejected)
+    log-probs back in pair order, and the layout the actors resolved."""
+    columns = dict(zip(ID_COLUMNS, (p_ids, c_ids, r_ids), strict=True))
+    values, layouts = _pool(cfg, model_dir, tokenizer, columns, batches,
+                            max(1, cfg.batch_size // 2), cfg.layout,
+                            ("chosen_logps", "rejected_logps"))
+    return values["chosen_logps"], values["rejected_logps"], "+".join(sorted(layouts))
+
+
+def _pool(cfg, model_dir, tokenizer, columns: dict, batches, rows_per_batch: int,
+          layout: str | None, outputs: tuple[str, ...]) -> tuple[dict[str, np.ndarray], set]:
+    """Run `ReferenceForward` actors over units (sequences, or pairs when `layout` is given),
+    one id list per unit in each of `columns`, grouped by `batches` (arrays of unit indices,
+    `rows_per_batch` at most). Returns each of `outputs` (float64) back in unit order, and the
+    layouts the actors ran."""
     import ray
 
     order = np.concatenate(batches)
     batch_id = np.concatenate([np.full(len(b), i) for i, b in enumerate(batches)])
     ids_type = pa.list_(pa.int32())
     table = pa.table({
-        "seq_index": pa.array(order, type=pa.int64()),
+        "index": pa.array(order, type=pa.int64()),
         "batch_id": pa.array(batch_id, type=pa.int64()),
-        "prompt_input_ids": pa.array([seq_prompt[i] for i in order], type=ids_type),
-        "completion_input_ids": pa.array([seq_completion[i] for i in order], type=ids_type),
+        **{name: pa.array([values[i] for i in order], type=ids_type)
+           for name, values in columns.items()},
     })
     # Blocks hold whole batches (Ray Data then never splits a length group across calls) and are
     # small enough that every replica gets several.
-    per_block = max(1, min(16, math.ceil(len(batches) / (4 * cfg.replicas)))) * cfg.batch_size
+    per_block = max(1, min(16, math.ceil(len(batches) / (4 * cfg.replicas)))) * rows_per_batch
     blocks = [table.slice(i, per_block) for i in range(0, table.num_rows, per_block)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     threads = cfg.torch_threads or max(1, int(cfg.cpus_per_replica))
     ds = ray.data.from_arrow(blocks).map_batches(
         ReferenceForward,
-        batch_size=cfg.batch_size,
+        batch_size=rows_per_batch,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
         num_cpus=cfg.cpus_per_replica,
         num_gpus=1 if cfg.use_gpu else None,
         fn_constructor_kwargs={"model": str(model_dir), "dtype": cfg.dtype,
                                "use_gpu": cfg.use_gpu, "torch_threads": threads,
-                               "pad_id": pad_id},
+                               "pad_id": pad_id, "layout": layout},
     )
-    logps = np.zeros(len(order), dtype=np.float64)
+    values = {k: np.zeros(len(order), dtype=np.float64) for k in outputs}
     filled = np.zeros(len(order), dtype=bool)
+    layouts: set = set()
     for b in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        logps[b["seq_index"]] = b["logps"]
-        filled[b["seq_index"]] = True
+        for k in outputs:
+            values[k][b["index"]] = b[k]
+        filled[b["index"]] = True
+        layouts.update(np.unique(b["layout"]).tolist())
     if not filled.all():
-        raise RuntimeError(f"precompute: {int((~filled).sum())} sequences got no log-prob")
-    return logps
-
+        raise RuntimeError(f"precompute: {int((~filled).sum())} units got no log-prob")
+    return values, layouts
