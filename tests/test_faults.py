@@ -79,18 +79,66 @@ def _kill_tree(pid: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def baseline(ray_local, toy_model_dir, many_prompts, tmp_path_factory):
-    out = tmp_path_factory.mktemp("faults") / "samples"
-    assert main(_sample_args(toy_model_dir, many_prompts, out)) == 0
-    return out
+def driver_killed(ray_local, toy_model_dir, many_prompts, tmp_path_factory):
+    """SIGKILL `odpo sample` (the driver) while its actor samples, then run the same command
+    again in this process. Returns what the directory held after the kill and after the rerun,
+    and the rerun's output, which is an undisturbed run of the whole stage: the other fault
+    test's baseline."""
+    tmp = tmp_path_factory.mktemp("faults_driver")
+    out = tmp / "samples"
+    address = ray_local.get_runtime_context().gcs_address
+    args = _sample_args(toy_model_dir, many_prompts, out)
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args, "--address", address],
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    actors: set[int] = set()
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            busy = [p for p in _samplers() if _busy(p)]
+            if busy:
+                actors.update(p.pid for p in busy)
+                break
+            time.sleep(0.05)
+        finished = proc.poll() is not None
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for pid in actors:  # Ray reaps a dead driver's actors; their vLLM children go with them
+        _kill_tree(pid)
+    after_kill = sorted(p.name for p in tmp.iterdir())
+    rc = main(args)
+    return {"finished": finished, "actors": actors, "pid": proc.pid, "after_kill": after_kill,
+            "rc": rc, "after_rerun": sorted(p.name for p in tmp.iterdir()), "out": out}
+
+
+def test_driver_killed_mid_stage_then_rerun(driver_killed, many_prompts):
+    """SIGKILL `odpo sample` (the driver) while its actor samples: nothing appears at --out
+    (only a hidden temporary directory); the same command re-run clears it and writes the
+    complete output: every prompt's 4 samples once, no duplicate or missing row. (That the
+    rows are the ones an undisturbed run writes: the actor-kill test below, whose retried run
+    equals this one's to the last token.)"""
+    d = driver_killed
+    assert not d["finished"], "the stage finished before its driver could be killed"
+    assert d["actors"], "the sampling actor never started a batch"
+    assert d["after_kill"] == [f".samples.tmp-{d['pid']}"]
+    assert d["rc"] == 0
+    assert d["after_rerun"] == ["samples"]
+    rows = _rows(d["out"])
+    prompts = pq.read_table(many_prompts).column("prompt").to_pylist()
+    assert len(rows) == 4 * len(prompts) == 512
+    assert len({(r["prompt_id"], r["sample_index"]) for r in rows}) == len(rows)
+    assert sorted({r["prompt"] for r in rows}) == sorted(prompts)
+    assert sorted({r["sample_index"] for r in rows}) == [0, 1, 2, 3]
 
 
 def test_sampling_actor_killed_mid_stage_is_retried(ray_local, toy_model_dir, many_prompts,
-                                                    baseline, tmp_path):
+                                                    driver_killed, tmp_path):
     """SIGKILL the vLLM actor (and its engine processes) while it samples a batch: Ray Data
-    restarts the actor and retries the batch; the stage output equals the undisturbed run's.
-    This run reads the prompts in reverse order from JSONL, in batches of 3 instead of 8: the
-    same seed gives the same samples whatever the batching, row order and file format."""
+    restarts the actor and retries the batch; the stage output equals an undisturbed run's
+    (the driver-kill test's rerun). This run reads the prompts in reverse order from JSONL, in
+    batches of 3 instead of 8: the same seed gives the same samples whatever the batching, row
+    order and file format."""
     import json
 
     prompts = tmp_path / "reversed.jsonl"
@@ -120,43 +168,8 @@ def test_sampling_actor_killed_mid_stage_is_retried(ray_local, toy_model_dir, ma
         thread.join()
     assert killed, "the sampling actor was never caught inside a batch"
     assert busy - set(killed), "no replacement actor took over the batches"
-    assert _rows(out) == _rows(baseline)
+    assert _rows(out) == _rows(driver_killed["out"])
     assert not list(tmp_path.glob(".samples.*"))
-
-
-def test_driver_killed_mid_stage_then_rerun(ray_local, toy_model_dir, many_prompts, baseline,
-                                            tmp_path):
-    """SIGKILL `odpo sample` (the driver) while its actor samples: nothing appears at --out
-    (only a hidden temporary directory); the same command re-run clears it and writes the
-    complete output, equal to the undisturbed run's: no duplicate or missing row."""
-    out = tmp_path / "samples"
-    address = ray_local.get_runtime_context().gcs_address
-    args = _sample_args(toy_model_dir, many_prompts, out)
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", *args, "--address", address],
-                            start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    actors: set[int] = set()
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            busy = [p for p in _samplers() if _busy(p)]
-            if busy:
-                actors.update(p.pid for p in busy)
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the stage finished before its driver could be killed"
-        assert actors, "the sampling actor never started a batch"
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    for pid in actors:  # Ray reaps a dead driver's actors; their vLLM children go with them
-        _kill_tree(pid)
-    assert not out.exists()
-    assert [p.name for p in tmp_path.iterdir()] == [f".samples.tmp-{proc.pid}"]
-
-    assert main(args) == 0
-    assert _rows(out) == _rows(baseline)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples"]
 
 
 # --------------------------------------------------------------------------- integrity
