@@ -57,6 +57,8 @@ SUMMARIES: dict[str, tuple] = {
                    ("cache=computed", ": {stats[tokens]} tokens at {stats[tokens_per_s]:.0f} "
                     "tokens/s, padding {stats[padding_fraction]:.1%}, {stats[truncated_pairs]} "
                     "pairs truncated"),
+                   ("cache=computed", ", {stats[layout]} layout on {stats[replicas]} x "
+                    "{stats[torch_threads]} threads"),
                    " (key {key:.16})", *_END),
     "import": ("import ({form}, prompt from {prompt_source}): {rows} rows -> {pairs} pairs "
                "(dropped: {dropped})",

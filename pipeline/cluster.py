@@ -3,6 +3,7 @@ that every stage calls once it knows it has work."""
 
 from __future__ import annotations
 
+import math
 import os
 
 from pipeline.errors import UserError
@@ -98,6 +99,42 @@ def check_shared_storage(path: str, what: str, num_nodes: int | None = None) -> 
             f"{what} {path!r} is a local path but the Ray cluster has {num_nodes} nodes: use "
             "shared storage (a URI such as s3://bucket/run, or a shared mount with "
             "ODPO_SHARED_STORAGE=1)")
+
+
+def local_cpus() -> int:
+    """CPUs this process may run on: its affinity (a container's or `taskset`'s share), not the
+    machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
+def copy_threads(explicit: int, copies: int, reserved: float) -> int:
+    """Intra-op torch threads of one of `copies` model copies (actors, train workers) of a
+    stage: `explicit` when set (> 0); with no cluster named (the embedded default: this machine
+    is the cluster) this process's CPUs shared out among the copies; on a named cluster, where a
+    copy may land on any node beside others' tasks, the CPUs it reserved (at least 1)."""
+    if explicit > 0:
+        return explicit
+    if not cluster_named():
+        return max(1, local_cpus() // max(1, copies))
+    return max(1, math.ceil(reserved))
+
+
+def copy_count(explicit: int, use_gpu: bool, gpus_per_copy: int = 1) -> int:
+    """Model copies (Ray Data actors) of a stage: `explicit` when set (> 0); with no cluster
+    named and `use_gpu`, one per `gpus_per_copy` of the GPUs the embedded Ray found (call it
+    after `ensure_ray`); else 1 (on CPU, one copy with every thread beats copies that split
+    them, and holds one model)."""
+    if explicit > 0:
+        return explicit
+    if use_gpu and not cluster_named():
+        import ray
+
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0
+        return max(1, gpus // max(1, gpus_per_copy))
+    return 1
 
 
 def cluster_named() -> bool:

@@ -18,7 +18,10 @@ class EngineConfig:
     # GPU; on CPU, where it is the share of NUMA node 0's memory that vLLM reserves up front,
     # 0.1 (0.3 took 7 GiB and failed when two engines or other jobs shared a 24 GiB machine).
     gpu_memory_utilization: float = 0.0
-    replicas: int = 1  # engines (Ray actors) running in parallel
+    # engines (Ray actors) running in parallel (`odpo sample`; eval runs one); 0 = auto: with no
+    # cluster named, one per tensor_parallel_size local GPUs under use_gpu, else 1
+    # (pipeline.cluster.copy_count)
+    replicas: int = 0
     cpus_per_replica: float = 1.0  # Ray CPUs reserved per engine actor
     # Skip CUDA-graph capture / compilation. Unset picks by device: graphs on a GPU (vLLM's
     # default, faster decoding), eager on CPU (compiling costs more than a stage samples)

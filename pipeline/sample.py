@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.checkpoint import check_checkpoint, checkpoint_digest, context_length, vocab_digest
+from pipeline.cluster import copy_count
 from pipeline.engine import EngineConfig, actor_options, make_llm, sampling_params_for
 from pipeline.errors import UserError
 from pipeline.manifest import input_digest
@@ -245,7 +246,8 @@ def _validate(cfg: SampleConfig) -> None:
         (0 < cfg.top_p <= 1, f"top_p must be in (0, 1], got {cfg.top_p}"),
         (cfg.max_tokens >= 1, f"max_tokens must be >= 1, got {cfg.max_tokens}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
-        (cfg.engine.replicas >= 1, f"engine.replicas must be >= 1, got {cfg.engine.replicas}"),
+        (cfg.engine.replicas >= 0, f"engine.replicas must be >= 0 (0 = auto), got "
+                                  f"{cfg.engine.replicas}"),
         (cfg.engine.max_model_len >= 0, "engine.max_model_len must be >= 0 (0 = model's)"),
         (0 <= cfg.engine.gpu_memory_utilization <= 1,
          f"engine.gpu_memory_utilization must be in [0, 1] (0: by device), got "
@@ -339,7 +341,8 @@ def run_sample(cfg: SampleConfig) -> dict:
             VLLMSampler,
             batch_size=cfg.batch_size,
             batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=cfg.engine.replicas),
+            compute=ray.data.ActorPoolStrategy(size=copy_count(
+                cfg.engine.replicas, cfg.engine.use_gpu, cfg.engine.tensor_parallel_size)),
             fn_constructor_kwargs={"model": cfg.model, "engine": cfg.engine,
                                    "sampling": sampling},
             **actor_options(cfg.engine),

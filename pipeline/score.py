@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.checkpoint import check_checkpoint, checkpoint_digest
+from pipeline.cluster import copy_count, copy_threads
 from pipeline.errors import UserError
 from pipeline.manifest import input_digest
 from pipeline.scorers import RewardModelScorer, load_scorer, resolve_scorer
@@ -54,8 +55,14 @@ class ScoreConfig:
     nonfinite: str = "error"  # a NaN/inf score: error (names the row) | drop (counted)
     batch_size: int = 256  # rows per scorer call (a reward model forwards rm_batch_size at once)
     rm_batch_size: int = 32  # sequences per reward-model forward: bounds activation memory
-    replicas: int = 1  # scorer copies (Ray Data actors) running in parallel
-    cpus_per_replica: float = 1.0  # Ray CPUs reserved per actor (torch threads for a model)
+    # scorer copies (Ray Data actors) running in parallel; 0 = auto: with no cluster named, one
+    # per local GPU under use_gpu, else 1 (pipeline.cluster.copy_count)
+    replicas: int = 0
+    cpus_per_replica: float = 1.0  # Ray CPUs reserved per actor
+    # a reward model's intra-op threads per actor; 0 = auto: with no cluster named, this
+    # machine's CPUs shared out among the replicas, on a named one cpus_per_replica
+    # (pipeline.cluster.copy_threads)
+    torch_threads: int = 0
     use_gpu: bool = False  # one GPU per replica (reward model)
     # Score (and so pair and train on) responses cut at max_tokens; off: they are dropped and
     # counted as `truncated` (an unfinished response is neither a good chosen nor a fair rejected)
@@ -68,12 +75,21 @@ def make_scorer(cfg: ScoreConfig) -> Callable:
         return load_scorer(cfg.scorer)
     import torch
 
-    if not cfg.use_gpu:
-        torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
+    if not cfg.use_gpu:  # sized on the driver (`sized`), where the cluster is known
+        torch.set_num_threads(cfg.torch_threads or max(1, int(cfg.cpus_per_replica)))
     return RewardModelScorer(
         cfg.reward_model, dtype=cfg.rm_dtype, max_length=cfg.rm_max_length,
         batch_size=cfg.rm_batch_size, device="cuda" if cfg.use_gpu else "cpu",
     )
+
+
+def sized(cfg: ScoreConfig) -> ScoreConfig:
+    """`cfg` with `replicas` and `torch_threads` as the actors run them: the set ones kept, auto
+    (0) sized to the machine (`pipeline.cluster.copy_count`, `copy_threads`). Call it once Ray
+    is up."""
+    replicas = copy_count(cfg.replicas, cfg.use_gpu)
+    return dataclasses.replace(cfg, replicas=replicas, torch_threads=copy_threads(
+        cfg.torch_threads, replicas, cfg.cpus_per_replica))
 
 
 def _row_name(row: dict, i: int) -> str:
@@ -176,9 +192,14 @@ def _validate(cfg: ScoreConfig) -> None:
         raise UserError(f"nonfinite must be one of {NONFINITE_MODES}, got {cfg.nonfinite!r}")
     if cfg.rm_dtype not in RM_DTYPES:
         raise UserError(f"rm_dtype must be one of {RM_DTYPES}, got {cfg.rm_dtype!r}")
-    for name in ("batch_size", "rm_batch_size", "replicas"):
+    for name in ("batch_size", "rm_batch_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("replicas", "torch_threads"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"{name} must be >= 0 (0 = auto), got {getattr(cfg, name)}")
+    if cfg.cpus_per_replica <= 0:
+        raise UserError(f"cpus_per_replica must be > 0, got {cfg.cpus_per_replica}")
     if cfg.scorer == "reward_model":
         if not cfg.reward_model:
             raise UserError("scorer reward_model needs --reward-model PATH (an HF dir or URI)")
@@ -229,10 +250,11 @@ def run_score(cfg: ScoreConfig) -> dict:
         t = time.perf_counter()
         rows_in = ds.count()  # reads the input: its errors are named
         ds, cut = (ds, 0) if cfg.keep_truncated else _drop_truncated(ds)
+        actor_cfg = sized(cfg)
         scored = ds.map_batches(
             ScoreBatch, batch_size=cfg.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
-            fn_constructor_kwargs={"cfg": cfg}, num_cpus=cfg.cpus_per_replica,
+            compute=ray.data.ActorPoolStrategy(size=actor_cfg.replicas),
+            fn_constructor_kwargs={"cfg": actor_cfg}, num_cpus=cfg.cpus_per_replica,
             num_gpus=1 if cfg.use_gpu else None,
         )
         scored, bad = _drop_nonfinite(scored) if cfg.nonfinite == "drop" else (scored, 0)

@@ -3,6 +3,7 @@ the cache's promises: an equal key finishes without loading the model, any chang
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -227,6 +228,9 @@ def test_stage_values_ids_and_manifest(computed, toy_model_dir, toy_tokenizer, t
     assert manifest["rows_out"] == 26 and manifest["dropped"] == {"identical_ids": 1}
     assert manifest["stats"]["truncated_pairs"] == 2
     assert manifest["stats"]["layout"] == "shared_prompt"  # auto, on the toy's sdpa
+    # auto sizing, no cluster named: one reference copy with every CPU this process may use
+    assert (manifest["stats"]["replicas"], manifest["stats"]["torch_threads"]) == (
+        1, len(os.sched_getaffinity(0)))
     schema = pq.read_schema(sorted(computed["out"].glob("*.parquet"))[0])
     for c in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"):
         assert schema.field(c).type == pa.list_(pa.int32())
@@ -296,6 +300,10 @@ def test_batch_size_one_equals_big_batch(computed, pairs_dir, toy_model_dir):
     assert main(_args(pairs_dir, toy_model_dir, out, computed["cache"], "--batch-size", "1",
                       "--replicas", "2", "--cache", "recompute")) == 0
     big, one = _read(computed["out"]), _read(out)
+    # set replicas win; the machine's CPUs are shared out between them
+    stats = read_manifest(out)["stats"]
+    assert (stats["replicas"], stats["torch_threads"]) == (
+        2, max(1, len(os.sched_getaffinity(0)) // 2))
     for side in ("ref_chosen_logps", "ref_rejected_logps"):
         np.testing.assert_allclose([r[side] for r in one], [r[side] for r in big], atol=1e-5)
 

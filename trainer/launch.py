@@ -10,7 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline import storage
-from pipeline.cluster import ensure_ray
+from pipeline.cluster import copy_threads, ensure_ray
 from pipeline.errors import UserError, user_errors
 from pipeline.manifest import current_run, finish_run, start_run
 from pipeline.storage import write_json
@@ -126,6 +126,9 @@ def fit(loop_cfg: dict, train_ds) -> str:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     run_dir, use_gpu = storage.absolute(loop_cfg["out"]), loop_cfg["use_gpu"]
+    # auto threads sized here, on the driver, where it is known whether a cluster is named
+    loop_cfg = {**loop_cfg, "torch_threads": copy_threads(
+        loop_cfg["torch_threads"], loop_cfg["num_workers"], loop_cfg["cpus_per_worker"])}
     resources = {"CPU": loop_cfg["cpus_per_worker"], **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -83,7 +83,7 @@ from pipeline.checkpoint import (
     vocab_digest,
     weights_digest,
 )
-from pipeline.cluster import ensure_ray
+from pipeline.cluster import copy_count, copy_threads, ensure_ray
 from pipeline.errors import UserError
 from pipeline.manifest import input_digest, read_manifest, verify_shards, write_stage
 from pipeline.stage import (
@@ -148,9 +148,13 @@ class PrecomputeConfig:
     # shared_prompt where the reference's attention takes a 4D mask (sdpa, eager), padded
     # otherwise (as DPOConfig.layout). Unpaired rows (kto) always run padded.
     layout: str = "auto"
-    replicas: int = 1  # reference model copies (Ray Data actors) running in parallel
+    # reference model copies (Ray Data actors) running in parallel; 0 = auto: with no cluster
+    # named, one per local GPU under use_gpu, else 1 (pipeline.cluster.copy_count)
+    replicas: int = 0
     cpus_per_replica: float = 1.0  # Ray CPUs reserved per actor
-    torch_threads: int = 0  # intra-op threads per actor; 0 = cpus_per_replica (at least 1)
+    # intra-op threads per actor; 0 = auto: with no cluster named, this machine's CPUs shared
+    # out among the replicas; on a named cluster, cpus_per_replica (pipeline.cluster.copy_threads)
+    torch_threads: int = 0
     use_gpu: bool = False  # one GPU per replica
     cache: str = "auto"  # auto (reuse an equal key, else compute) | require | recompute
     # Content-addressed store shared by all runs (sweeps, new out dirs); "" turns it off.
@@ -491,9 +495,13 @@ def _validate(cfg: PrecomputeConfig) -> None:
     ):
         if value not in allowed:
             raise UserError(f"{name} must be one of {allowed}, got {value!r}")
-    for name in ("batch_size", "replicas"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {cfg.batch_size}")
+    for name in ("replicas", "torch_threads"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"{name} must be >= 0 (0 = auto), got {getattr(cfg, name)}")
+    if cfg.cpus_per_replica <= 0:
+        raise UserError(f"cpus_per_replica must be > 0, got {cfg.cpus_per_replica}")
     if cfg.max_length < 0 or cfg.max_prompt_length < 0:
         raise UserError("max_length and max_prompt_length must be >= 0 (0 = default)")
 
@@ -739,6 +747,8 @@ def _compute(cfg, up: Upstream, model_dir, tok_dir, model_config, max_length, ma
         # what compares across layouts (tokens_per_s does not: shared_prompt has fewer tokens)
         "pairs_per_s": len(p_ids) / forward_s if forward_s > 0 else 0.0,
     }
+    if layout is not None:  # a forward ran: with how many copies and threads
+        stats["replicas"], stats["torch_threads"] = sizing(cfg)
     return Shards(result, table.num_rows, {k: v for k, v in dropped.items() if v},
                   extra={**extra, "stats": stats})
 
@@ -807,6 +817,13 @@ def _compute_unpaired(cfg, up: Upstream, model_dir, tok_dir, model_config, max_l
                   extra={**extra, "stats": stats})
 
 
+def sizing(cfg: PrecomputeConfig) -> tuple[int, int]:
+    """(replicas, torch threads per replica) the forward runs with: `cfg`'s where set, else sized
+    to the machine (`pipeline.cluster.copy_count`, `copy_threads`). Call it once Ray is up."""
+    replicas = copy_count(cfg.replicas, cfg.use_gpu)
+    return replicas, copy_threads(cfg.torch_threads, replicas, cfg.cpus_per_replica)
+
+
 def _forward(cfg, model_dir, tokenizer, seq_prompt, seq_completion, batches) -> np.ndarray:
     """Run the actor pool over length-sorted sequences; log-probs back in sequence order."""
     values, _ = _pool(cfg, model_dir, tokenizer, {"prompt_input_ids": seq_prompt,
@@ -845,15 +862,15 @@ def _pool(cfg, model_dir, tokenizer, columns: dict, batches, rows_per_batch: int
     })
     # Blocks hold whole batches (Ray Data then never splits a length group across calls) and are
     # small enough that every replica gets several.
-    per_block = max(1, min(16, math.ceil(len(batches) / (4 * cfg.replicas)))) * rows_per_batch
+    replicas, threads = sizing(cfg)
+    per_block = max(1, min(16, math.ceil(len(batches) / (4 * replicas)))) * rows_per_batch
     blocks = [table.slice(i, per_block) for i in range(0, table.num_rows, per_block)]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    threads = cfg.torch_threads or max(1, int(cfg.cpus_per_replica))
     ds = ray.data.from_arrow(blocks).map_batches(
         ReferenceForward,
         batch_size=rows_per_batch,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=cfg.replicas),
+        compute=ray.data.ActorPoolStrategy(size=replicas),
         num_cpus=cfg.cpus_per_replica,
         num_gpus=1 if cfg.use_gpu else None,
         fn_constructor_kwargs={"model": str(model_dir), "dtype": cfg.dtype,

@@ -55,7 +55,9 @@ class SFTConfig:
     # not fit one device
     strategy: str = "ddp"
     cpus_per_worker: float = 1.0  # fractional CPUs keep Ray Data's readers from starving
-    torch_threads: int = 0  # intra-op threads per worker; 0 = cpus_per_worker (at least 1)
+    # intra-op threads per worker; 0 = auto: with no cluster named, this machine's CPUs shared
+    # out among the workers, on a named one cpus_per_worker (pipeline.cluster.copy_threads)
+    torch_threads: int = 0
     use_gpu: bool = False  # one GPU per worker, NCCL
     # float32 | bfloat16: mixed precision, the forward in bfloat16 (log-softmax in float32) and
     # the trained weights and AdamW state in float32 (a LoRA base stays bfloat16); float16
