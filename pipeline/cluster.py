@@ -110,6 +110,15 @@ def local_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def check_copies(replicas: int, torch_threads: int, cpus_per_replica: float) -> None:
+    """A stage's copy settings, refused in one line: counts >= 0 (0 = auto), CPUs > 0."""
+    for name, value in (("replicas", replicas), ("torch_threads", torch_threads)):
+        if value < 0:
+            raise UserError(f"{name} must be >= 0 (0 = auto), got {value}")
+    if cpus_per_replica <= 0:
+        raise UserError(f"cpus_per_replica must be > 0, got {cpus_per_replica}")
+
+
 def copy_threads(explicit: int, copies: int, reserved: float) -> int:
     """Intra-op torch threads of one of `copies` model copies (actors, train workers) of a
     stage: `explicit` when set (> 0); with no cluster named (the embedded default: this machine

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.checkpoint import check_checkpoint, checkpoint_digest
-from pipeline.cluster import copy_count, copy_threads
+from pipeline.cluster import check_copies, copy_count, copy_threads
 from pipeline.errors import UserError
 from pipeline.manifest import input_digest
 from pipeline.scorers import RewardModelScorer, load_scorer, resolve_scorer
@@ -195,11 +195,7 @@ def _validate(cfg: ScoreConfig) -> None:
     for name in ("batch_size", "rm_batch_size"):
         if getattr(cfg, name) < 1:
             raise UserError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("replicas", "torch_threads"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"{name} must be >= 0 (0 = auto), got {getattr(cfg, name)}")
-    if cfg.cpus_per_replica <= 0:
-        raise UserError(f"cpus_per_replica must be > 0, got {cfg.cpus_per_replica}")
+    check_copies(cfg.replicas, cfg.torch_threads, cfg.cpus_per_replica)
     if cfg.scorer == "reward_model":
         if not cfg.reward_model:
             raise UserError("scorer reward_model needs --reward-model PATH (an HF dir or URI)")

@@ -68,3 +68,16 @@ def test_copies_under_use_gpu_are_one_per_local_gpu():
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     assert json.loads(line[len("RESULT "):]) == {
         "one_per_gpu": 4, "tensor_parallel_2": 2, "set": 1, "cpu": 1, "named": 1}
+
+
+def test_bad_copy_settings_are_one_line_errors(toy_model_dir, tmp_path, capsys):
+    from jobs.cli import main
+
+    for flag, value, message in (("--replicas", "-1", "replicas must be >= 0 (0 = auto), got -1"),
+                                 ("--torch-threads", "-2", "torch_threads must be >= 0"),
+                                 ("--cpus-per-replica", "0", "cpus_per_replica must be > 0")):
+        assert main(["precompute", "--pairs", str(tmp_path), "--model", toy_model_dir, "--out",
+                     str(tmp_path / "out"), flag, value]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists()

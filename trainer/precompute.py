@@ -83,7 +83,7 @@ from pipeline.checkpoint import (
     vocab_digest,
     weights_digest,
 )
-from pipeline.cluster import copy_count, copy_threads, ensure_ray
+from pipeline.cluster import check_copies, copy_count, copy_threads, ensure_ray
 from pipeline.errors import UserError
 from pipeline.manifest import input_digest, read_manifest, verify_shards, write_stage
 from pipeline.stage import (
@@ -497,11 +497,7 @@ def _validate(cfg: PrecomputeConfig) -> None:
             raise UserError(f"{name} must be one of {allowed}, got {value!r}")
     if cfg.batch_size < 1:
         raise UserError(f"batch_size must be >= 1, got {cfg.batch_size}")
-    for name in ("replicas", "torch_threads"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"{name} must be >= 0 (0 = auto), got {getattr(cfg, name)}")
-    if cfg.cpus_per_replica <= 0:
-        raise UserError(f"cpus_per_replica must be > 0, got {cfg.cpus_per_replica}")
+    check_copies(cfg.replicas, cfg.torch_threads, cfg.cpus_per_replica)
     if cfg.max_length < 0 or cfg.max_prompt_length < 0:
         raise UserError("max_length and max_prompt_length must be >= 0 (0 = default)")
 
