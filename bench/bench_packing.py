@@ -8,7 +8,10 @@ forward + backward of a DPO sigmoid loss on the pairs' summed log-probs, through
 as training calls it) and `reference` (forward only under `torch.inference_mode`, as the
 precompute stage runs the reference model). Variants: `padded` (`trainer.collate`), `packed`
 and `shared_prompt` (`trainer.packing`); `NAME:N` sets a row budget of N tokens (default: the
-longest sequence / pair).
+longest sequence / pair); `NAME@N` cuts the pairs into micro-batches of at most N positions
+(`odpo train --max-tokens-per-batch N`: `packing.plan_pair_batches`, each micro-batch's loss
+weighted by its pairs, gradients accumulated), and `--max-tokens-per-batch N` adds `NAME@N` beside
+every layout variant, reported also against its own layout in one micro-batch.
 
 Reported per variant and mode: median step time over the steps after the first (a warm-up),
 tokens/s counted in pair tokens Σ (2P + C + R) (the same data for every layout, so tokens/s
@@ -26,7 +29,8 @@ backward and forward only: SDPA with a boolean mask (the choice), SDPA with an a
 mask, eager (matmul + softmax), and compiled flex attention with a BlockMask.
 
     python bench/bench_packing.py [--hidden 384 --layers 6 --pairs 8 --prompt 64,512 \\
-        --completion 32,256 --steps 4 --variants padded,packed,shared_prompt,attention]
+        --completion 32,256 --steps 4 --variants padded,packed,shared_prompt,attention \\
+        --max-tokens-per-batch 2048]
 """
 
 from __future__ import annotations
@@ -87,24 +91,43 @@ def model_of(args):
         tie_word_embeddings=False, attn_implementation="sdpa"))
 
 
-def counts(prompts, chosen, rejected, layout: str, max_tokens: int) -> dict:
+def counts(prompts, chosen, rejected, layout: str, max_tokens: int,
+           bins: list[list[int]] | None = None) -> dict:
     """Positions computed by `layout`: rows, width, rows × width (the body's work), real tokens
     among them, and head_positions: the positions the LM head and log-softmax run on (the
-    completion tokens, the same in every layout)."""
+    completion tokens, the same in every layout). Over `bins`' micro-batches (default: one of
+    all the pairs): rows, positions and tokens summed, the widest width."""
     from trainer.collate import collate
     from trainer.logps import IGNORE_INDEX
     from trainer.packing import layout_pairs
 
-    if layout == "padded":
-        t = collate(prompts * 2, chosen + rejected, 0)
-        head = int((t["labels"][:, 1:] != IGNORE_INDEX).sum())
-    else:
-        t = layout_pairs(prompts, chosen, rejected, layout=layout, max_tokens=max_tokens)
-        t["attention_mask"] = t["tokens"]
-        head = len(t["read_at"])
-    rows, width = t["input_ids"].shape
-    return {"rows": rows, "width": width, "positions": rows * width,
-            "real_tokens": int(t["attention_mask"].sum()), "head_positions": head}
+    out = {"rows": 0, "width": 0, "positions": 0, "real_tokens": 0, "head_positions": 0}
+    for b in bins or [list(range(len(prompts)))]:
+        p, c, r = ([xs[i] for i in b] for xs in (prompts, chosen, rejected))
+        if layout == "padded":
+            t = collate(p * 2, c + r, 0)
+            head = int((t["labels"][:, 1:] != IGNORE_INDEX).sum())
+        else:
+            t = layout_pairs(p, c, r, layout=layout, max_tokens=max_tokens)
+            t["attention_mask"] = t["tokens"]
+            head = len(t["read_at"])
+        rows, width = t["input_ids"].shape
+        out = {"rows": out["rows"] + rows, "width": max(out["width"], width),
+               "positions": out["positions"] + rows * width,
+               "real_tokens": out["real_tokens"] + int(t["attention_mask"].sum()),
+               "head_positions": out["head_positions"] + head}
+    return out
+
+
+def micro_batches(prompts, chosen, rejected, layout: str, budget: int) -> list[list[int]]:
+    """The pairs' micro-batches under a token budget of `budget` positions (`odpo train
+    --max-tokens-per-batch`), as index lists; all of them in one without a budget."""
+    from trainer.packing import pair_cost, plan_pair_batches
+
+    if not budget:
+        return [list(range(len(prompts)))]
+    costs = pair_cost(*([len(x) for x in xs] for xs in (prompts, chosen, rejected)), layout)
+    return [b.tolist() for b in plan_pair_batches(costs, layout, budget)]
 
 
 def run_variant(args, variant: str, mode: str) -> dict:
@@ -112,14 +135,20 @@ def run_variant(args, variant: str, mode: str) -> dict:
 
     from trainer.logps import TokenLogps
     from trainer.loss import dpo_loss
-    from trainer.packing import pair_logps
+    from trainer.packing import batch_cost, pair_cost, pair_logps
 
+    variant, _, token_budget = variant.partition("@")
     layout, _, budget = variant.partition(":")
     max_tokens = int(budget or 0)
     prompts, chosen, rejected = pairs_of(args)
     model = model_of(args)
     n = len(prompts)
     ref = torch.zeros(n, dtype=torch.float64)
+    bins = micro_batches(prompts, chosen, rejected, layout, int(token_budget or 0))
+    costs = pair_cost(*([len(x) for x in xs] for xs in (prompts, chosen, rejected)), layout)
+
+    def pick(xs, b):
+        return [xs[i] for i in b]
     if mode == "train":
         model.train()
         module = TokenLogps(model)
@@ -131,26 +160,30 @@ def run_variant(args, variant: str, mode: str) -> dict:
         if step == 1:
             base = reset_peak()
         t0 = time.perf_counter()
+        logps = torch.zeros(2, n, dtype=torch.float64)
+        for b in bins:  # one micro-batch without a token budget
+            sub = [pick(xs, b) for xs in (prompts, chosen, rejected)]
+            if mode == "train":
+                c, r, _ = pair_logps(module, *sub, layout=layout, max_tokens=max_tokens)
+                losses, _, _ = dpo_loss(c, r, ref[b], ref[b], beta=0.1, loss_type="sigmoid",
+                                        label_smoothing=0.0)
+                (losses.mean() * (len(b) / n)).backward()  # as accumulate_gradients weighs
+            else:
+                with torch.inference_mode():
+                    c, r, _ = pair_logps(module, *sub, layout=layout, max_tokens=max_tokens)
+            logps[0, b], logps[1, b] = c.detach(), r.detach()
         if mode == "train":
-            c, r, _ = pair_logps(module, prompts, chosen, rejected, layout=layout,
-                                 max_tokens=max_tokens)
-            losses, _, _ = dpo_loss(c, r, ref, ref, beta=0.1, loss_type="sigmoid",
-                                    label_smoothing=0.0)
-            losses.mean().backward()
             model.zero_grad(set_to_none=True)
-        else:
-            with torch.inference_mode():
-                c, r, _ = pair_logps(module, prompts, chosen, rejected, layout=layout,
-                                     max_tokens=max_tokens)
         times.append(time.perf_counter() - t0)
-        values = torch.cat([c, r]).detach().tolist()
+        values = logps.flatten().tolist()
     step_s = statistics.median(times[1:])
     pair_tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in
                       zip(prompts, chosen, rejected, strict=True))
     return {"step_s": step_s, "tokens_per_s": pair_tokens / step_s,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "step_peak_mb": _rss_mb("VmHWM") - base,
-            **counts(prompts, chosen, rejected, layout, max_tokens), "logps": values}
+            "step_peak_mb": _rss_mb("VmHWM") - base, "micro_batches": len(bins),
+            "max_micro_batch_cost": max(batch_cost(costs[b], layout) for b in bins),
+            **counts(prompts, chosen, rejected, layout, max_tokens, bins), "logps": values}
 
 
 def run_attention(args) -> dict:
@@ -228,6 +261,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default="padded,packed,shared_prompt,attention")
     ap.add_argument("--modes", default="train,reference")
+    ap.add_argument("--max-tokens-per-batch", type=int, default=0,
+                    help="also run every layout variant as NAME@N: micro-batches of at most N "
+                         "positions (0: none)")
     ap.add_argument("--child", help=argparse.SUPPRESS)  # variant/mode of a child process
     args = ap.parse_args()
     if args.steps < 2:
@@ -248,7 +284,11 @@ def main() -> None:
                                                                           strict=True))}))
     results: dict = {}
     t_start = time.perf_counter()
-    for variant in args.variants.split(","):
+    variants = args.variants.split(",")
+    if args.max_tokens_per_batch:
+        variants += [f"{v}@{args.max_tokens_per_batch}" for v in variants
+                     if v != "attention" and "@" not in v]
+    for variant in variants:
         for mode in (["-"] if variant == "attention" else args.modes.split(",")):
             out = subprocess.run(
                 [sys.executable, __file__, *sys.argv[1:], "--child", f"{variant}/{mode}"],
@@ -264,7 +304,7 @@ def main() -> None:
             continue
         b = base[mode]
         diff = max(abs(x - y) for x, y in zip(res["logps"], b["logps"], strict=True))
-        summary[f"{variant} {mode}"] = {
+        summary[f"{variant} {mode}"] = row = {
             "tokens_per_s_over_padded": res["tokens_per_s"] / b["tokens_per_s"],
             "step_peak_mb_over_padded": res["step_peak_mb"] / max(b["step_peak_mb"], 1e-9),
             "peak_rss_mb_over_padded": res["peak_rss_mb"] / b["peak_rss_mb"],
@@ -272,6 +312,15 @@ def main() -> None:
             "real_tokens_over_padded": res["real_tokens"] / b["real_tokens"],
             "max_abs_logps_diff_vs_padded": diff,
         }
+        whole = results.get((variant.partition("@")[0], mode))
+        if "@" in variant and whole is not None:  # the same layout in one micro-batch
+            row.update({
+                "micro_batches": res["micro_batches"],
+                "tokens_per_s_over_one_micro_batch": res["tokens_per_s"] / whole["tokens_per_s"],
+                "step_peak_mb_over_one_micro_batch":
+                    res["step_peak_mb"] / max(whole["step_peak_mb"], 1e-9),
+                "peak_rss_mb_over_one_micro_batch": res["peak_rss_mb"] / whole["peak_rss_mb"],
+            })
     print(json.dumps(summary, indent=1))
 
 

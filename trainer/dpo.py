@@ -88,6 +88,13 @@ class DPOConfig:
     max_steps: int = 0  # stop after this many optimizer steps; 0 means all epochs
     batch_size: int = 64  # global pairs per optimizer step
     grad_accum: int = 1  # micro-steps per optimizer step: the same maths in less memory
+    # token budget of a micro-batch, 0: off. > 0 cuts each worker's share of a step
+    # (batch_size / num_workers pairs) into micro-batches of whole pairs of at most this many
+    # positions (padded: rows x width; packed, shared_prompt: the pairs' tokens) instead of
+    # grad_accum equal ones, so grad_accum stays 1; a pair over it trains alone, never split.
+    # The step is still batch_size pairs and the loss their mean: learning rates carry over.
+    # Not with kto (use grad_accum)
+    max_tokens_per_batch: int = 0
     lr: float = 5e-7  # peak AdamW lr: TRL's DPO default, for real models; the toy uses 5e-4
     lr_schedule: str = "linear"  # constant | linear | cosine after warmup
     warmup_steps: int = 0  # optimizer steps of linear warmup; none by default, as in TRL
@@ -101,7 +108,9 @@ class DPOConfig:
     # not fit one device
     strategy: str = "ddp"
     cpus_per_worker: float = 1.0  # fractional CPUs keep Ray Data's readers from starving
-    torch_threads: int = 0  # intra-op threads per worker; 0 = cpus_per_worker (at least 1)
+    # intra-op threads per worker; 0 = auto: with no cluster named, this machine's CPUs shared
+    # out among the workers, on a named one cpus_per_worker (pipeline.cluster.copy_threads)
+    torch_threads: int = 0
     use_gpu: bool = False  # one GPU per worker, NCCL
     # float32 | bfloat16: mixed precision, the forward in bfloat16 (log-softmax in float32) and
     # the trained weights and AdamW state in float32 (a LoRA base stays bfloat16); float16
@@ -199,7 +208,25 @@ def check_config(cfg: DPOConfig) -> None:
     if cfg.layout not in DPO_LAYOUTS:
         raise UserError(f"layout must be one of {DPO_LAYOUTS}, got {cfg.layout!r}")
     check_loss(cfg)
+    check_token_budget(cfg)
     check_training_config(cfg)
+
+
+def check_token_budget(cfg: DPOConfig) -> None:
+    """`max_tokens_per_batch`, one-line errors: >= 0; not with `grad_accum` > 1 (both cut the
+    step into micro-batches); not with kto, whose reference point z0 is a mean over each
+    micro-batch on every worker (TRL's), so unequal micro-batches would change the loss with the
+    budget (and its gather takes equal sizes)."""
+    budget = cfg.max_tokens_per_batch
+    if budget < 0:
+        raise UserError(f"max_tokens_per_batch must be >= 0 (0: off), got {budget}")
+    if budget and cfg.grad_accum > 1:
+        raise UserError(f"max_tokens_per_batch {budget} and grad_accum {cfg.grad_accum} both "
+                        "cut a step into micro-batches: set one (grad_accum 1 with a budget)")
+    if budget and unpaired(cfg.loss_type):
+        raise UserError("max_tokens_per_batch cuts pairs by tokens; kto's reference point is a "
+                        "mean over each micro-batch, which would then change with the budget: "
+                        "use grad_accum")
 
 
 def kto_balance(desirable: int, undesirable: int, desirable_weight: float,

@@ -13,6 +13,12 @@ trains on the w-th contiguous slice of them, cut into `grad_accum` equal micro-b
 step has exactly `grad_accum` micro-batches on every worker, the loss of a step does not depend on
 `num_workers` or `grad_accum`, each epoch has its own order, and a run resumed at step s trains on
 the rows the uninterrupted run would have.
+
+With a token budget (DPO's `max_tokens_per_batch` > 0, `grad_accum` 1) the same slice is cut
+instead into micro-batches of whole pairs whose positions stay within the budget
+(`token_budget_batches`): their number changes from step to step, never from worker to worker
+(FSDP's all-gathers and DDP's reduce are collectives), and each micro-batch's loss is weighted by
+its share of the step's pairs, so the step's loss is still the mean over its `batch_size` pairs.
 """
 
 from __future__ import annotations
@@ -64,7 +70,8 @@ def epoch_order(num_rows: int, seed: int, epoch: int, shuffle: bool) -> np.ndarr
 
 def plan_batches(
     num_rows: int, *, batch_size: int, grad_accum: int, world: int, rank: int, seed: int,
-    shuffle: bool, start_step: int, total_steps: int,
+    shuffle: bool, start_step: int, total_steps: int, max_tokens_per_batch: int = 0,
+    costs: np.ndarray | None = None, layout: str = "padded",
 ) -> Iterator[tuple[int, int, np.ndarray, list[np.ndarray]]]:
     """Rows of the optimizer steps `start_step`..`total_steps`-1, for worker `rank` of `world`.
 
@@ -72,10 +79,17 @@ def plan_batches(
     workers, micro_rows this worker's `grad_accum` micro-batches of batch_size / (world ·
     grad_accum) rows each. An epoch has num_rows // batch_size steps (drop_last on the global
     batch: which rows are left over changes with the epoch's order).
+
+    With `max_tokens_per_batch` > 0 (and `grad_accum` 1), micro_rows are instead the worker's
+    share cut under that token budget (`token_budget_batches`, from each row's
+    `packing.pair_cost` `costs` in `layout`): as many micro-batches on every worker, of
+    unequal sizes.
     """
     if batch_size % (world * grad_accum):
         raise ValueError(f"batch_size {batch_size} is not divisible by world {world} x "
                          f"grad_accum {grad_accum}")
+    if max_tokens_per_batch and (grad_accum != 1 or costs is None):
+        raise ValueError("max_tokens_per_batch needs grad_accum 1 and the rows' costs")
     steps_per_epoch = num_rows // batch_size
     if steps_per_epoch == 0 and start_step < total_steps:
         raise ValueError(f"{num_rows} rows are fewer than one batch of {batch_size}")
@@ -86,8 +100,33 @@ def plan_batches(
         if epoch != order_epoch:
             order, order_epoch = epoch_order(num_rows, seed, epoch, shuffle), epoch
         step_rows = order[k * batch_size:(k + 1) * batch_size]
-        mine = step_rows[rank * per_worker:(rank + 1) * per_worker]
-        yield step, epoch, step_rows, np.split(mine, grad_accum)
+        if max_tokens_per_batch:
+            micro = token_budget_batches(step_rows, costs, world=world, layout=layout,
+                                         max_tokens_per_batch=max_tokens_per_batch)[rank]
+        else:
+            micro = np.split(step_rows[rank * per_worker:(rank + 1) * per_worker], grad_accum)
+        yield step, epoch, step_rows, micro
+
+
+def token_budget_batches(step_rows: np.ndarray, costs: np.ndarray, *, world: int, layout: str,
+                         max_tokens_per_batch: int) -> list[list[np.ndarray]]:
+    """Every worker's micro-batches of one step under a token budget, in rank order: worker w's
+    contiguous slice of `step_rows` (as without a budget) cut into whole pairs whose
+    `packing.batch_cost` (from `costs`, each table row's `packing.pair_cost` in `layout`) stays
+    within `max_tokens_per_batch` (`packing.plan_pair_batches`; a pair over the budget is a
+    micro-batch of its own). Then every worker's micro-batches are split further
+    (`packing.split_batches`) to the most any worker has, so that all run the same number: the
+    collectives of a step (FSDP's all-gathers, each forward; the gradient reduce) pair up.
+    Always possible: no worker has more micro-batches than pairs, and every worker has as many
+    pairs. Every worker computes every worker's plan from the same rows: no communication.
+    """
+    per_worker = len(step_rows) // world
+    shares = [step_rows[w * per_worker:(w + 1) * per_worker] for w in range(world)]
+    bins = [packing.plan_pair_batches(costs[rows], layout, max_tokens_per_batch)
+            for rows in shares]
+    count = max(len(b) for b in bins)
+    return [[rows[b] for b in packing.split_batches(worker_bins, costs[rows], layout, count)]
+            for rows, worker_bins in zip(shares, bins, strict=True)]
 
 
 def target_tokens(prompt_lengths: np.ndarray, completion_lengths: np.ndarray) -> np.ndarray:
@@ -249,7 +288,8 @@ def _unpaired_logps(model, batch: dict, pad_token_id: int
 
 def gather_across_workers(x: torch.Tensor) -> torch.Tensor:
     """(B,) from every worker, concatenated in rank order: (world·B,); `x` itself without a
-    process group. Every worker's micro-batch has the same B (`plan_batches`)."""
+    process group. Every worker's micro-batch has the same B (`plan_batches` with `grad_accum`;
+    a token budget, whose micro-batches differ in size, is refused for kto: `trainer.dpo`)."""
     if not (dist.is_available() and dist.is_initialized()):
         return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
@@ -461,12 +501,17 @@ def accumulate_gradients(
 
     Afterwards the gradients are those of the step's loss over all workers: SFT, the token mean of
     the NLL over the step's `step_tokens` completion tokens (`sft_step_loss`); DPO, the mean over
-    the step's pairs (every micro-batch holds batch_size / (world · grad_accum) pairs, so the mean
-    of the micro-batch means is exact). Returns this worker's shares of the step's metrics: summed
-    over all workers they are the step's values; num_tokens counts input tokens, micro_batches
-    the micro-batches that went into the gradient.
+    the step's pairs. Micro-batch i's mean loss, over its n_i of the worker's m pairs (m =
+    batch_size / world on every worker), is weighted by n_i / m (divided by m / n_i, which is
+    `grad_accum` exactly when the micro-batches are equal), and DDP averages the workers: the
+    gradient of Σ n_i · mean_i / batch_size, the mean over the step's pairs, however they are
+    cut (`grad_accum` or a token budget). Returns this worker's shares of the step's metrics:
+    summed over all workers they are the step's values (means weighted the same way);
+    num_tokens counts input tokens, micro_batches the micro-batches that went into the
+    gradient.
     """
     accum = len(micro_batches)
+    rows = [len(batch["prompt_input_ids"]) for batch in micro_batches]
     shares: dict[str, float] = {"micro_batches": 0.0}
     for i, batch in enumerate(micro_batches):
         no_sync = hasattr(model, "no_sync") and i < accum - 1  # DDP: all-reduce on the last
@@ -479,8 +524,9 @@ def accumulate_gradients(
             else:
                 step_loss = kto_step_loss if unpaired(cfg["loss_type"]) else dpo_step_loss
                 loss, metrics = step_loss(model, batch, pad_token_id, cfg, ref_model)
-                (loss / accum).backward()
-                metrics = {k: v if k == "num_tokens" else v / (accum * world)
+                parts = sum(rows) / rows[i]  # accum for equal micro-batches, as a float
+                (loss / parts).backward()
+                metrics = {k: v if k == "num_tokens" else v / (parts * world)
                            for k, v in metrics.items()}
         for k, v in metrics.items():
             shares[k] = shares.get(k, 0.0) + v
@@ -512,17 +558,31 @@ def train_steps(
     `table` is the whole training set (an Arrow table), in the same row order on every worker;
     `plan_batches` picks the rows. `log(step, metrics)` is called on every rank at logging steps
     (its all-reduce is collective); `after_step(steps_done, epoch)` after each update.
+
+    With `cfg["max_tokens_per_batch"]` > 0 (DPO pairs only) the micro-batches are cut under that
+    token budget in the policy's layout (`resolve_layout`), and each log line also has
+    over_budget_pairs: the pairs a step whose cost alone exceeds the budget, each trained in a
+    micro-batch of its own.
     """
     device = next(model.parameters()).device
     targets = None
     if cfg["objective"] == "sft":  # the step's token count, for its token-mean NLL
         targets = target_tokens(pc.list_value_length(table["prompt_input_ids"]).to_numpy(),
                                 pc.list_value_length(table["completion_input_ids"]).to_numpy())
+    budget = cfg.get("max_tokens_per_batch", 0)
+    costs, layout = None, "padded"
+    if budget:
+        if cfg["objective"] != "dpo" or unpaired(cfg["loss_type"]):
+            raise ValueError("max_tokens_per_batch cuts DPO pairs, not sft or kto rows")
+        layout = resolve_layout(cfg.get("layout", "padded"), model)
+        costs = packing.pair_cost(*(
+            pc.list_value_length(table[f"{name}_input_ids"]).to_numpy()
+            for name in ("prompt", "chosen", "rejected")), layout)
     total_steps = cfg["total_steps"]
     plan = plan_batches(
         table.num_rows, batch_size=cfg["batch_size"], grad_accum=cfg["grad_accum"], world=world,
         rank=rank, seed=cfg["seed"], shuffle=cfg["shuffle"], start_step=start_step,
-        total_steps=total_steps,
+        total_steps=total_steps, max_tokens_per_batch=budget, costs=costs, layout=layout,
     )
     window: list[dict] = []
     t_window = time.perf_counter()
@@ -532,6 +592,9 @@ def train_steps(
             world=world, step_tokens=0 if targets is None else int(targets[step_rows].sum()),
             ref_model=ref_model,
         ))
+        if budget:
+            window[-1]["over_budget_pairs"] = float(sum(
+                (costs[rows] > budget).sum() for rows in micro_rows))
         lr = scheduler.get_last_lr()[0]
         grad_norm = optimizer_step(model, optimizer, scheduler, cfg["grad_clip"])
         if step % cfg["log_every"] == 0 or step + 1 == total_steps:

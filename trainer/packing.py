@@ -80,6 +80,80 @@ def plan_token_batches(lengths: Sequence[int], max_tokens_per_batch: int) -> lis
     return [np.array(sorted(b), dtype=np.int64) for b in bins]
 
 
+# --- micro-batches under a token budget (DPOConfig.max_tokens_per_batch) ----------------------
+
+
+def pair_cost(prompt_lengths, chosen_lengths, rejected_lengths, layout: str) -> np.ndarray:
+    """What each pair alone costs a micro-batch in `layout`, (B,) int64: `pair_tokens` in
+    `packed` and `shared_prompt`; in `padded` its two rows at its own width, 2 · max(P + C,
+    P + R) (`batch_cost`: a padded micro-batch costs its rows × its widest pair's width)."""
+    if layout != "padded":
+        return pair_tokens(prompt_lengths, chosen_lengths, rejected_lengths, layout)
+    p, c, r = (np.asarray(x, dtype=np.int64) for x in (prompt_lengths, chosen_lengths,
+                                                         rejected_lengths))
+    return 2 * (p + np.maximum(c, r))
+
+
+def batch_cost(costs: np.ndarray, layout: str) -> int:
+    """Positions one micro-batch of pairs of `pair_cost` `costs` makes the forward compute, the
+    measure `max_tokens_per_batch` holds: `padded`, rows × width (2B rows right-padded to the
+    widest: B · max cost, padding included); `packed` / `shared_prompt`, the pairs' tokens
+    Σ cost (the tail padding of `layout_pairs`' rows, each at most as wide as the longest
+    pair, is not counted)."""
+    costs = np.asarray(costs, dtype=np.int64)
+    if not len(costs):
+        return 0
+    return int(len(costs) * costs.max()) if layout == "padded" else int(costs.sum())
+
+
+def plan_pair_batches(costs: np.ndarray, layout: str, max_tokens_per_batch: int
+                      ) -> list[np.ndarray]:
+    """Pairs of `pair_cost` `costs` cut into micro-batches of whole pairs whose `batch_cost`
+    stays within `max_tokens_per_batch`; a pair over the budget alone is a micro-batch of its
+    own (never split, never refused). `packed` / `shared_prompt`: first-fit decreasing
+    (`plan_token_batches`); `padded`: the pairs by decreasing width, each micro-batch opened
+    by the widest left and filled with the next ones while its rows × width fits (similar
+    widths together: the least padding). Bins as arrays of indices into `costs`, each
+    ascending."""
+    costs = np.asarray(costs, dtype=np.int64)
+    if layout != "padded":
+        return plan_token_batches(costs, max_tokens_per_batch)
+    if max_tokens_per_batch < 1:
+        raise ValueError(f"max_tokens_per_batch must be >= 1, got {max_tokens_per_batch}")
+    bins: list[list[int]] = []
+    width = 0
+    for i in np.argsort(-costs, kind="stable"):
+        if bins and (len(bins[-1]) + 1) * width <= max_tokens_per_batch:
+            bins[-1].append(int(i))  # costs fall: the bin's width stays its first pair's
+        else:
+            bins.append([int(i)])
+            width = int(costs[i])
+    return [np.array(sorted(b), dtype=np.int64) for b in bins]
+
+
+def split_batches(bins: list[np.ndarray], costs: np.ndarray, layout: str, count: int
+                  ) -> list[np.ndarray]:
+    """`bins` (index arrays into `costs`) split until there are `count` of them: each time the
+    costliest bin of two pairs or more (`batch_cost`; the first of equals) is cut in two, its
+    pairs dealt by decreasing cost to the lighter half. A half is a subset of a bin, so it keeps
+    within the budget its bin kept. Needs `count` <= the pairs in all."""
+    bins = [np.asarray(b, dtype=np.int64) for b in bins]
+    costs = np.asarray(costs, dtype=np.int64)
+    if count > sum(len(b) for b in bins):
+        raise ValueError(f"{sum(len(b) for b in bins)} pairs cannot fill {count} micro-batches")
+    while len(bins) < count:
+        k = max((i for i, b in enumerate(bins) if len(b) > 1),
+                key=lambda i: (batch_cost(costs[bins[i]], layout), -i))
+        halves: tuple[list[int], list[int]] = ([], [])
+        sums = [0, 0]
+        for j in sorted(bins[k].tolist(), key=lambda j: (-costs[j], j)):
+            h = int((sums[1], len(halves[1])) < (sums[0], len(halves[0])))
+            halves[h].append(j)
+            sums[h] += int(costs[j])
+        bins[k:k + 1] = [np.array(sorted(h), dtype=np.int64) for h in halves]
+    return bins
+
+
 def _sequence(prompt, completion, start: int, seq: int, out: dict) -> None:
     """Append one prompt+completion sequence (offset `start` in its row) to `out`."""
     p, c = len(prompt), len(completion)
