@@ -122,7 +122,17 @@ def run_trainer(args, lean: bool) -> dict:
             "baseline_mb": base, "losses": losses}
 
 
-def run_trl(args) -> dict:
+def trl_train(model, tok, rows: list[dict], batch_size: int, steps: int, lr: float,
+              **config) -> dict:
+    """TRL's `DPOTrainer` (precompute_ref_log_probs=True) for `steps` steps of `batch_size` rows
+    ({prompt, chosen, rejected} texts) on `model`; `config`: more `DPOConfig` fields.
+
+    Rows that also carry `ref_chosen_logps` / `ref_rejected_logps` are the cached reference:
+    TRL's reference pass is skipped and its steps read those values from the batch, as they
+    read the ones it would have computed. Returns per step the clocked times (TRL's
+    `on_step_begin` to `on_step_end`: forward, backward, clipping, optimizer; the collator runs
+    before), the losses it logged, the peak over the memory after the first step (as
+    `run_trainer`), and the token ids TRL's tokenization gave each row."""
     import tempfile
 
     import trl
@@ -130,10 +140,7 @@ def run_trl(args) -> dict:
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    model, tok, texts, _ = setup(args)
-    data = Dataset.from_list([{"prompt": p, "chosen": c, "rejected": r} for p, c, r in texts]
-                             * args.steps)
-    marks: dict = {"times": []}
+    marks: dict = {"times": [], "ends": []}
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
@@ -142,22 +149,41 @@ def run_trl(args) -> dict:
             marks["t0"] = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            marks["times"].append(time.perf_counter() - marks["t0"])
+            marks["ends"].append(time.perf_counter())
+            marks["times"].append(marks["ends"][-1] - marks["t0"])
+
+    class CachedRefDPOTrainer(DPOTrainer):
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            if "ref_chosen_logps" in dataset.column_names:  # cached by the caller
+                return dataset
+            return super()._precompute_ref_logps(dataset, name, batch_size)
 
     with tempfile.TemporaryDirectory() as out:
-        args_ = DPOConfig(
-            output_dir=out, report_to="none", use_cpu=True, bf16=False, disable_tqdm=True,
-            seed=0, per_device_train_batch_size=args.pairs, max_steps=args.steps,
-            learning_rate=1e-6, beta=0.1, max_length=None, precompute_ref_log_probs=True,
-            logging_steps=1, save_strategy="no", lr_scheduler_type="constant",
-            weight_decay=0.0)
-        trainer = DPOTrainer(model=model, args=args_, train_dataset=data, processing_class=tok,
-                             callbacks=[Clock()])
+        args_ = DPOConfig(**{
+            "output_dir": out, "report_to": "none", "use_cpu": True, "bf16": False,
+            "disable_tqdm": True, "seed": 0, "per_device_train_batch_size": batch_size,
+            "max_steps": steps, "learning_rate": lr, "beta": 0.1, "max_length": None,
+            "precompute_ref_log_probs": True, "logging_steps": 1, "save_strategy": "no",
+            "lr_scheduler_type": "constant", "weight_decay": 0.0, **config})
+        trainer = CachedRefDPOTrainer(model=model, args=args_, train_dataset=Dataset.from_list(
+            rows), processing_class=tok, callbacks=[Clock()])
         trainer.train()
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"step_time_s": statistics.median(marks["times"][1:]),
+    data, ends = trainer.train_dataset, marks["ends"]
+    intervals = [b - a for a, b in zip(ends[:-1], ends[1:], strict=True)]
+    return {"times": marks["times"], "intervals": intervals,
             "step_peak_mb": peak_mb() - marks["base"], "baseline_mb": marks["base"],
-            "losses": losses, "trl": trl.__version__}
+            "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+            "trl": trl.__version__,
+            "token_ids": [data[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")]}
+
+
+def run_trl(args) -> dict:
+    model, tok, texts, _ = setup(args)
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in texts] * args.steps
+    res = trl_train(model, tok, rows, batch_size=args.pairs, steps=args.steps, lr=1e-6)
+    return {"step_time_s": statistics.median(res["times"][1:]),
+            "step_peak_mb": res["step_peak_mb"], "baseline_mb": res["baseline_mb"],
+            "losses": res["losses"], "trl": res["trl"]}
 
 
 def main() -> None:
