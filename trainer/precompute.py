@@ -359,7 +359,8 @@ def pair_padding_fraction(prompt_lengths, chosen_lengths, rejected_lengths,
             width = max(1, int(real[b].max()))
             computed += len(packing.plan_token_batches(real[b], width)) * width
         else:
-            computed += 2 * len(b) * int((p[b] + np.maximum(c[b], r[b])).max())
+            computed += packing.batch_cost(packing.pair_cost(p[b], c[b], r[b], "padded"),
+                                           "padded")
     return 1.0 - float(real.sum()) / computed if computed else 0.0
 
 
