@@ -15,12 +15,15 @@ setup:
 	if [ "$(EXTRA)" = cpu ]; then $(VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec; fi
 	$(VENV)/bin/python -c "import transformers, vllm, ray, torch; print('ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__, 'transformers', transformers.__version__)"
 
+# Two pytest workers (pytest-xdist): a worker's Ray or vLLM start leaves the cores idle often
+# enough that two in parallel finish sooner; tests/conftest.py keeps each module's Ray fixtures
+# on one worker (`--dist loadgroup`).
 test:
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup
 
 # Everything that needs neither Ray, vLLM nor processes of its own (pure functions, stage logic,
 # S3 on loopback), in about a minute; the tests marked `slow` (tests/conftest.py marks those
 # using Ray; multi-process gloo tests are marked by hand) are left out.
 test-fast:
-	$(VENV)/bin/python -m pytest -q -m "not slow"
+	$(VENV)/bin/python -m pytest -q -n 2 -m "not slow"

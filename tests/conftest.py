@@ -39,9 +39,16 @@ SLOW_FIXTURES = {"ray_local", "head"}
 
 
 def pytest_collection_modifyitems(config, items):
+    e2e_modules = {item.path for item in items
+                   if "e2e_run" in getattr(item, "fixturenames", ())}
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+            # `make test` runs two pytest workers (pytest-xdist, `--dist loadgroup`): a slow
+            # test runs on the worker that holds its module's fixtures, and every module using
+            # the end-to-end run on one worker, so no Ray or vLLM fixture is built twice.
+            group = "e2e" if item.path in e2e_modules else item.path.name
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)
@@ -261,6 +268,22 @@ def write_digits_scorer(path) -> str:
         "    return out\n"
     )
     return f"{path}:score"
+
+
+def our_processes(title: str) -> list:
+    """This test process's descendants (its embedded Ray's workers and what they spawned) whose
+    command line contains `title`: a fault test kills its own Ray's worker, never one of a
+    concurrent pytest worker's (`make test` runs two)."""
+    import psutil
+
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if any(title in part for part in p.cmdline()):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
 
 
 def char_ids(tok, text: str) -> list[int]:

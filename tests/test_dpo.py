@@ -10,6 +10,7 @@ import math
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import our_processes
 
 from jobs.cli import main
 from pipeline.manifest import write_stage
@@ -152,8 +153,6 @@ def test_train_worker_killed_restarts_from_checkpoint(ray_local, e2e_run, tmp_pa
     import threading
     import time
 
-    import psutil
-
     out = tmp_path / "worker"
     killed: list[int] = []
     stop = threading.Event()
@@ -161,11 +160,9 @@ def test_train_worker_killed_restarts_from_checkpoint(ray_local, e2e_run, tmp_pa
     def killer():
         while not stop.is_set() and not killed:
             if list((out / "ray" / "dpo").glob("checkpoint_*/trainer_state.pt")):
-                for p in psutil.process_iter(["cmdline"]):
-                    if any("RayTrainWorker" in c for c in p.info["cmdline"] or []):
-                        p.send_signal(signal.SIGKILL)
-                        killed.append(p.pid)
-                        break
+                for p in our_processes("RayTrainWorker")[:1]:
+                    p.send_signal(signal.SIGKILL)
+                    killed.append(p.pid)
             time.sleep(0.1)
 
     thread = threading.Thread(target=killer, daemon=True)

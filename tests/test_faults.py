@@ -13,6 +13,7 @@ import time
 import psutil
 import pyarrow.parquet as pq
 import pytest
+from conftest import our_processes
 
 from jobs.cli import main
 from pipeline.manifest import write_stage
@@ -44,14 +45,7 @@ def _rows(stage_dir):
 
 
 def _samplers() -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(SAMPLER in part for part in p.info["cmdline"] or []):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
+    return our_processes(SAMPLER)
 
 
 def _busy(p: psutil.Process) -> bool:
