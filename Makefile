@@ -15,15 +15,14 @@ setup:
 	if [ "$(EXTRA)" = cpu ]; then $(VENV)/bin/pip uninstall -y torchvision torchaudio torchcodec; fi
 	$(VENV)/bin/python -c "import transformers, vllm, ray, torch; print('ok: torch', torch.__version__, 'vllm', vllm.__version__, 'ray', ray.__version__, 'transformers', transformers.__version__)"
 
-# Two pytest workers (pytest-xdist): a worker's Ray or vLLM start leaves the cores idle often
-# enough that two in parallel finish sooner; tests/conftest.py keeps each module's Ray fixtures
-# on one worker (`--dist loadgroup`).
 test:
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup
+	$(VENV)/bin/python -m pytest -q
 
 # Everything that needs neither Ray, vLLM nor processes of its own (pure functions, stage logic,
 # S3 on loopback), in about a minute; the tests marked `slow` (tests/conftest.py marks those
-# using Ray; multi-process gloo tests are marked by hand) are left out.
+# using Ray; multi-process gloo tests are marked by hand) are left out. Two pytest workers
+# (pytest-xdist): these tests are single-threaded Python. (The slow tests are not: two Ray
+# clusters side by side oversubscribe 2 cores, measured 3-5x slower per test.)
 test-fast:
 	$(VENV)/bin/python -m pytest -q -n 2 -m "not slow"

@@ -32,8 +32,11 @@ import numpy as np
 ODPO = [sys.executable, "-m", "jobs.cli"]
 
 
-def write_pairs(out: Path, n: int, seed: int, max_chars: int) -> None:
-    """A pairs stage of mixed-length texts (chains of sums), within the model's context."""
+def write_pairs(out: Path, n: int, seed: int, max_chars: int, prompt_chars: tuple = (),
+                completion_chars: tuple = ()) -> None:
+    """A pairs stage of mixed-length texts (chains of sums), within the model's context: prompts
+    of 10 to max_chars/3 characters and completions of 5 to max_chars/2 unless `prompt_chars` /
+    `completion_chars` give the (low, high) range (one token a character)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -50,11 +53,13 @@ def write_pairs(out: Path, n: int, seed: int, max_chars: int) -> None:
         return s[:target]
 
     rows = []
+    p_lo, p_hi = prompt_chars or (10, max_chars // 3)
+    c_lo, c_hi = completion_chars or (5, max_chars // 2)
     for _ in range(n):
-        prompt = text(10, max_chars // 3)
+        prompt = text(p_lo, p_hi)
         rows.append({"prompt_id": hashlib.sha256(prompt.encode()).hexdigest()[:16],
-                     "prompt": prompt, "chosen": text(5, max_chars // 2),
-                     "rejected": text(5, max_chars // 2), "chosen_score": 1.0,
+                     "prompt": prompt, "chosen": text(c_lo, c_hi),
+                     "rejected": text(c_lo, c_hi), "chosen_score": 1.0,
                      "rejected_score": 0.0, "round": 0})
     table = pa.Table.from_pylist(rows)
     write_stage(out, "pair", {"bench": True, "seed": seed}, {}, lambda d: pq.write_table(
@@ -128,7 +133,16 @@ def main() -> None:
     ap.add_argument("--layout", default="auto", choices=("auto", "padded", "shared_prompt"),
                     help="the stage's layout (PrecomputeConfig.layout)")
     ap.add_argument("--bf16-pairs", type=int, default=64, help="pairs for the bf16 drift; 0 skips")
+    ap.add_argument("--prompt-chars", default="",
+                    help="LOW,HIGH prompt length in characters (= tokens); default 10,context/3")
+    ap.add_argument("--completion-chars", default="",
+                    help="LOW,HIGH completion length; default 5,context/2")
     args = ap.parse_args()
+    lengths = {k: tuple(int(x) for x in v.split(",")) if v else ()
+               for k, v in (("prompt_chars", args.prompt_chars),
+                            ("completion_chars", args.completion_chars))}
+    if any(len(v) not in (0, 2) for v in lengths.values()):
+        ap.error("--prompt-chars / --completion-chars take LOW,HIGH")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -144,9 +158,10 @@ def main() -> None:
                         str(args.hidden_size * 11 // 4), "--max-position-embeddings",
                         str(args.context)], check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
-    pairs = work / f"pairs-{args.pairs}"
+    shape = "".join(f"-{a}-{b}" for v in lengths.values() for a, b in [v] if v)
+    pairs = work / f"pairs-{args.pairs}{shape}"
     if not pairs.exists():
-        write_pairs(pairs, args.pairs, seed=0, max_chars=args.context)
+        write_pairs(pairs, args.pairs, seed=0, max_chars=args.context, **lengths)
 
     t0 = time.perf_counter()
     init_ray()
@@ -174,6 +189,8 @@ def main() -> None:
     summary = {
         "params_m": (model / "model.safetensors").stat().st_size / 4 / 1e6,
         "pairs": stage["pairs"],
+        "prompt_tokens_mean": prompt_tokens / stage["pairs"],
+        "completion_tokens_mean": sum(len(x) for x in seq_c) / len(seq_c),
         "sequences": stage["stats"]["sequences"],
         "layout": stage["stats"]["layout"],
         "tokens": tokens,

@@ -39,16 +39,9 @@ SLOW_FIXTURES = {"ray_local", "head"}
 
 
 def pytest_collection_modifyitems(config, items):
-    e2e_modules = {item.path for item in items
-                   if "e2e_run" in getattr(item, "fixturenames", ())}
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-            # `make test` runs two pytest workers (pytest-xdist, `--dist loadgroup`): a slow
-            # test runs on the worker that holds its module's fixtures, and every module using
-            # the end-to-end run on one worker, so no Ray or vLLM fixture is built twice.
-            group = "e2e" if item.path in e2e_modules else item.path.name
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)
