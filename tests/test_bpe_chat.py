@@ -333,13 +333,15 @@ def _chat_prompt(tok, question: str) -> str:
 
 
 VLLM_GREEDY = """
-import json, sys
-from vllm import LLM, SamplingParams
+import json, os, sys
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core and worker in this process
+from vllm import LLM, SamplingParams  # noqa: E402
 
 if __name__ == "__main__":
     model, prompts = sys.argv[1], json.loads(sys.argv[2])
     llm = LLM(model=model, dtype="float32", gpu_memory_utilization=0.1, enforce_eager=True,
-              seed=0, load_format="safetensors")
+              seed=0, load_format="safetensors", distributed_executor_backend="uni")
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
     print("RESULT " + json.dumps([
         {"prompt_token_ids": list(o.prompt_token_ids), "token_ids": list(o.outputs[0].token_ids),

@@ -105,13 +105,15 @@ def test_tokenize_pairs_uses_stored_ids_as_they_are(toy_tokenizer):
 # ------------------------------------------------------------------ sample_run against vLLM
 
 VLLM_SCRIPT = """
-import hashlib, json, sys
-from vllm import LLM, SamplingParams
+import hashlib, json, os, sys
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core and worker in this process
+from vllm import LLM, SamplingParams  # noqa: E402
 
 if __name__ == "__main__":
     model, prompts = sys.argv[1], json.loads(sys.argv[2])
     llm = LLM(model=model, dtype="float32", gpu_memory_utilization=0.1, enforce_eager=True,
-              seed=3, load_format="safetensors")
+              seed=3, load_format="safetensors", distributed_executor_backend="uni")
     def seed(p):  # the documented per-prompt seed: sha256(f"{run seed}:{prompt}")[:4]
         return int.from_bytes(hashlib.sha256(f"3:{p}".encode()).digest()[:4], "big") & 0x7FFFFFFF
     params = [SamplingParams(n=4, temperature=1.0, top_p=1.0, max_tokens=8, seed=seed(p))
@@ -138,7 +140,7 @@ def test_sample_run_stores_the_ids_vllm_generated(sample_run, sft_run, tmp_path)
         # vLLM keeps the EOS it stopped on; a response cut at max_tokens has none.
         assert (ids[-1] == tok.eos_token_id) == (r["finish_reason"] == "stop")
 
-    # The same requests straight to vLLM, in a fresh process (vLLM spawns).
+    # The same requests straight to vLLM, in a fresh process of its own.
     prompts = sorted({r["prompt"] for r in rows})[:4]
     script = tmp_path / "gen.py"
     script.write_text(VLLM_SCRIPT)
