@@ -12,6 +12,10 @@ sequences, prompts included) over the step time and the GPU's dense bf16 peak (`
 default: H100/H200 SXM's 989). Each variant runs in its own process (peak memory from
 `torch.cuda.max_memory_allocated`). `--device cpu` with a narrow `--hidden`/`--layers` checks the
 script on a machine without a GPU.
+
+`--layouts` (default shared_prompt,packed) also runs the lean step in those layouts (issue 19's
+bf16 comparison; every layout's tokens/s counts each prompt twice, so the ratios compare), with
+the model's default attention (sdpa: the layouts' 4D masks).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def nccl_check() -> dict:
     return {"nccl_ok": ok, "nccl_s": time.perf_counter() - t0}
 
 
-def run_variant(args, lean: bool) -> dict:
+def run_variant(args, lean: bool, layout: str = "padded") -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -78,7 +82,7 @@ def run_variant(args, lean: bool) -> dict:
              "rejected_input_ids": [ids(args.completion) for _ in range(args.pairs)],
              "ref_chosen_logps": [0.0] * args.pairs, "ref_rejected_logps": [0.0] * args.pairs}
     cfg = {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "alpha": 0.0,
-           "dtype": args.dtype}
+           "dtype": args.dtype, "layout": layout}
     policy = TokenLogps(model, lean=lean)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -96,7 +100,8 @@ def run_variant(args, lean: bool) -> dict:
         times.append(time.perf_counter() - t0)
     step_s = statistics.median(times[1:])
     tokens = 2 * args.pairs * (args.prompt + args.completion)
-    result = {"params_m": n_params / 1e6, "tokens_per_step": tokens, "step_s": step_s,
+    result = {"params_m": n_params / 1e6, "layout": layout, "attention":
+              model.config._attn_implementation, "tokens_per_step": tokens, "step_s": step_s,
               "tokens_per_s": tokens / step_s,
               "mfu": 6 * n_params * tokens / step_s / (args.peak_tflops * 1e12)}
     if device.type == "cuda":
@@ -116,17 +121,22 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=0, help="narrower than 0.5B's 896 (CPU check)")
     ap.add_argument("--layers", type=int, default=0, help="fewer than 0.5B's 24 (CPU check)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
+    ap.add_argument("--layouts", default="shared_prompt,packed",
+                    help="lean layouts beside lean padded (issue 19, in bf16); '' skips")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.steps < 2:
         ap.error("--steps must be >= 2: the first is a warm-up")
     if args.variant:
-        result = nccl_check() if args.variant == "nccl" else run_variant(
-            args, lean=args.variant == "lean")
+        name, _, layout = args.variant.partition(":")
+        result = nccl_check() if name == "nccl" else run_variant(
+            args, lean=name == "lean", layout=layout or "padded")
         print("RESULT " + json.dumps(result), flush=True)
         return
     results = {}
-    variants = ["full", "lean"] + (["nccl"] if args.device == "cuda" else [])
+    layouts = [x for x in args.layouts.split(",") if x]
+    variants = ["full", "lean", *(f"lean:{x}" for x in layouts)] + (
+        ["nccl"] if args.device == "cuda" else [])
     for variant in variants:
         proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant],
                               capture_output=True, text=True)
@@ -140,6 +150,12 @@ def main() -> None:
         summary = {"lean_over_full_step_time": lean["step_s"] / full["step_s"]}
         if "peak_gib" in full:
             summary["full_over_lean_peak_memory"] = full["peak_gib"] / lean["peak_gib"]
+        for x in layouts:  # tokens/s counts each prompt twice in every layout: comparable
+            r = results[f"lean:{x}"]
+            if "step_s" in r:
+                summary[f"{x}_over_padded_tokens_per_s"] = lean["step_s"] / r["step_s"]
+                if "peak_gib" in r:
+                    summary[f"{x}_peak_gib"] = r["peak_gib"]
         print(json.dumps(summary, indent=1))
 
 
