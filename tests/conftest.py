@@ -269,8 +269,8 @@ def write_digits_scorer(path) -> str:
 
 def our_processes(title: str) -> list:
     """This test process's descendants (its embedded Ray's workers and what they spawned) whose
-    command line contains `title`: a fault test kills its own Ray's worker, never one of a
-    concurrent pytest worker's (`make test` runs two)."""
+    command line contains `title`: a fault test kills its own Ray's worker, never one of
+    another test run on the same machine."""
     import psutil
 
     found = []
