@@ -212,7 +212,7 @@ def _gloo_worker(rank, world, store, model_dir, table, cfg, out, kwargs=None):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        # a copy of its own: tensors passed by mp.spawn live in shared memory, and each rank's
+        # a copy of its own: tensors passed to the ranks live in shared memory, and each rank's
         # optimizer updates the state it loads in place (Adam's step counter)
         kwargs = copy.deepcopy(kwargs or {})
         result = _train_layout(model_dir, table, cfg, rank, world, **kwargs)
@@ -257,15 +257,10 @@ def test_two_workers_with_accumulation_equal_one_worker(toy_model_dir, toy_token
     weights and the same logged losses, every step with grad_accum micro-batches. SFT's per
     micro-batch token mean made the two differ; an epoch's left-over micro-batch leaked into the
     next step. SFT also equals plain PyTorch on the global token mean."""
-    import torch.multiprocessing as mp
-
     rows = _sft_rows(20)
     table = _table(toy_tokenizer, rows, objective)
     one, one_log = _train_layout(toy_model_dir, table, _cfg(objective, 1, 4), 0, 1)
-    out = tmp_path / "two.pt"
-    mp.spawn(_gloo_worker, args=(2, str(tmp_path / "store"), toy_model_dir, table,
-                                 _cfg(objective, 2, 4), str(out)), nprocs=2)
-    two, two_log = torch.load(out, weights_only=False)
+    two, two_log = _spawn(tmp_path, "two", toy_model_dir, table, _cfg(objective, 2, 4))
     assert [m["micro_batches"] for m in one_log] == [1] * 4
     assert [m["micro_batches"] for m in two_log] == [2] * 4
     for a, b in zip(one_log, two_log, strict=True):
@@ -332,13 +327,22 @@ def test_one_dpo_step_equals_plain_pytorch(toy_model_dir, toy_tokenizer):
 # --- sharded (FSDP2) and mixed precision ----------------------------------------------------
 
 
-def _spawn(tmp_path, name, model_dir, table, cfg, **kwargs):
-    """`_train_layout` on 2 gloo processes; rank 0's result."""
+def _two_ranks(*args) -> None:
+    """`_gloo_worker(rank, 2, *args)` as ranks 0 and 1, each a process forked from a forkserver
+    that imported torch, transformers and this module once for the session (a spawned rank
+    imports them itself: ~8 CPU-seconds each, two ranks a test)."""
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
+    multiprocessing.set_forkserver_preload(["torch", "transformers", "trainer.loop", __name__])
+    mp.start_processes(_gloo_worker, args=(2, *args), nprocs=2, start_method="forkserver")
+
+
+def _spawn(tmp_path, name, model_dir, table, cfg, **kwargs):
+    """`_train_layout` on 2 gloo processes; rank 0's result."""
     out = tmp_path / f"{name}.pt"
-    mp.spawn(_gloo_worker, args=(2, str(tmp_path / f"{name}.store"), model_dir, table, cfg,
-                                 str(out), kwargs), nprocs=2)
+    _two_ranks(str(tmp_path / f"{name}.store"), model_dir, table, cfg, str(out), kwargs)
     return torch.load(out, weights_only=False)
 
 
