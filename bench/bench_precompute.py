@@ -158,7 +158,7 @@ def main() -> None:
                         str(args.hidden_size * 11 // 4), "--max-position-embeddings",
                         str(args.context)], check=True, stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
-    shape = "".join(f"-{a}-{b}" for v in lengths.values() for a, b in [v] if v)
+    shape = "".join(f"-{v[0]}-{v[1]}" for v in lengths.values() if v)
     pairs = work / f"pairs-{args.pairs}{shape}"
     if not pairs.exists():
         write_pairs(pairs, args.pairs, seed=0, max_chars=args.context, **lengths)

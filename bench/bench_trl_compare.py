@@ -169,11 +169,17 @@ def step_rows(pairs: dict, step: int, batch: int) -> dict:
     return {k: v[step * batch:(step + 1) * batch] for k, v in pairs.items()}
 
 
+def lengths(rows: dict) -> list[list[int]]:
+    """The rows' prompt, chosen and rejected lengths in tokens."""
+    return [[len(x) for x in rows[f"{k}_input_ids"]] for k in ("prompt", "chosen", "rejected")]
+
+
 def pair_tokens(rows: dict) -> int:
-    """Σ (2P + C + R) over the rows: the trainer's `num_tokens`, the same for every variant."""
-    return sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(
-        rows["prompt_input_ids"], rows["chosen_input_ids"], rows["rejected_input_ids"],
-        strict=True))
+    """Σ (2P + C + R) over the rows (`packing.pair_tokens` in padded): the trainer's
+    `num_tokens`, the same for every variant."""
+    from trainer import packing
+
+    return int(packing.pair_tokens(*lengths(rows), "padded").sum())
 
 
 def run_layout(spec: dict, work: Path, layout: str) -> dict:
@@ -270,18 +276,18 @@ def spawn(args, shape: str, variant: str) -> dict:
 def positions(spec: dict, work: Path) -> dict:
     """Per layout, over the timed steps (1..steps-1): the positions computed (rows x width; TRL
     pads as `padded`) and the real tokens among them."""
-    from trainer.packing import layout_pairs
+    from trainer import packing
 
     pairs = json.loads((work / "pairs.json").read_text())
     out = {k: {"positions": 0, "real": 0} for k in LAYOUTS}
     for step in range(1, spec["steps"]):
         rows = step_rows(pairs, step, spec["batch"])
         p, c, r = (rows[f"{k}_input_ids"] for k in ("prompt", "chosen", "rejected"))
-        longest = max(len(a) + len(b) for a, b in zip(p * 2, c + r, strict=True))
-        out["padded"]["positions"] += 2 * len(p) * longest
+        out["padded"]["positions"] += packing.batch_cost(
+            packing.pair_cost(*lengths(rows), "padded"), "padded")
         out["padded"]["real"] += pair_tokens(rows)
         for layout in ("packed", "shared_prompt"):
-            t = layout_pairs(p, c, r, layout=layout)
+            t = packing.layout_pairs(p, c, r, layout=layout)
             out[layout]["positions"] += t["input_ids"].numel()
             out[layout]["real"] += int(t["tokens"].sum())
     return out
