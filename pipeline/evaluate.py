@@ -8,7 +8,13 @@ from dataclasses import dataclass, field
 from pipeline import storage
 from pipeline.checkpoint import check_checkpoint, checkpoint_digest
 from pipeline.cluster import ensure_ray
-from pipeline.engine import EngineConfig, actor_options, make_llm, sampling_params_for
+from pipeline.engine import (
+    EngineConfig,
+    actor_options,
+    check_engine,
+    make_llm,
+    sampling_params_for,
+)
 from pipeline.errors import UserError
 from pipeline.manifest import current_result, input_digest, read_result, write_result
 from pipeline.scorers import load_scorer
@@ -61,6 +67,7 @@ def check_config(cfg: EvalConfig) -> None:
                     (cfg.max_tokens >= 1, f"max_tokens must be >= 1, got {cfg.max_tokens}")):
         if not ok:
             raise UserError(msg)
+    check_engine(cfg.engine)
 
 
 def run_eval(cfg: EvalConfig) -> dict:

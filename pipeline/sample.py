@@ -41,7 +41,13 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.checkpoint import check_checkpoint, checkpoint_digest, context_length, vocab_digest
 from pipeline.cluster import copy_count
-from pipeline.engine import EngineConfig, actor_options, make_llm, sampling_params_for
+from pipeline.engine import (
+    EngineConfig,
+    actor_options,
+    check_engine,
+    make_llm,
+    sampling_params_for,
+)
 from pipeline.errors import UserError
 from pipeline.manifest import input_digest
 from pipeline.records import SAMPLE_COLUMNS, prompt_id
@@ -246,16 +252,11 @@ def _validate(cfg: SampleConfig) -> None:
         (0 < cfg.top_p <= 1, f"top_p must be in (0, 1], got {cfg.top_p}"),
         (cfg.max_tokens >= 1, f"max_tokens must be >= 1, got {cfg.max_tokens}"),
         (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
-        (cfg.engine.replicas >= 0, f"engine.replicas must be >= 0 (0 = auto), got "
-                                  f"{cfg.engine.replicas}"),
-        (cfg.engine.max_model_len >= 0, "engine.max_model_len must be >= 0 (0 = model's)"),
-        (0 <= cfg.engine.gpu_memory_utilization <= 1,
-         f"engine.gpu_memory_utilization must be in [0, 1] (0: by device), got "
-         f"{cfg.engine.gpu_memory_utilization}"),
     )
     for ok, msg in checks:
         if not ok:
             raise UserError(msg)
+    check_engine(cfg.engine)
 
 
 def _checked(cfg: SampleConfig) -> tuple[SampleConfig, str, int]:

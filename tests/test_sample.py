@@ -12,6 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main
+from pipeline.engine import EngineConfig, check_engine, kv_bytes_per_token, kv_cache_bytes
+from pipeline.errors import UserError
 from pipeline.sample import drop_reason, mark_duplicates
 
 
@@ -33,6 +35,44 @@ def test_drop_reason_rules():
 def test_mark_duplicates_marks_all_but_one_copy():
     assert mark_duplicates(["a", "b", "a", "c", "a", "c"], ["", "", "", "empty_prompt", "", ""]) \
         == ["", "", "duplicate_prompt", "empty_prompt", "duplicate_prompt", ""]
+
+
+TOY = {"num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
+       "head_dim": 32, "hidden_size": 128, "max_position_embeddings": 64}
+# Qwen2.5-0.5B-Instruct's sizes: GQA (2 KV heads of 14), no head_dim (896 / 14 = 64), 32k context
+QWEN = {"num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
+        "hidden_size": 896, "max_position_embeddings": 32768}
+GIB = 2**30
+
+
+def test_kv_bytes_per_token_by_hand():
+    assert kv_bytes_per_token(TOY, "float32") == 2 * 3 * 4 * 32 * 4 == 3072  # K and V
+    assert kv_bytes_per_token(QWEN, "bfloat16") == 2 * 24 * 2 * 64 * 2
+    assert kv_bytes_per_token(QWEN, "auto") == 2 * 24 * 2 * 64 * 4  # may stay float32
+    assert kv_bytes_per_token({"text_config": QWEN}, "float16") == 2 * 24 * 2 * 64 * 2
+    assert kv_bytes_per_token({"num_attention_heads": 4, "num_hidden_layers": 2,
+                               "hidden_size": 64}, "float32") == 2 * 2 * 4 * 16 * 4  # MHA
+    assert kv_bytes_per_token({"num_hidden_layers": 3}, "float32") is None  # sizes unknown
+
+
+def test_kv_cache_auto_size_on_cpu():
+    """256 sequences (vLLM's CPU `max_num_seqs`) at full context, in whole MiB, when below the
+    memory share; otherwise left to the share (None), as under use_gpu."""
+    auto = EngineConfig()
+    assert kv_cache_bytes(auto, TOY, 24 * GIB) == 256 * 64 * 3072 == 48 * 2**20
+    assert kv_cache_bytes(EngineConfig(max_model_len=33), TOY, 24 * GIB) == 25 * 2**20  # 24.75
+    # 256 x 32k tokens x 24 KiB = 192 GiB: more than 10% of 24 GiB, so vLLM's share rule
+    assert kv_cache_bytes(auto, QWEN, 24 * GIB) is None
+    bf16 = {"dtype": "bfloat16"}  # 12 KiB a token
+    assert kv_cache_bytes(EngineConfig(max_model_len=512, **bf16), QWEN, 24 * GIB) \
+        == 256 * 512 * 12288 == 1.5 * GIB
+    assert kv_cache_bytes(EngineConfig(max_model_len=1024, **bf16), QWEN, 24 * GIB) is None  # 3
+    assert kv_cache_bytes(EngineConfig(use_gpu=True), TOY, 24 * GIB) is None
+    assert kv_cache_bytes(EngineConfig(gpu_memory_utilization=1e-4), TOY, 24 * GIB) is None
+    assert kv_cache_bytes(EngineConfig(kv_cache_gib=0.5, use_gpu=True), QWEN, GIB) == GIB // 2
+    assert kv_cache_bytes(auto, {"num_hidden_layers": 3}, 24 * GIB) is None
+    with pytest.raises(UserError, match="kv_cache_gib must be >= 0"):
+        check_engine(EngineConfig(kv_cache_gib=-1))
 
 
 @pytest.mark.slow

@@ -112,6 +112,8 @@ from vllm import LLM, SamplingParams  # noqa: E402
 
 if __name__ == "__main__":
     model, prompts = sys.argv[1], json.loads(sys.argv[2])
+    # vLLM's own KV cache sizing (0.1 of memory), where the stage's engine sized it to the
+    # toy's need (engine.kv_cache_bytes): the samples must not depend on it
     llm = LLM(model=model, dtype="float32", gpu_memory_utilization=0.1, enforce_eager=True,
               seed=3, load_format="safetensors", distributed_executor_backend="uni")
     def seed(p):  # the documented per-prompt seed: sha256(f"{run seed}:{prompt}")[:4]
