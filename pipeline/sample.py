@@ -203,12 +203,16 @@ def _select_ids(table, *, ids: list[str], keep: bool):
     return table.filter(mask if keep else pc.invert(mask))
 
 
-def _one_copy(table):
-    """Ray Data `map_groups`: one row of a repeated prompt; the same row whatever the input
-    order (the copies may differ in their metadata)."""
-    rows = table.to_pylist()
-    first = min(range(len(rows)), key=lambda i: json.dumps(rows[i], sort_keys=True, default=str))
-    return table.slice(first, 1)
+def one_copy_each(table: pa.Table) -> pa.Table:
+    """One row per prompt_id of `table`, in the order the ids first appear: of a repeated
+    prompt's copies (which may differ in their metadata) the one with the smallest sorted JSON,
+    so the same row whatever the input order."""
+    best: dict[str, tuple[str, int]] = {}  # id -> (key, row); a dict keeps first appearance
+    for i, row in enumerate(table.to_pylist()):
+        key = json.dumps(row, sort_keys=True, default=str)
+        if row["prompt_id"] not in best or key < best[row["prompt_id"]][0]:
+            best[row["prompt_id"]] = (key, i)
+    return table.take([i for _, i in best.values()])
 
 
 def _keep_valid(table):
@@ -311,13 +315,17 @@ def _valid_prompts(checked):
     valid = checked.map_batches(_keep_valid, batch_format="pyarrow")
     repeated = sorted({i for i, r in zip(ids, reasons, strict=True) if r == "duplicate_prompt"})
     if repeated:
-        # One copy of each repeated prompt, through a group-by of those prompts only; the other
-        # rows keep their order.
+        # One copy of each repeated prompt, chosen here from those prompts' rows only (a Ray Data
+        # group-by hash-shuffles every row through aggregator actors: 25 s of a 28 s toy stage on
+        # 2 cores); the other rows keep their order.
+        import ray
+
+        copies = pa.concat_tables(valid.map_batches(
+            _select_ids, batch_format="pyarrow", fn_kwargs={"ids": repeated, "keep": True}
+        ).iter_batches(batch_format="pyarrow", batch_size=None))
         valid = valid.map_batches(
             _select_ids, batch_format="pyarrow", fn_kwargs={"ids": repeated, "keep": False}
-        ).union(valid.map_batches(
-            _select_ids, batch_format="pyarrow", fn_kwargs={"ids": repeated, "keep": True}
-        ).groupby("prompt_id").map_groups(_one_copy, batch_format="pyarrow"))
+        ).union(ray.data.from_arrow(one_copy_each(copies)))
     return valid, len(reasons), dict(Counter(r for r in reasons if r))
 
 

@@ -14,7 +14,7 @@ import pytest
 from jobs.cli import main
 from pipeline.engine import EngineConfig, check_engine, kv_bytes_per_token, kv_cache_bytes
 from pipeline.errors import UserError
-from pipeline.sample import drop_reason, mark_duplicates
+from pipeline.sample import drop_reason, mark_duplicates, one_copy_each
 
 
 def _table(stage_dir):
@@ -35,6 +35,18 @@ def test_drop_reason_rules():
 def test_mark_duplicates_marks_all_but_one_copy():
     assert mark_duplicates(["a", "b", "a", "c", "a", "c"], ["", "", "", "empty_prompt", "", ""]) \
         == ["", "", "duplicate_prompt", "empty_prompt", "duplicate_prompt", ""]
+
+
+def test_one_copy_each_is_the_same_row_whatever_the_order():
+    rows = [{"prompt_id": "a", "prompt": "1+1=", "answer": "2"},
+            {"prompt_id": "b", "prompt": "2+2=", "answer": "4"},
+            {"prompt_id": "a", "prompt": "1+1=", "answer": "02"},  # '"02"' < '"2"': this copy
+            {"prompt_id": "c", "prompt": "3+3=", "answer": "6"},
+            {"prompt_id": "b", "prompt": "2+2=", "answer": "4"}]  # identical: either, once
+    assert one_copy_each(pa.Table.from_pylist(rows)).to_pylist() == [rows[2], rows[1], rows[3]]
+    # reversed, the ids first appear as b, c, a; the same copies are chosen
+    assert one_copy_each(pa.Table.from_pylist(rows[::-1])).to_pylist() == [rows[1], rows[3],
+                                                                           rows[2]]
 
 
 TOY = {"num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
