@@ -11,9 +11,11 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
 
 from pipeline import storage
+from pipeline.cluster import uninterruptible
 from pipeline.errors import UserError
 
 WEIGHT_SUFFIXES = (".safetensors",)  # the only weights loaded (check_checkpoint)
@@ -161,6 +163,24 @@ def context_length(model: str) -> int:
         raise UserError(f"model {model}: config names no context length "
                         f"({', '.join(CONTEXT_KEYS)}); set the length explicitly")
     return n
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(path: str):
+    """The tokenizer of the checkpoint at `path` (local, or this node's copy of a URI), loaded
+    once per process; in a Ray task, loaded `uninterruptible` (its first call imports
+    transformers and torch). Its model_max_length is lifted: the stages check lengths
+    themselves, with messages naming the row, and transformers' own warning would only add
+    noise."""
+    def load():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(storage.local_copy(path),
+                                                  trust_remote_code=False)
+        tokenizer.model_max_length = int(1e30)
+        return tokenizer
+
+    return uninterruptible(load)
 
 
 def disable_dropout(model) -> None:

@@ -32,14 +32,19 @@ import time
 import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.checkpoint import check_checkpoint, checkpoint_digest, context_length, vocab_digest
+from pipeline.checkpoint import (
+    check_checkpoint,
+    checkpoint_digest,
+    context_length,
+    load_tokenizer,
+    vocab_digest,
+)
 from pipeline.cluster import copy_count
 from pipeline.engine import (
     EngineConfig,
@@ -160,20 +165,13 @@ def expand_samples(table, outputs, k: int, prompt_token_ids: list[list[int]] | N
 # ---------------------------------------------------------------- Ray Data stages
 
 
-@lru_cache(maxsize=4)
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(local_copy(path), trust_remote_code=False)
-
-
 def check_prompts(table, *, model: str, max_model_len: int):
     """Ray Data task: add `prompt_id`, `num_prompt_tokens` and `drop_reason` to prompt rows.
 
     Tokenizes as vLLM does (the model's tokenizer, special tokens added)."""
     prompts = table["prompt"].to_pylist()
     texts = [p if p else "" for p in prompts]
-    tokenizer = _tokenizer(model)
+    tokenizer = load_tokenizer(model)
     ids = tokenizer(texts)["input_ids"] if texts else []
     counts = [len(x) for x in ids]
     lost = unencodable(tokenizer, texts, ids)
@@ -242,7 +240,7 @@ class VLLMSampler:
         outputs = self.llm.generate(
             prompts, sampling_params_for(prompts, self.sampling), use_tqdm=False
         )
-        expected = _tokenizer(self.model)(prompts)["input_ids"]
+        expected = load_tokenizer(self.model)(prompts)["input_ids"]
         return expand_samples(table, outputs, self.sampling["k"], expected)
 
 
@@ -359,7 +357,7 @@ def run_sample(cfg: SampleConfig) -> dict:
         t = time.perf_counter()
         return Shards(samples if kept else None, rows_in, dropped, rows_kept=kept,
                       extra={"k": cfg.k, "units": {"in": "prompts", "out": "samples"},
-                             "tokenizer_vocab": vocab_digest(_tokenizer(local_model))},
+                             "tokenizer_vocab": vocab_digest(load_tokenizer(local_model))},
                       after=lambda tmp: _read_back(tmp, kept * cfg.k, time.perf_counter() - t))
 
     return run_stage(cfg.out, STAGE, asdict(cfg), inputs, build, summary=SUMMARY, started=t0,

@@ -270,11 +270,71 @@ def test_stale_temporary_of_a_dead_writer_is_cleared(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs"]
 
 
-def test_workers_import_torch_before_their_first_task(ray_local):
-    """`init_ray`'s worker setup hook: a task cancelled while a worker imports torch (Ray cancels
-    a failed stage's sibling tasks) can no longer leave a half-imported torch in a reused worker."""
-    @ray_local.remote
-    def imported_before(name):
-        return name in sys.modules
+# A module that behaves as torch does when its import is interrupted: what it registered
+# before the interruption stays registered (torch._C's operators), so importing it again fails.
+SLOW_MODULE = """
+import sys, time
+from pathlib import Path
 
-    assert ray_local.get(imported_before.remote("torch"))
+registry = sys.modules.setdefault("odpo_test_registry", type(sys)("odpo_test_registry"))
+if getattr(registry, "registered", False):
+    raise ImportError("operators registered twice: a half-imported module")
+registry.registered = True
+Path(__file__).with_suffix(".started").touch()
+time.sleep(3)
+WHOLE = True
+"""
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["uninterruptible", "plain import"])
+def test_task_cancelled_mid_import_leaves_the_worker_usable(ray_local, tmp_path, whole):
+    """Ray cancels a failed stage's sibling tasks; one cancelled while importing must not leave
+    a half-imported module in its (reused) worker. Through `cluster.uninterruptible` (as
+    `checkpoint.load_tokenizer` imports transformers and torch) the import finishes anyway and
+    the worker's next task finds it whole; a plain import (the control) leaves the worker
+    unable to import it again."""
+    (tmp_path / "slowmod.py").write_text(SLOW_MODULE)
+    # Tasks of their own runtime env run in a worker pool of their own: the second task reuses
+    # the worker the first one was cancelled in (checked by pid).
+    options = {"num_cpus": 0, "runtime_env": {"env_vars": {"ODPO_TEST_POOL": str(tmp_path)}}}
+
+    @ray_local.remote(**options)
+    def load(path):
+        import importlib
+
+        from pipeline.cluster import uninterruptible
+
+        sys.path.insert(0, path)
+        if whole:
+            uninterruptible(importlib.import_module, "slowmod")
+        else:
+            importlib.import_module("slowmod")
+
+    @ray_local.remote(**options)
+    def usable(path):
+        sys.path.insert(0, path)
+        try:
+            import slowmod
+        except ImportError as e:
+            return os.getpid(), str(e)
+        return os.getpid(), slowmod.WHOLE
+
+    @ray_local.remote(**options)
+    def pid():
+        return os.getpid()
+
+    first = ray_local.get(pid.remote(), timeout=120)  # the pool's worker, started
+    ref = load.remote(str(tmp_path))
+    deadline = time.time() + 60
+    while not (tmp_path / "slowmod.started").exists():
+        assert time.time() < deadline, "the import never started"
+        time.sleep(0.05)
+    ray_local.cancel(ref)
+    with pytest.raises(ray_local.exceptions.TaskCancelledError):
+        ray_local.get(ref, timeout=60)
+    again, result = ray_local.get(usable.remote(str(tmp_path)), timeout=60)
+    assert again == first, "the next task ran in another worker: nothing was checked"
+    if whole:
+        assert result is True
+    else:
+        assert "registered twice" in result, result

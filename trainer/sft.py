@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.checkpoint import check_checkpoint, checkpoint_digest, context_length
+from pipeline.checkpoint import (
+    check_checkpoint,
+    checkpoint_digest,
+    context_length,
+    load_tokenizer,
+)
 from pipeline.errors import UserError, user_errors
 from pipeline.manifest import input_digest
 from pipeline.stage import Upstream, check_out, join_named_cluster, read_stage
-from pipeline.storage import local_copy, resolve_path
+from pipeline.storage import resolve_path
 from pipeline.tables import read_ray_dataset
 from trainer.collate import tokenize_completions
 from trainer.launch import check_training_config, run_training
@@ -73,17 +77,6 @@ class SFTConfig:
     eval_samples: int = 4  # sampled responses per held-out prompt (temperature 1)
 
 
-@lru_cache(maxsize=4)
-def _tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(local_copy(path), trust_remote_code=False)
-    # Lengths are checked against max_length below, with a message naming the row; the
-    # tokenizer's own "sequence length is longer than..." warning would only add noise.
-    tokenizer.model_max_length = int(1e30)
-    return tokenizer
-
-
 def tokenize_sft_batch(
     batch: dict, *, model: str, max_length: int, source: str, too_long: str = "error"
 ) -> dict:
@@ -96,7 +89,7 @@ def tokenize_sft_batch(
             raise UserError(f"{source}: a row has an empty prompt (response {r!r}); remove it")
         if not r:
             raise UserError(f"{source}: row with prompt {p!r} has an empty response; remove it")
-    prompt_ids, completion_ids = tokenize_completions(_tokenizer(model), prompts, responses)
+    prompt_ids, completion_ids = tokenize_completions(load_tokenizer(model), prompts, responses)
     keep = [len(pi) + len(ci) <= max_length for pi, ci in zip(prompt_ids, completion_ids,
                                                                strict=True)]
     if too_long == "error" and not all(keep):
