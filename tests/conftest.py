@@ -40,12 +40,16 @@ for _key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE", "AWS_SHARED_
 # Fixtures that start Ray (and with it any vLLM engine), directly or through the fixtures they
 # use: a test that needs one is `slow` without saying so. `make test-fast` runs the rest.
 SLOW_FIXTURES = {"ray_local", "head"}
+BACKGROUND_FIXTURE = "two_nodes"  # tests/test_cluster.py's two-node run (tests/two_nodes.py)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    # The tests of the run started in the background (`_background_runs`) go last: by then it
+    # has finished, having used the CPU the other tests leave idle.
+    items.sort(key=lambda item: BACKGROUND_FIXTURE in getattr(item, "fixturenames", ()))
 
 
 @pytest.fixture(autouse=True)
@@ -96,6 +100,29 @@ def s3_server():
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _background_runs(request):
+    """The two-node cluster run (tests/two_nodes.py, ~3 minutes in a process of its own) starts
+    with the session when any of its tests is selected; they run last (see
+    pytest_collection_modifyitems) and wait for it. On 2 cores the rest of the suite leaves a
+    quarter of the CPU idle (Ray and vLLM processes starting, polls): the run uses that."""
+    if any(BACKGROUND_FIXTURE in getattr(i, "fixturenames", ()) for i in request.session.items):
+        request.getfixturevalue("two_nodes_run")
+
+
+@pytest.fixture(scope="session")
+def two_nodes_run(toy_model_dir, toy_data_dir, s3_server, tmp_path_factory):
+    """tests/two_nodes.py's run, started; its module fixture `two_nodes` waits for it."""
+    import two_nodes
+
+    run = two_nodes.start(toy_model_dir, toy_data_dir, s3_server("twonodes"),
+                          tmp_path_factory.mktemp("two_nodes"))
+    yield run
+    if run["proc"].poll() is None:  # its tests were not reached (-x, Ctrl-C): stop it
+        run["proc"].kill()
+        two_nodes.finish(run)
 
 
 @pytest.fixture(scope="session")

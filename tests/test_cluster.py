@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from two_nodes import env, finish, our_pids
 
 from pipeline.cluster import check_shared_storage
 from pipeline.errors import UserError
@@ -33,26 +34,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env() -> dict:
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token")
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"  # as after `source .venv/bin/activate`
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def _our_pids(temp_dir: str) -> list[int]:
-    import psutil
-
-    pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if any(temp_dir in a for a in (p.info["cmdline"] or [])):
-                pids.append(p.info["pid"])
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return pids
-
-
 @pytest.fixture(scope="module")
 def head(tmp_path_factory):
     """`ray start --head` on 127.0.0.1 with a 4-CPU budget; stopped by killing only its own
@@ -64,9 +45,9 @@ def head(tmp_path_factory):
            "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(_free_port()),
            "--dashboard-agent-grpc-port", str(_free_port()),
            "--metrics-export-port", str(_free_port()), "--num-cpus", "4", "--temp-dir", temp_dir]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120,
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120,
                           start_new_session=True)
-    pgids = {os.getpgid(p) for p in _our_pids(temp_dir)}
+    pgids = {os.getpgid(p) for p in our_pids(temp_dir)}
     try:
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert (Path.home() / ".ray" / "auth_token").exists()
@@ -79,9 +60,9 @@ def head(tmp_path_factory):
                 except ProcessLookupError:
                     pass
         deadline = time.time() + 20
-        while _our_pids(temp_dir) and time.time() < deadline:
+        while our_pids(temp_dir) and time.time() < deadline:
             time.sleep(0.5)
-        for pid in _our_pids(temp_dir):
+        for pid in our_pids(temp_dir):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -96,7 +77,7 @@ def _submit(head: dict, entrypoint: list[str], timeout: int = 400):
     cmd = ["ray", "job", "submit", "--address", head["address"], "--working-dir", ".",
            "--runtime-env", "jobs/runtime_env.yaml", "--", *entrypoint]
     for _ in range(10):  # the head's job agent registers a few seconds after `ray start`
-        out = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+        out = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True,
                              timeout=timeout)
         if "No available agent" not in out.stdout + out.stderr:
             return out
@@ -165,35 +146,6 @@ def test_local_path_rejected_on_multi_node(monkeypatch):
     check_shared_storage("/mnt/nfs/run", "run_dir", num_nodes=2)
 
 
-def _own_cluster(script: str, args: list[str], prefix: str, timeout: int, log: Path) -> str:
-    """Run `script` (which starts and shuts down its own `ray.cluster_utils.Cluster` in the
-    temp dir it is given last) in a fresh interpreter, its output going to `log` as it comes;
-    kill what it leaves if it dies first. Returns its output; fails the test on a non-zero exit
-    or after `timeout` seconds, showing the output's end."""
-    temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # Ray's socket paths must be short
-    env = _env()
-    env.pop("ODPO_SHARED_STORAGE", None)
-    try:
-        with open(log, "w") as f:
-            proc = subprocess.Popen([sys.executable, "-c", script, *args, temp_dir], cwd=REPO,
-                                    env=env, stdout=f, stderr=subprocess.STDOUT)
-            try:
-                rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                rc = proc.wait()
-    finally:
-        for pid in _our_pids(temp_dir):  # only if the driver died before c.shutdown()
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    out = log.read_text(errors="replace")
-    assert rc == 0, out[-4000:]
-    return out
-
-
 # --- odpo submit ------------------------------------------------------------------------------
 
 
@@ -214,7 +166,7 @@ def _readme_submit(head: dict, entrypoint: list[str]) -> list[str]:
 
 def _odpo_submit(head: dict, entrypoint: list[str]) -> subprocess.CompletedProcess:
     for _ in range(10):  # the head's job agent registers a few seconds after `ray start`
-        out = subprocess.run(_readme_submit(head, entrypoint), cwd=REPO, env=_env(),
+        out = subprocess.run(_readme_submit(head, entrypoint), cwd=REPO, env=env(),
                              capture_output=True, text=True, timeout=300)
         if "No available agent" not in out.stdout + out.stderr:
             return out
@@ -248,7 +200,7 @@ def test_odpo_submit_succeeds_and_fails(head, tmp_path):
 @pytest.mark.slow
 def test_odpo_submit_ctrl_c_leaves_the_job_running(head):
     sleeper = ["python", "-c", "import time; print('tick', flush=True); time.sleep(90)"]
-    proc = subprocess.Popen(_readme_submit(head, sleeper), cwd=REPO, env=_env(),
+    proc = subprocess.Popen(_readme_submit(head, sleeper), cwd=REPO, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         seen = ""
@@ -265,168 +217,28 @@ def test_odpo_submit_ctrl_c_leaves_the_job_running(head):
     job_id = seen.split("odpo submit: job ", 1)[1].split()[0]
     assert f"job {job_id} keeps running on the cluster" in err, err
     status = subprocess.run(["ray", "job", "status", "--address", head["address"], job_id],
-                            env=_env(), capture_output=True, text=True, timeout=60)
+                            env=env(), capture_output=True, text=True, timeout=60)
     assert "RUNNING" in status.stdout + status.stderr, status.stdout + status.stderr
     stop = shlex.split(err.split("Stop it with `", 1)[1].split("`", 1)[0])  # the printed command
     assert stop[:3] == ["ray", "job", "stop"], err
-    out = subprocess.run(stop, env=_env(), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(stop, env=env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     status = subprocess.run(["ray", "job", "status", "--address", head["address"], job_id],
-                            env=_env(), capture_output=True, text=True, timeout=60)
+                            env=env(), capture_output=True, text=True, timeout=60)
     assert f"Job '{job_id}' was stopped" in status.stdout + status.stderr, status.stdout
 
 
 # --- two nodes, one with a fake GPU -----------------------------------------------------------
 
 
-TWO_NODES = r"""
-import json, os, sys, time
-from pathlib import Path
-import ray
-import ray.data
-from ray.cluster_utils import Cluster
-from ray.util.state import list_actors
-from jobs.cli import main as cli
-
-a, temp_dir = json.loads(sys.argv[1]), sys.argv[2]
-seconds = {}
-
-
-def main(argv):  # the command's exit code; its wall time into `seconds`, for a slow run's log
-    t0 = time.time()
-    try:
-        return cli(argv)
-    finally:
-        seconds[f"{len(seconds)} {argv[0]}"] = round(time.time() - t0, 1)
-        print(f"STEP {list(seconds.items())[-1]}", flush=True)
-
-
-model, data, pairs, work, s3 = a["model"], a["data"], a["pairs"], a["work"], a["s3"]
-c = Cluster(initialize_head=True, head_node_args={"num_cpus": 3, "temp_dir": temp_dir})
-c.add_node(num_cpus=3, num_gpus=1)  # a fake GPU: Ray counts it, nothing uses CUDA
-c.wait_for_nodes()
-# Ray Data starts an actor pool's actors without waiting for them: the first engine up could
-# sample both batches while the second still waits for CPUs that a read task holds, and never
-# be placed. Wait for both, so that where they ran is what this test checks.
-ray.data.DataContext.get_current().wait_for_min_actors_s = 300
-A = ["--address", c.address]
-rc = {}
-
-
-def actors():
-    return list_actors(detail=True, limit=1000)  # dead ones too: every stage's actors
-
-
-try:
-    # A local --out (run_dir, policy) on a two-node cluster: refused before any work.
-    out = f"{work}/refused"
-    rc["refused"] = {
-        "sample": main(["sample", *A, "--model", model, "--prompts", data, "--out", out]),
-        "score": main(["score", *A, "--samples", data, "--scorer", "addition", "--out", out]),
-        "pair": main(["pair", *A, "--scored", data, "--out", out]),
-        "precompute": main(["precompute", *A, "--pairs", pairs, "--model", model, "--out", out]),
-        "train": main(["train", *A, "--model", model, "--data", data, "--beta", "0.1",
-                       "--out", out]),
-        "sft": main(["sft", *A, "--model", model, "--data", data, "--out", out]),
-        "eval": main(["eval", *A, "--model", model, "--prompts", data, "--scorer", "addition",
-                       "--out", out]),
-        "import": main(["import", *A, "--data", pairs, "--out", out]),
-    }
-    rc["iterate_run_dir"] = main(["iterate", *A, "--config", a["local_config"]])
-    rc["iterate_policy"] = main(["iterate", *A, "--config", a["mixed_config"]])
-    rc["refused_wrote"] = os.path.exists(out) or os.path.exists(f"{work}/run")
-
-    # Everything on S3: two vLLM engines and two DDP workers, too big for one node each, so
-    # one on each node, each reading the model from its node's copy of the S3 checkpoint.
-    rc["s3_sample"] = main(["sample", *A, "--model", s3["model"], "--prompts", s3["prompts"],
-                            "--out", f"{s3['run']}/samples", "--k", "2", "--max-tokens", "2",
-                            "--batch-size", "2", "--engine-replicas", "2",
-                            "--engine-cpus-per-replica", "2",
-                            "--engine-gpu-memory-utilization", "0.06"])
-    rc["s3_precompute"] = main(["precompute", *A, "--pairs", s3["pairs"], "--model", s3["model"],
-                                "--out", f"{s3['run']}/precompute", "--cache-dir", ""])
-    rc["s3_train"] = main(["train", *A, "--model", s3["model"], "--data",
-                           f"{s3['run']}/precompute", "--out", f"{s3['run']}/train", "--beta",
-                           "0.1", "--lr", "5e-4", "--batch-size", "4", "--max-steps", "2",
-                           "--num-workers", "2", "--cpus-per-worker", "2", "--log-every", "1"])
-    ran = {}
-    for x in actors():
-        if x.node_id:  # an actor that never started has no node
-            ran.setdefault(x.class_name, set()).add(x.node_id)
-    before = {x.actor_id for x in actors()}
-
-    os.environ["ODPO_SHARED_STORAGE"] = "1"  # one machine: both nodes share its disk
-    # With use_gpu each stage asks Ray for the GPU; the stage then fails on this CPU-only torch /
-    # vLLM (no CUDA), after Ray has placed it.
-    rc["precompute"] = main(["precompute", *A, "--pairs", pairs, "--model", model, "--out",
-                             f"{work}/ref", "--use-gpu", "--cpus-per-replica", "0.5",
-                             "--cache-dir", ""])
-    rc["sample"] = main(["sample", *A, "--model", model, "--prompts", f"{data}/prompts.parquet",
-                         "--out", f"{work}/samples", "--engine-use-gpu",
-                         "--engine-cpus-per-replica", "0.5", "--engine-dtype", "no-such-dtype"])
-    try:
-        rc["sft"] = main(["sft", *A, "--model", model, "--data", f"{data}/sft.parquet",
-                          "--out", f"{work}/sft", "--use-gpu", "--cpus-per-worker", "0.5",
-                          "--max-steps", "1", "--batch-size", "4"])
-    except Exception as e:  # noqa: BLE001 - a CUDA/NCCL failure is the expected end here
-        rc["sft"] = type(e).__name__
-    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-    gpu_node = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU")][0]
-    placed = [{"cls": x.class_name, "node_gpu": x.node_id == gpu_node,
-               "resources": x.required_resources} for x in actors() if x.actor_id not in before]
-    # to a file: a long line on stdout can be split by Ray's log lines going to the same log
-    Path(a["result"]).write_text(json.dumps({"rc": rc, "nodes": nodes, "placed": placed,
-                                            "seconds": seconds,
-                                            "ran": {k: sorted(v) for k, v in ran.items()}}))
-finally:
-    ray.shutdown()
-    c.shutdown()
-"""
-
-
 @pytest.fixture(scope="module")
-def two_nodes(toy_model_dir, toy_data_dir, s3_server, tmp_path_factory):
-    """One run of TWO_NODES in a fresh interpreter: its log and parsed result."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from pipeline import storage
-
-    tmp = tmp_path_factory.mktemp("two_nodes")
-    pairs, prompts = tmp / "pairs.parquet", tmp / "prompts.parquet"
-    pq.write_table(pa.table({"prompt": [f"{i}+2=" for i in range(8)],
-                             "chosen": [str(i + 2) for i in range(8)],
-                             "rejected": [str(i + 3) for i in range(8)]}), pairs)
-    # 4 prompts in batches of 2: a batch for each of the two engines
-    pq.write_table(pa.table({"prompt": [f"{i}+1=" for i in range(4)]}), prompts)
-    work = tmp / "work"
-    work.mkdir()
-    b = s3_server("twonodes")
-    for f in sorted(Path(toy_model_dir).iterdir()):
-        storage.copy(str(f), f"{b}/model/{f.name}")
-    storage.copy(str(prompts), f"{b}/data/prompts.parquet")
-    storage.copy(str(pairs), f"{b}/data/pairs.parquet")
-    s3 = {"model": f"{b}/model", "prompts": f"{b}/data/prompts.parquet",
-          "pairs": f"{b}/data/pairs.parquet", "run": f"{b}/run"}
-    config = {"rounds": 1, "prompts": s3["prompts"], "eval_prompts": s3["prompts"],
-              "scorer": "addition", "train": {"beta": 0.1}}
-    configs = {
-        "local_config": {**config, "run_dir": str(work / "run"), "policy": s3["model"]},
-        # run_dir on S3, but the policy on this node's disk
-        "mixed_config": {**config, "run_dir": f"{b}/iterate", "policy": toy_model_dir},
-    }
-    for name, values in configs.items():
-        (tmp / f"{name}.yaml").write_text(yaml.safe_dump(values))
-    args = {"model": toy_model_dir, "data": str(toy_data_dir), "pairs": str(pairs),
-            "work": str(work), "s3": s3, "result": str(tmp / "result.json"),
-            **{n: str(tmp / f"{n}.yaml") for n in configs}}
-    log = _own_cluster(TWO_NODES, [json.dumps(args)], "odpo2n", timeout=600,
-                       log=tmp / "two_nodes.log")
-    assert (tmp / "result.json").exists(), log[-4000:]
-    result = json.loads((tmp / "result.json").read_text())
-    print(json.dumps({k: v for k, v in result.items() if k != "placed"}, indent=1))
-    return {"log": log, "result": result, "work": work, "s3": s3, "bucket": b,
-            "model": toy_model_dir}
+def two_nodes(two_nodes_run):
+    """The two-node run (tests/two_nodes.py), started in the background when the session began:
+    its log and parsed result, once it has finished."""
+    run = finish(two_nodes_run)
+    assert run["rc"] == 0 and run["result"] is not None, run["log"][-4000:]
+    print(json.dumps({k: v for k, v in run["result"].items() if k != "placed"}, indent=1))
+    return run
 
 
 @pytest.mark.slow
