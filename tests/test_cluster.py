@@ -59,7 +59,12 @@ def head(tmp_path_factory):
                     os.killpg(pgid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-        deadline = time.time() + 20
+        for pid in our_pids(temp_dir):  # also those started in sessions of their own (jobs)
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 5
         while our_pids(temp_dir) and time.time() < deadline:
             time.sleep(0.5)
         for pid in our_pids(temp_dir):
