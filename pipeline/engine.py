@@ -25,7 +25,7 @@ class EngineConfig:
     # KV cache in GiB; 0 = auto: under use_gpu vLLM's own (gpu_memory_utilization); on CPU,
     # room for vLLM's 256 concurrent sequences at full context, at most the
     # gpu_memory_utilization share. On CPU vLLM allocates and zeroes the whole cache at start:
-    # the 2.4 GiB share of a 24 GiB machine took 2-13 s of page faults where the toy needs 50 MiB
+    # the 2.4 GiB share of a 24 GiB machine took 2-13 s of page faults where the toy needs 48 MiB
     # (kv_cache_bytes).
     kv_cache_gib: float = 0.0
     # engines (Ray actors) running in parallel (`odpo sample`; eval runs one); 0 = auto: with no

@@ -28,10 +28,17 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: ray, odpo
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct free ports on loopback, all held open while they are chosen (ports picked one
+    at a time can repeat: the head once got the same port for GCS and dashboard)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +46,12 @@ def head(tmp_path_factory):
     """`ray start --head` on 127.0.0.1 with a 4-CPU budget; stopped by killing only its own
     processes (its process group and anything naming its temp dir), never a bare `ray stop`."""
     temp_dir = tempfile.mkdtemp(prefix="odpohead", dir="/tmp")  # short: AF_UNIX path limit
-    dash = _free_port()
+    gcs, dash, agent, agent_grpc, metrics = _free_ports(5)
     cmd = [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
-           "--dashboard-host", "127.0.0.1", "--port", str(_free_port()),
-           "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(_free_port()),
-           "--dashboard-agent-grpc-port", str(_free_port()),
-           "--metrics-export-port", str(_free_port()), "--num-cpus", "4", "--temp-dir", temp_dir]
+           "--dashboard-host", "127.0.0.1", "--port", str(gcs),
+           "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(agent),
+           "--dashboard-agent-grpc-port", str(agent_grpc),
+           "--metrics-export-port", str(metrics), "--num-cpus", "4", "--temp-dir", temp_dir]
     proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120,
                           start_new_session=True)
     pgids = {os.getpgid(p) for p in our_pids(temp_dir)}
