@@ -108,11 +108,8 @@ def _background_runs(request):
     with the session when any of its tests is selected; they run last (see
     pytest_collection_modifyitems) and wait for it. On 2 cores the rest of the suite leaves a
     quarter of the CPU idle (Ray and vLLM processes starting, polls): the run uses that."""
-    names = {n for i in request.session.items for n in getattr(i, "fixturenames", ())}
-    if BACKGROUND_FIXTURE in names:
+    if any(BACKGROUND_FIXTURE in getattr(i, "fixturenames", ()) for i in request.session.items):
         request.getfixturevalue("two_nodes_run")
-    if "e2e_run" in names:  # the run many tests read: on the session's Ray, from the start
-        request.getfixturevalue("e2e_started")
 
 
 @pytest.fixture(scope="session")
@@ -195,35 +192,67 @@ def sample_prompts(toy_data_dir, tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="session")
-def e2e_started(ray_local, toy_model_dir, toy_data_dir, sample_prompts, tmp_path_factory):
-    """tests/e2e.py's run, started in a process of its own on the session's Ray; `e2e_run` waits
-    for it. Started with the session (`_background_runs`) when a selected test needs it."""
-    import e2e
-
-    run = e2e.start(tmp_path_factory.mktemp("e2e"), toy_model_dir, toy_data_dir, sample_prompts,
-                    ray_local.get_runtime_context().gcs_address)
-    yield run
-    if run["proc"].poll() is None:  # no test reached it (-x, Ctrl-C): stop it
-        run["proc"].kill()
-        run["proc"].wait()
+class Interrupted(Exception):
+    """A run stopped at a chosen step (Ctrl-C, a lost driver), raised by a stand-in step."""
 
 
 @pytest.fixture(scope="session")
-def e2e_run(e2e_started):
-    """The suite's one real end-to-end run (tests/e2e.py): `odpo iterate`, one round from the toy
-    model: SFT (40 steps, on JSONL), round 0 eval, sample -> score -> pair -> precompute ->
-    DPO+NLL train -> round 1 eval, report; stopped once where round 1's training starts and run
-    again, as a user re-runs the command after a Ctrl-C. Its SFT model (`sft_run`) and its round
-    1 samples (`sample_run`) are the other tests' model and samples; tests/test_iterate.py checks
-    the run.
+def e2e_run(ray_local, toy_model_dir, toy_data_dir, sample_prompts, tmp_path_factory):
+    """The suite's one real end-to-end run: `odpo iterate`, one round from the toy model: SFT
+    (40 steps, on JSONL), round 0 eval, sample -> score -> pair -> precompute -> DPO+NLL train ->
+    round 1 eval, report. It is stopped once where round 1's training starts and run again, as a
+    user re-runs the command after a Ctrl-C. Its SFT model (`sft_run`) and its round 1 samples
+    (`sample_run`) are the other tests' model and samples; tests/test_iterate.py checks the run.
 
     Returns {"run": run dir, "cfg": its IterateConfig, "stopped": {path: mtime_ns} of every
     manifest.json / eval.json the stopped run had written, "train_metrics": round 1's training
     metrics as the run wrote them (a test retrains that round later)}."""
-    import e2e
+    import pyarrow.parquet as pq
 
-    return e2e.finish(e2e_started)
+    from jobs import iterate
+    from jobs.iterate import IterateConfig, run_iterate
+    from trainer import dpo
+
+    root = tmp_path_factory.mktemp("e2e")
+    jsonl = {}
+    for name in ("sft", "heldout"):  # JSONL, as a user's own task data often is
+        jsonl[name] = root / f"{name}.jsonl"
+        jsonl[name].write_text("".join(json.dumps(r) + "\n" for r in pq.read_table(
+            toy_data_dir / f"{name}.parquet").to_pylist()))
+    cfg = IterateConfig(
+        run_dir=str(root / "run"), rounds=1, policy=toy_model_dir, sft_data=str(jsonl["sft"]),
+        prompts=str(sample_prompts), eval_prompts=str(jsonl["heldout"]),
+        # The 40-step SFT model is rarely exactly right: partial credit, best against worst,
+        # so that the round has pairs to train on.
+        scorer=write_digits_scorer(root / "digits.py"),
+        seed=2,  # round 1 samples with seed 3
+        sft={"max_steps": 40, "batch_size": 64, "lr": 3e-3, "lr_schedule": "constant",
+             "warmup_steps": 5, "log_every": 10, "torch_threads": 2},
+        sample={"k": 4, "max_tokens": 8},
+        pair={"mode": "best_worst"},
+        precompute={"cache_dir": str(root / "cache")},
+        # 24 steps at 2e-3: the DPO run of tests/test_dpo.py too (step 0 at ln 2, the
+        # preference learned, reproduced by the live-reference, crash and worker-kill runs)
+        train={"beta": 0.1, "alpha": 1.0, "lr": 2e-3, "lr_schedule": "constant", "epochs": 24,
+               "max_steps": 24, "batch_size": 4, "log_every": 1, "torch_threads": 2},
+        eval={"samples": 2},
+    )
+
+    def stopped(cfg):
+        raise Interrupted
+
+    with pytest.MonkeyPatch.context() as mp:
+        for module in (iterate, dpo):
+            mp.setattr(module, "run_dpo", stopped, raising=False)
+        with pytest.raises(Interrupted):
+            run_iterate(cfg)
+    run = root / "run"
+    written = {p: p.stat().st_mtime_ns for p in run.rglob("*.json")
+               if p.name in ("manifest.json", "eval.json")}
+    run_iterate(cfg)
+    metrics = (run / "round_1" / "train" / "metrics.jsonl").read_text().splitlines()
+    return {"run": run, "cfg": cfg, "stopped": written,
+            "train_metrics": [json.loads(line) for line in metrics]}
 
 
 @pytest.fixture(scope="session")
@@ -247,6 +276,22 @@ def score_run(sample_run):
     out = sample_run.parent.parent.parent / "scored_exact"
     run_score(ScoreConfig(samples=str(sample_run), out=str(out), scorer="exact"))
     return out
+
+
+def write_digits_scorer(path) -> str:
+    """A scorer file giving partial credit (the share of answer digits in place), for runs from
+    the 40-step test SFT model, which is rarely exactly right: best-vs-worst pairs then always
+    exist. Returns the `file.py:function` spec."""
+    path.write_text(
+        "def score(prompts, responses, rows):\n"
+        "    out = []\n"
+        "    for r, row in zip(responses, rows):\n"
+        "        got, want = r.strip(), row['answer']\n"
+        "        hits = sum(a == b for a, b in zip(got, want))\n"
+        "        out.append(hits / max(len(got), len(want), 1))\n"
+        "    return out\n"
+    )
+    return f"{path}:score"
 
 
 def our_processes(title: str) -> list:
