@@ -7,6 +7,7 @@ trained checkpoint sampled by vLLM: the end-to-end run's round 1 eval.)"""
 import json
 import math
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -123,16 +124,27 @@ def test_resume_after_crash_continues_the_same_run(ray_local, e2e_run, tmp_path)
                             start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
+    frozen = []
     try:
+        # Once Ray Train has registered a checkpoint, stop the worker where it is (SIGSTOP): the
+        # toy's 24 steps take about a second, so a run left going could finish before the kill.
         while time.time() < deadline and proc.poll() is None:
-            if list((out / "ray" / "dpo").glob("checkpoint_*/trainer_state.pt")):
-                time.sleep(1.0)
+            if (out / "ray" / "dpo" / "checkpoint_manager_snapshot.json").exists():
+                frozen = our_processes("RayTrainWorker")
+                for p in frozen:
+                    p.suspend()
+                time.sleep(0.5)  # the controller finishes writing what it registered
                 break
-            time.sleep(0.5)
-        assert proc.poll() is None, "training finished before it could be killed"
+            time.sleep(0.05)
+        assert frozen and proc.poll() is None, "training finished before it could be killed"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        for p in frozen:  # stopped processes wait for SIGCONT before a SIGTERM acts
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
     assert not (out / "model").exists()
 
     resumed = _train(args)
