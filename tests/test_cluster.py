@@ -11,21 +11,17 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from two_nodes import env, finish, our_pids
+from two_nodes import BIN, REPO, env, finish, our_pids
 
 from pipeline.cluster import check_shared_storage
 from pipeline.errors import UserError
 from pipeline.storage import is_uri
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # the venv's bin: ray, odpo
 
 
 def _free_ports(n: int) -> list[int]:
