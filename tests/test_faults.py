@@ -272,6 +272,8 @@ def test_stale_temporary_of_a_dead_writer_is_cleared(tmp_path):
 
 # A module that behaves as torch does when its import is interrupted: what it registered
 # before the interruption stays registered (torch._C's operators), so importing it again fails.
+# Its import lasts until the test releases it (at most 60 s): the cancel, however late Ray
+# delivers it on a loaded machine, arrives while the import runs.
 SLOW_MODULE = """
 import sys, time
 from pathlib import Path
@@ -281,7 +283,9 @@ if getattr(registry, "registered", False):
     raise ImportError("operators registered twice: a half-imported module")
 registry.registered = True
 Path(__file__).with_suffix(".started").touch()
-time.sleep(3)
+deadline = time.time() + 60
+while time.time() < deadline and not Path(__file__).with_suffix(".release").exists():
+    time.sleep(0.05)
 WHOLE = True
 """
 
@@ -331,7 +335,8 @@ def test_task_cancelled_mid_import_leaves_the_worker_usable(ray_local, tmp_path,
         time.sleep(0.05)
     ray_local.cancel(ref)
     with pytest.raises(ray_local.exceptions.TaskCancelledError):
-        ray_local.get(ref, timeout=60)
+        ray_local.get(ref, timeout=60)  # before the release: the import was still running
+    (tmp_path / "slowmod.release").touch()
     again, result = ray_local.get(usable.remote(str(tmp_path)), timeout=60)
     assert again == first, "the next task ran in another worker: nothing was checked"
     if whole:
