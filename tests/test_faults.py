@@ -2,6 +2,7 @@
 mid-stage and re-run, shards truncated or corrupted after they were written, a writer killed
 between its writes. The output must be complete and equal to an undisturbed run's."""
 
+import json
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pyarrow.parquet as pq
@@ -18,6 +20,8 @@ from conftest import our_processes
 from jobs.cli import main
 from pipeline.manifest import write_stage
 from pipeline.storage import atomic_dir, clear_stale
+
+REPO = Path(__file__).resolve().parents[1]
 
 SAMPLER = "MapBatches(VLLMSampler)"  # in the process title of Ray Data's vLLM actor
 
@@ -290,23 +294,28 @@ WHOLE = True
 """
 
 
-@pytest.mark.parametrize("whole", [True, False], ids=["uninterruptible", "plain import"])
-def test_task_cancelled_mid_import_leaves_the_worker_usable(ray_local, tmp_path, whole):
-    """Ray cancels a failed stage's sibling tasks; one cancelled while importing must not leave
-    a half-imported module in its (reused) worker. Through `cluster.uninterruptible` (as
-    `checkpoint.load_tokenizer` imports transformers and torch) the import finishes anyway and
-    the worker's next task finds it whole; a plain import (the control) leaves the worker
-    unable to import it again."""
-    (tmp_path / "slowmod.py").write_text(SLOW_MODULE)
+# Both cases in a Ray of their own (a subprocess): in the shared session's Ray, after the suite's
+# earlier tests, the cancel was seen never to reach the task at all (both cases, 60 s waits),
+# while the same test passed alone and with its file; a Ray of its own tests only the cancel.
+CANCEL_SCRIPT = """
+import json, os, sys, time
+from pathlib import Path
+
+import ray
+
+from pipeline.cluster import init_ray, uninterruptible
+
+init_ray(num_cpus=1, log_to_driver=False)
+
+
+def case(path: str, whole: bool) -> dict:
     # Tasks of their own runtime env run in a worker pool of their own: the second task reuses
     # the worker the first one was cancelled in (checked by pid).
-    options = {"num_cpus": 0, "runtime_env": {"env_vars": {"ODPO_TEST_POOL": str(tmp_path)}}}
+    options = {"num_cpus": 0, "runtime_env": {"env_vars": {"ODPO_TEST_POOL": path}}}
 
-    @ray_local.remote(**options)
-    def load(path):
+    @ray.remote(**options)
+    def load():
         import importlib
-
-        from pipeline.cluster import uninterruptible
 
         sys.path.insert(0, path)
         if whole:
@@ -314,8 +323,8 @@ def test_task_cancelled_mid_import_leaves_the_worker_usable(ray_local, tmp_path,
         else:
             importlib.import_module("slowmod")
 
-    @ray_local.remote(**options)
-    def usable(path):
+    @ray.remote(**options)
+    def usable():
         sys.path.insert(0, path)
         try:
             import slowmod
@@ -323,23 +332,51 @@ def test_task_cancelled_mid_import_leaves_the_worker_usable(ray_local, tmp_path,
             return os.getpid(), str(e)
         return os.getpid(), slowmod.WHOLE
 
-    @ray_local.remote(**options)
+    @ray.remote(**options)
     def pid():
         return os.getpid()
 
-    first = ray_local.get(pid.remote(), timeout=120)  # the pool's worker, started
-    ref = load.remote(str(tmp_path))
+    first = ray.get(pid.remote(), timeout=120)  # the pool's worker, started
+    ref = load.remote()
     deadline = time.time() + 60
-    while not (tmp_path / "slowmod.started").exists():
+    while not Path(path, "slowmod.started").exists():
         assert time.time() < deadline, "the import never started"
         time.sleep(0.05)
-    ray_local.cancel(ref)
-    with pytest.raises(ray_local.exceptions.TaskCancelledError):
-        ray_local.get(ref, timeout=60)  # before the release: the import was still running
-    (tmp_path / "slowmod.release").touch()
-    again, result = ray_local.get(usable.remote(str(tmp_path)), timeout=60)
-    assert again == first, "the next task ran in another worker: nothing was checked"
-    if whole:
-        assert result is True
-    else:
-        assert "registered twice" in result, result
+    ray.cancel(ref)
+    try:
+        ray.get(ref, timeout=60)
+        cancelled = False
+    except ray.exceptions.TaskCancelledError:
+        cancelled = True  # before the release: the import was still running
+    Path(path, "slowmod.release").touch()
+    again, result = ray.get(usable.remote(), timeout=60)
+    return {"cancelled": cancelled, "same_worker": again == first, "result": result}
+
+
+print("RESULT " + json.dumps([case(p, w == "whole") for p, w in zip(sys.argv[1::2],
+                                                                      sys.argv[2::2])]))
+"""
+
+
+@pytest.mark.slow  # a Ray of its own
+def test_task_cancelled_mid_import_leaves_the_worker_usable(tmp_path):
+    """Ray cancels a failed stage's sibling tasks; one cancelled while importing must not leave
+    a half-imported module in its (reused) worker. Through `cluster.uninterruptible` (as
+    `checkpoint.load_tokenizer` imports transformers and torch) the import finishes anyway and
+    the worker's next task finds it whole; a plain import (the control) leaves the worker
+    unable to import it again."""
+    args = []
+    for name in ("whole", "plain"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "slowmod.py").write_text(SLOW_MODULE)
+        args += [str(tmp_path / name), name]
+    proc = subprocess.run([sys.executable, "-c", CANCEL_SCRIPT, *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    whole, plain = json.loads(next(x for x in proc.stdout.splitlines()
+                                   if x.startswith("RESULT "))[len("RESULT "):])
+    for got in (whole, plain):
+        assert got["cancelled"], got
+        assert got["same_worker"], "the next task ran in another worker: nothing was checked"
+    assert whole["result"] is True
+    assert "registered twice" in plain["result"], plain
