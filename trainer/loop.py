@@ -784,19 +784,17 @@ def resume(model, optimizer, scheduler, state: dict | None) -> int:
 
 
 def read_training_set(cfg: dict, rank: int):
-    """The whole training set as one Arrow table in its stored order, from the Ray Train dataset
-    that `launch.fit` does not split; checked against the driver's plan.
+    """The whole training set as one Arrow table in its stored order, from the blocks that
+    `launch.fit` passes by reference (`train_blocks`); checked against the driver's plan.
 
     Every worker holds it (token ids and, for DPO, two floats a pair) and indexes it by the plan:
     one Arrow copy per worker, 4 bytes a token id for the precompute shards' int32 (8 for SFT's
     int64), e.g. ~0.6 GB for 100k pairs of 1,500 tokens. Ray Data's streaming split, which needed
     none, could not give every worker the same number of micro-batches each epoch, nor each epoch
     its own order."""
-    import ray.train
+    import ray
 
-    shard = ray.train.get_dataset_shard("train")
-    blocks = list(shard.iter_batches(batch_size=None, batch_format="pyarrow"))
-    table = pa.concat_tables(blocks, promote_options="default")
+    table = pa.concat_tables(ray.get(cfg["train_blocks"]), promote_options="default")
     if table.num_rows // cfg["batch_size"] != cfg["steps_per_epoch"]:
         raise RuntimeError(f"worker {rank} read {table.num_rows} rows; the driver planned "
                            f"{cfg['steps_per_epoch']} steps of {cfg['batch_size']} an epoch")
