@@ -134,8 +134,8 @@ def fit(loop_cfg: dict, train_ds) -> str:
         # Every worker reads all of the set, by reference to its blocks in the object store, in
         # their stored order (pipeline.cluster.init_ray makes the driver's materialize keep its
         # input's order): trainer.loop's plan indexes rows by position. (Ray Train's `datasets=`
-        # would stream them through a split coordinator and an executor per worker: seconds of
-        # start-up a fit, for a set that is already materialized.)
+        # would start a DatasetManager actor and stream them through an executor per worker, for
+        # a set that is already materialized: ~0.3 s a toy fit, measured side by side.)
         train_loop_config={**loop_cfg, "run_dir": run_dir,
                            "train_blocks": train_ds.to_arrow_refs()},
         scaling_config=ScalingConfig(num_workers=loop_cfg["num_workers"], use_gpu=use_gpu,
