@@ -1,18 +1,20 @@
 """`odpo score`: the samples scored as a Ray Data stage.
 
-An actor pool whose actors load the scorer once (`pipeline.scorers`: a reward model's weights, a
-user module) and call it on batches of rows. Output: the samples' columns, unchanged
-(`response_token_ids` included), plus `score` (float64). A response cut at max_tokens
-(`finish_reason` "length") is dropped before scoring, counted as `truncated`: it is no complete
-answer, and an EOS after it would teach the model to stop there (`keep_truncated` keeps it; it is
-then trained on without an EOS, as it was sampled).
+Ray Data tasks call a function scorer (`pipeline.scorers`: a verifier, a user's function) on
+batches of rows; a reward model is loaded once per actor of an actor pool. Output: the samples'
+columns, unchanged (`response_token_ids` included), plus `score` (float64). A response cut at
+max_tokens (`finish_reason` "length") is dropped before scoring, counted as `truncated`: it is no
+complete answer, and an EOS after it would teach the model to stop there (`keep_truncated` keeps
+it; it is then trained on without an EOS, as it was sampled).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,10 +57,10 @@ class ScoreConfig:
     nonfinite: str = "error"  # a NaN/inf score: error (names the row) | drop (counted)
     batch_size: int = 256  # rows per scorer call (a reward model forwards rm_batch_size at once)
     rm_batch_size: int = 32  # sequences per reward-model forward: bounds activation memory
-    # scorer copies (Ray Data actors) running in parallel; 0 = auto: with no cluster named, one
-    # per local GPU under use_gpu, else 1 (pipeline.cluster.copy_count)
+    # scorer copies running in parallel (reward-model actors, function-scorer tasks); 0 = auto:
+    # with no cluster named, one per local GPU under use_gpu, else 1 (pipeline.cluster.copy_count)
     replicas: int = 0
-    cpus_per_replica: float = 1.0  # Ray CPUs reserved per actor
+    cpus_per_replica: float = 1.0  # Ray CPUs reserved per copy
     # a reward model's intra-op threads per actor; 0 = auto: with no cluster named, this
     # machine's CPUs shared out among the replicas, on a named one cpus_per_replica
     # (pipeline.cluster.copy_threads)
@@ -145,17 +147,47 @@ def score_rows(fn: Callable, name: str, rows: list[dict], nonfinite: str) -> lis
     return scores
 
 
+def _with_scores(table: pa.Table, fn: Callable, name: str, nonfinite: str) -> pa.Table:
+    scores = score_rows(fn, name, table.to_pylist(), nonfinite)
+    return table.append_column("score", pa.array(scores, type=pa.float64()))
+
+
 class ScoreBatch:
-    """Ray Data actor: loads the scorer once; each call appends `score` to a batch of rows."""
+    """Ray Data actor for a reward model: loads its weights once; each call appends `score` to
+    a batch of rows."""
 
     def __init__(self, cfg: ScoreConfig):
         self.cfg = cfg
-        self.name = cfg.reward_model if cfg.scorer == "reward_model" else cfg.scorer
         self.fn = make_scorer(cfg)
 
     def __call__(self, table):
-        scores = score_rows(self.fn, self.name, table.to_pylist(), self.cfg.nonfinite)
-        return table.append_column("score", pa.array(scores, type=pa.float64()))
+        return _with_scores(table, self.fn, self.cfg.reward_model, self.cfg.nonfinite)
+
+
+# What this process loaded: {scorer spec: (its source digest then, the function)}.
+_LOADED: dict[str, tuple[str, Callable]] = {}
+
+
+def _function_scorer(scorer: str, digest: str) -> Callable:
+    """The function `scorer` names, as of source `digest`. A pooled worker keeps what it
+    imported: a file scorer is loaded by its contents (`load_scorer`); a module that changed
+    since this process imported it is reloaded."""
+    loaded = _LOADED.get(scorer)
+    if loaded is None or loaded[0] != digest:
+        fn = load_scorer(scorer)
+        if loaded is not None and not scorer.rsplit(":", 1)[0].endswith(".py"):
+            importlib.reload(sys.modules[fn.__module__])
+            fn = load_scorer(scorer)
+        _LOADED[scorer] = (digest, fn)
+    return _LOADED[scorer][1]
+
+
+def score_batch(table: pa.Table, scorer: str, nonfinite: str, digest: str) -> pa.Table:
+    """Ray Data task for a function scorer (a verifier, `module:function`, `file.py:function`):
+    `table` with `score` appended. A task, not an actor: nothing heavy to hold, and a pooled
+    worker starts no process. `digest`: the scorer's source as the stage was keyed on
+    (`_scorer_digest`)."""
+    return _with_scores(table, _function_scorer(scorer, digest), scorer, nonfinite)
 
 
 def _drop_truncated(ds):
@@ -207,16 +239,14 @@ def _validate(cfg: ScoreConfig) -> None:
                         f"--scorer reward_model")
 
 
-def _scorer_digest(cfg: ScoreConfig, fn: Callable | None) -> str:
-    """What the scores depend on besides the samples: the reward model's files, or the source
-    file of the scoring function (an edited scorer re-scores)."""
-    if cfg.scorer == "reward_model":
-        return checkpoint_digest(local_copy(cfg.reward_model, "reward model"))
+def _scorer_digest(scorer: str, fn: Callable) -> str:
+    """What a function scorer's scores depend on besides the samples: its source file (an
+    edited scorer re-scores)."""
     try:
         source = inspect.getsourcefile(fn)
     except TypeError:
         source = None
-    return input_digest(source) if source else cfg.scorer
+    return input_digest(source) if source else scorer
 
 
 def run_score(cfg: ScoreConfig) -> dict:
@@ -230,7 +260,9 @@ def run_score(cfg: ScoreConfig) -> dict:
     fn = None if cfg.scorer == "reward_model" else make_scorer(cfg)  # import errors fail here
     verifier = ("answer",) if cfg.scorer in ("exact", "addition") else ()
     up = read_stage(cfg.samples, ("sample",), ("prompt", "response") + verifier, flag="--samples")
-    inputs = {"samples": input_digest(cfg.samples), "scorer": _scorer_digest(cfg, fn)}
+    digest = (checkpoint_digest(local_copy(cfg.reward_model, "reward model")) if fn is None
+              else _scorer_digest(cfg.scorer, fn))
+    inputs = {"samples": input_digest(cfg.samples), "scorer": digest}
     # The sampling tokenizer's vocabulary, passed on for the precompute stage's check.
     vocab = (up.manifest or {}).get("tokenizer_vocab")
     extra = {"tokenizer_vocab": vocab} if vocab else {}
@@ -246,13 +278,15 @@ def run_score(cfg: ScoreConfig) -> dict:
         t = time.perf_counter()
         rows_in = ds.count()  # reads the input: its errors are named
         ds, cut = (ds, 0) if cfg.keep_truncated else _drop_truncated(ds)
-        actor_cfg = sized(cfg)
-        scored = ds.map_batches(
-            ScoreBatch, batch_size=cfg.batch_size, batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=actor_cfg.replicas),
-            fn_constructor_kwargs={"cfg": actor_cfg}, num_cpus=cfg.cpus_per_replica,
-            num_gpus=1 if cfg.use_gpu else None,
-        )
+        copies = sized(cfg)
+        each = {"batch_size": cfg.batch_size, "batch_format": "pyarrow",
+                "num_cpus": cfg.cpus_per_replica, "num_gpus": 1 if cfg.use_gpu else None}
+        if cfg.scorer == "reward_model":
+            scored = ds.map_batches(ScoreBatch, fn_constructor_kwargs={"cfg": copies}, **each,
+                                    compute=ray.data.ActorPoolStrategy(size=copies.replicas))
+        else:
+            scored = ds.map_batches(score_batch, concurrency=copies.replicas, **each, fn_kwargs={
+                "scorer": cfg.scorer, "nonfinite": cfg.nonfinite, "digest": digest})
         scored, bad = _drop_nonfinite(scored) if cfg.nonfinite == "drop" else (scored, 0)
         dropped = {k: n for k, n in (("truncated", cut), ("nonfinite_score", bad)) if n}
         return Shards(scored, rows_in, dropped, extra=extra,

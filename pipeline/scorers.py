@@ -63,7 +63,10 @@ def _load_file(spec: str) -> Callable:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"scorer {spec!r}: {path}: no such file")
-    module_name = "odpo_scorer_" + hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:12]
+    # Named by path and contents: a process that loaded the file before (a pooled Ray worker)
+    # loads an edited file anew.
+    key = hashlib.sha256(str(p.resolve()).encode() + b"\0" + p.read_bytes())
+    module_name = "odpo_scorer_" + key.hexdigest()[:16]
     module = sys.modules.get(module_name)
     if module is None:
         loader_spec = importlib.util.spec_from_file_location(module_name, p)

@@ -293,7 +293,7 @@ def _sft_rows(tok, seed: int = 0) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def chat_sft(bpe_model_dir, tok, tmp_path_factory):
-    """The BPE toy after 200 SFT steps (batch 64, lr 3e-3; plain PyTorch in this process, on the
+    """The BPE toy after 200 SFT steps (batch 32, lr 3e-3; plain PyTorch in this process, on the
     ids of the project's text path `tokenize_completions`) on `_sft_rows`.
 
     Why train: the random toy's greedy output runs on to max_tokens, cycling a few merged
@@ -315,7 +315,7 @@ def chat_sft(bpe_model_dir, tok, tmp_path_factory):
     rng = random.Random(1)
     model.train()
     for _ in range(200):
-        idx = [rng.randrange(len(rows)) for _ in range(64)]
+        idx = [rng.randrange(len(rows)) for _ in range(32)]
         b = collate([prompt_ids[i] for i in idx], [completion_ids[i] for i in idx],
                     tok.pad_token_id)
         model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],

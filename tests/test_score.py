@@ -4,6 +4,7 @@ against a computation written here."""
 import glob
 import json
 import math
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -136,6 +137,45 @@ def test_user_function_scorers(sample_run, tmp_path, capsys):
     assert main(["score", "--samples", str(tmp_path / "noanswer.parquet"), "--out",
                  str(tmp_path / "y"), "--scorer", "exact"]) == 2
     assert "missing column(s) ['answer']" in capsys.readouterr().err
+
+
+def test_edited_scorer_scores_with_its_new_code(ray_local, tmp_path):
+    """Function scorers run as Ray Data tasks in the session's pooled workers, which keep what
+    they imported: a scorer file edited between two stages of one driver (a notebook, `odpo
+    iterate`) scores the second with its new code, in a worker that loaded the old one."""
+    from pipeline.score import ScoreConfig, run_score
+
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "samples.parquet")
+    scorer = tmp_path / "edited.py"
+    for i, value in enumerate((1.0, 2.0, 3.0)):
+        scorer.write_text(f"def score(prompts, responses, rows):\n"
+                          f"    return [{value}] * len(rows)\n")
+        out = tmp_path / f"scored{i}"
+        run_score(ScoreConfig(samples=str(tmp_path / "samples.parquet"), out=str(out),
+                              scorer=f"{scorer}:score"))
+        assert _table(out)["score"].to_pylist() == [value] * 3
+
+
+def test_edited_scorer_module_is_reloaded(tmp_path, monkeypatch):
+    """A `module:function` scorer whose module a worker imported before it was edited: the task
+    reloads it when its source is not the one the stage was keyed on (the task's function,
+    called here in this process as in a worker)."""
+    from pipeline.manifest import input_digest
+    from pipeline.score import score_batch
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = tmp_path / "odpo_test_edited_scorer.py"
+    table = pa.Table.from_pylist(ROWS)
+    try:
+        # (sizes differ: an edit in the same second at the same size keeps Python's .pyc)
+        for value in (1.0, 22.0):
+            module.write_text(f"def score(prompts, responses, rows):\n"
+                              f"    return [{value}] * len(rows)\n")
+            got = score_batch(table, "odpo_test_edited_scorer:score", "error",
+                              input_digest(str(module)))
+            assert got["score"].to_pylist() == [value] * 3
+    finally:
+        sys.modules.pop("odpo_test_edited_scorer", None)
 
 
 @pytest.mark.slow
