@@ -150,8 +150,12 @@ def test_resume_after_crash_continues_the_same_run(ray_local, e2e_run, tmp_path)
     resumed = _train(args)
     assert (out / "model" / "model.safetensors").exists()
     assert [m["step"] for m in resumed] == list(range(24))
+    # Two from-scratch runs of one config drift apart in float32 (seen: 1.2e-5 at step 9 of a
+    # 2.58 loss, in one full suite run of 689 tests); a lost optimizer state or a restarted
+    # schedule is off by 1e-3 to 1e-2.
     for a, b in zip(e2e_run["train_metrics"], resumed, strict=True):
-        assert abs(a["loss"] - b["loss"]) < 1e-5, (a["step"], a["loss"], b["loss"])
+        tol = 1e-5 if a["step"] == 0 else 1e-4
+        assert abs(a["loss"] - b["loss"]) < tol, (a["step"], a["loss"], b["loss"])
 
 
 def test_train_worker_killed_restarts_from_checkpoint(ray_local, e2e_run, tmp_path):
