@@ -394,8 +394,7 @@ def chat_round(ray_local, chat_sft, tok, tmp_path_factory):
     """One round by hand on the trained BPE toy: `odpo sample` (k=8, temperature 1,
     max_tokens 8: five euro signs are cut inside the third) of six chat addition prompts, the
     raw boundary prompt and "euro" -> score (response length in tokens, cut responses kept) ->
-    best_worst pairs -> precompute -> one `odpo train` step over every pair (policy =
-    reference)."""
+    best_worst pairs -> precompute."""
     from pipeline.toy import as_chat
 
     root = tmp_path_factory.mktemp("chat_round")
@@ -415,11 +414,36 @@ def chat_round(ray_local, chat_sft, tok, tmp_path_factory):
     ]
     for args in steps:
         assert main(args) == 0, args[0]
-    pairs = read_manifest(root / "precompute")["rows_out"]
-    assert main(["train", "--model", str(chat_sft), "--data", str(root / "precompute"),
-                 "--out", str(root / "train"), "--beta", "0.1", "--max-steps", "1",
-                 "--batch-size", str(pairs), "--log-every", "1", "--torch-threads", "2"]) == 0
     return root
+
+
+def _first_dpo_step(model_dir, stage_dir) -> dict:
+    """Step 0's metrics of `odpo train --beta 0.1 --batch-size <every pair>` on `stage_dir`:
+    the loop a Ray Train worker runs (`trainer.loop.train_steps`), on the policy loaded and
+    wrapped as there, with the precompute shards' columns the trainer reads, in this process
+    (Ray Train's own part: the end-to-end run and tests/test_dpo.py)."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from trainer.dpo import DPOConfig, needed_columns
+    from trainer.loop import load_policy, make_optimizer, train_steps, wrap_policy
+
+    files = [stage_dir / f["name"] for f in read_manifest(stage_dir)["files"]]
+    table = pa.concat_tables([pq.read_table(f, columns=list(needed_columns("sigmoid")))
+                              for f in files])
+    cfg = {**dataclasses.asdict(DPOConfig(model=str(model_dir), data=str(stage_dir), out="-",
+                                          beta=0.1, batch_size=table.num_rows)),
+           "objective": "dpo", "total_steps": 1, "steps_per_epoch": 1}
+    model = wrap_policy(load_policy(cfg, str(model_dir)).train(), cfg, torch.device("cpu"), 1)
+    optimizer, scheduler = make_optimizer(model, cfg)
+    logged = []
+    train_steps(model, optimizer, scheduler, table, cfg, rank=0, world=1, start_step=0,
+                pad_token_id=AutoTokenizer.from_pretrained(model_dir).pad_token_id,
+                log=lambda step, m: logged.append({"step": step, **m}),
+                after_step=lambda done, epoch: None)
+    return logged[0]
 
 
 def _by_key(rows) -> dict:
@@ -485,9 +509,7 @@ def test_reference_stage_and_trainer_see_identical_ids(chat_round, chat_sft, tok
         for side in ("chosen", "rejected"):
             assert r[f"ref_{side}_logps"] == pytest.approx(
                 plain_logp(model, r["prompt_input_ids"], r[f"{side}_input_ids"]), abs=1e-5)
-    metrics = [json.loads(x) for x in
-               (chat_round / "train" / "metrics.jsonl").read_text().splitlines()]
-    first = metrics[0]
+    first = _first_dpo_step(chat_sft, chat_round / "precompute")
     assert first["step"] == 0
     assert abs(first["dpo_loss"] - math.log(2)) < 1e-5
     assert abs(first["rewards/chosen"]) < 1e-5 and abs(first["rewards/rejected"]) < 1e-5
