@@ -170,53 +170,39 @@ def test_eval_result_on_s3_is_current_until_config_or_model_changes(s3_server, t
         read_result(f"{b}/run/notes.json", "eval")
 
 
-SCORER = '''
-def spread(prompts, responses, rows):
-    """Distinct scores for distinct responses, so every prompt with two different samples pairs
-    (the tests' toy SFT model is too weak for the exact-answer verifier to split its samples)."""
-    return [len(r) + sum(map(ord, r)) / 1e4 for r in responses]
-'''
-
-
 @pytest.fixture(scope="module")
-def s3_chain(s3_server, sft_run, sample_prompts, sample_run, tmp_path_factory):
+def s3_chain(s3_server, e2e_run, sample_prompts, tmp_path_factory):
     """The stage chain sample -> score -> pair -> precompute with every path on S3 (model,
-    prompts, outputs, reference cache), beside the same stages on local paths."""
+    prompts, outputs, reference cache), as the end-to-end run's round 1 ran them on local paths
+    (its SFT model, seed, scorer, pair mode): that round is the local run to compare with."""
     b = s3_server("chain")
-    model = _upload(sft_run / "model", f"{b}/models/sft")
+    cfg, e2e = e2e_run["cfg"], e2e_run["run"]
+    model = _upload(e2e / "sft" / "model", f"{b}/models/sft")
     prompts = _upload(sample_prompts, f"{b}/data/prompts.parquet")
-    run, local = f"{b}/run", tmp_path_factory.mktemp("s3chain")
-    (local / "spread.py").write_text(SCORER)
-    scorer = f"{local / 'spread.py'}:spread"
+    run = f"{b}/run"
     cmds = {
         "sample": ["sample", "--model", model, "--prompts", prompts, "--out", f"{run}/samples",
-                   "--k", "4", "--max-tokens", "8", "--seed", "3"],
+                   "--k", str(cfg.sample["k"]), "--max-tokens", str(cfg.sample["max_tokens"]),
+                   "--seed", str(cfg.seed + 1)],
         "score": ["score", "--samples", f"{run}/samples", "--out", f"{run}/scored",
-                  "--scorer", scorer],
-        "pair": ["pair", "--scored", f"{run}/scored", "--out", f"{run}/pairs"],
+                  "--scorer", cfg.scorer],
+        "pair": ["pair", "--scored", f"{run}/scored", "--out", f"{run}/pairs", "--mode",
+                 cfg.pair["mode"], "--round", "1"],
         "precompute": ["precompute", "--pairs", f"{run}/pairs", "--model", model, "--out",
                        f"{run}/precompute", "--cache-dir", f"{b}/cache"],
     }
     for name, argv in cmds.items():
         assert main(argv) == 0, name
-    # The same score / pair / precompute on local paths, from the local samples.
-    local_cmds = [
-        ["score", "--samples", str(sample_run), "--out", str(local / "scored"), "--scorer",
-         scorer],
-        ["pair", "--scored", str(local / "scored"), "--out", str(local / "pairs")],
-        ["precompute", "--pairs", str(local / "pairs"), "--model", str(sft_run / "model"),
-         "--out", str(local / "precompute"), "--cache-dir", str(local / "cache")],
-    ]
-    for argv in local_cmds:
-        assert main(argv) == 0, argv[0]
-    return {"bucket": b, "run": run, "model": model, "cmds": cmds, "local": local}
+    return {"bucket": b, "run": run, "model": model, "cmds": cmds,
+            "local": e2e / "round_1"}
 
 
 @pytest.mark.slow
-def test_stages_on_s3_equal_the_local_run(s3_chain, sample_run):
+def test_stages_on_s3_equal_the_local_run(s3_chain):
     run, local = s3_chain["run"], s3_chain["local"]
     key = ["prompt_id", "sample_index"]
-    assert _rows(f"{run}/samples", key) == _rows(sample_run, key)  # vLLM read the model from S3
+    # vLLM read the model from S3
+    assert _rows(f"{run}/samples", key) == _rows(local / "samples", key)
     assert _rows(f"{run}/scored", key) == _rows(local / "scored", key)
     pair_key = ["prompt", "chosen", "rejected"]
     assert _rows(f"{run}/pairs", pair_key) == _rows(local / "pairs", pair_key)
