@@ -29,7 +29,7 @@ from pipeline.checkpoint import check_checkpoint, checkpoint_digest
 from pipeline.cluster import check_copies, copy_count, copy_threads
 from pipeline.errors import UserError
 from pipeline.manifest import input_digest
-from pipeline.scorers import RewardModelScorer, load_scorer, resolve_scorer
+from pipeline.scorers import RewardModelScorer, is_file_scorer, load_scorer, resolve_scorer
 from pipeline.stage import Shards, read_rows, read_stage, run_stage
 from pipeline.storage import local_copy, resolve_path
 
@@ -175,7 +175,7 @@ def _function_scorer(scorer: str, digest: str) -> Callable:
     loaded = _LOADED.get(scorer)
     if loaded is None or loaded[0] != digest:
         fn = load_scorer(scorer)
-        if loaded is not None and not scorer.rsplit(":", 1)[0].endswith(".py"):
+        if loaded is not None and not is_file_scorer(scorer):
             importlib.reload(sys.modules[fn.__module__])
             fn = load_scorer(scorer)
         _LOADED[scorer] = (digest, fn)

@@ -30,9 +30,14 @@ def exact_answer(prompts: Sequence[str], responses: Sequence[str], rows: Sequenc
     ]
 
 
+def is_file_scorer(spec: str) -> bool:
+    """Whether `spec` names a function in a file (`path/to/file.py:function`)."""
+    return spec.rsplit(":", 1)[0].endswith(".py")
+
+
 def resolve_scorer(spec: str) -> str:
     """`path/to/file.py:function` made absolute (Ray workers run elsewhere); others unchanged."""
-    if ":" in spec and spec.rsplit(":", 1)[0].endswith(".py"):
+    if ":" in spec and is_file_scorer(spec):
         path, fn = spec.rsplit(":", 1)
         return f"{resolve_path(path)}:{fn}"
     return spec
@@ -40,7 +45,7 @@ def resolve_scorer(spec: str) -> str:
 
 def load_scorer(spec: str) -> Callable:
     """A scorer from `module:function`, `path/to/file.py:function`, or a built-in task name."""
-    if spec.rsplit(":", 1)[0].endswith(".py"):
+    if is_file_scorer(spec):
         return _load_file(spec)
     target = BUILTIN_SCORERS.get(spec, spec)
     if ":" not in target:
