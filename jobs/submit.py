@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import sys
-import threading
 import time
 from dataclasses import dataclass
 
@@ -49,30 +48,9 @@ def _client(address: str):
         raise UserError(f"cannot reach the Ray job server at {address}: {first}{hint}") from e
 
 
-async def _tail(client, job_id: str) -> None:
+async def _follow(client, job_id: str) -> None:
     async for lines in client.tail_job_logs(job_id):
         print(lines, end="", flush=True)
-
-
-def _follow(client, job_id: str) -> None:
-    """Print the job's log until it ends. The stream runs in a thread of its own while this one
-    waits in short, interruptible waits: Ctrl-C raises here at once. (Under `asyncio.run` in
-    this thread a Ctrl-C only cancels the stream's task, which twice in full test runs did not
-    end within 60 s.)"""
-    failed: list[BaseException] = []
-
-    def stream() -> None:
-        try:
-            asyncio.run(_tail(client, job_id))
-        except BaseException as e:  # noqa: BLE001 - raised again in the waiting thread
-            failed.append(e)
-
-    thread = threading.Thread(target=stream, name="odpo-submit-log", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.1)
-    if failed:
-        raise failed[0]
 
 
 def _final_status(client, job_id: str, timeout_s: float = 30.0):
@@ -103,7 +81,7 @@ def run_submit(cfg: SubmitConfig) -> int:
               f"{cfg.address}`; stop it with `ray job stop {job_id} --address {cfg.address}`")
         return 0
     try:
-        _follow(client, job_id)
+        asyncio.run(_follow(client, job_id))
         info = _final_status(client, job_id)
     except KeyboardInterrupt:
         print(f"\nodpo submit: stopped following; job {job_id} keeps running on the cluster. "
