@@ -208,8 +208,16 @@ def test_odpo_submit_succeeds_and_fails(head, tmp_path):
 @pytest.mark.slow
 def test_odpo_submit_ctrl_c_leaves_the_job_running(head):
     sleeper = ["python", "-c", "import time; print('tick', flush=True); time.sleep(90)"]
-    proc = subprocess.Popen(_readme_submit(head, sleeper), cwd=REPO, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A terminal starts its command with SIGINT's default action. A test run started with `&`
+    # from a script has SIGINT ignored, and a child inherits an ignored signal across exec (then
+    # Ctrl-C does nothing and `odpo submit` follows the job to its end): start it as a terminal
+    # would, whatever this process inherited (a Python handler is reset to default on exec).
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen(_readme_submit(head, sleeper), cwd=REPO, env=env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, handler)
     try:
         seen = ""
         for line in proc.stdout:  # the job's log, streamed: interrupt once it is running
