@@ -17,6 +17,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # 0.2 s). Read by every Ray process started after this (they inherit this environment).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
+# pytest-xdist (`make test-fast`): each worker's torch would take a thread per core, so two
+# workers on two cores run four OpenMP threads that spin-wait for each other on the many small
+# ops here (measured side by side, 546 tests: 70.7 s that way, 28.8 s with OMP_NUM_THREADS=1).
+# Each worker gets its share of the cores instead.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    import torch
+
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))
+                              // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 def _free_port() -> int:
     with socket.socket() as s:
