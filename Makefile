@@ -22,8 +22,9 @@ test:
 # Everything that needs neither Ray, vLLM nor processes of its own (pure functions, stage logic,
 # S3 on loopback), in about a minute; the tests marked `slow` (tests/conftest.py marks those
 # using Ray; multi-process gloo tests are marked by hand) are left out. Two pytest workers
-# (pytest-xdist): these tests are single-threaded Python; tests/conftest.py gives each worker's
-# torch its share of the cores (four spinning OpenMP threads on two cores: 70 s instead of 28 s). (The slow tests are not: two Ray
-# clusters side by side oversubscribe 2 cores, measured 3-5x slower per test.)
+# (pytest-xdist): these tests are single-threaded Python, and tests/conftest.py gives each
+# worker's torch its share of the cores (four spinning OpenMP threads on two cores: 70 s, not
+# 28 s). (The slow tests are not: two Ray clusters side by side oversubscribe 2 cores, measured
+# 3-5x slower per test.)
 test-fast:
 	$(VENV)/bin/python -m pytest -q -n 2 -m "not slow"
