@@ -1,21 +1,32 @@
-"""One GPU: the trainer's DPO step without Ray on a 0.5B-shaped random model, lean vs full.
+"""One GPU: the trainer's own DPO step without Ray, on random models of real models' shapes.
 
-What only a GPU can show: bf16 step time, tokens/s, MFU and peak memory of the trainer's own step
-functions (`trainer.loop.dpo_step_loss`, `optimizer_step`), and that a one-worker NCCL process
-group initialises and all-reduces. The machine needs torch (CUDA), transformers and pyarrow; no
-Ray, no vLLM, nothing downloaded (the model is Qwen2.5-0.5B's shape with random weights).
+What only a GPU can show, each variant in its own process (peak memory from
+`torch.cuda.max_memory_allocated` over the timed steps), all through the functions `odpo train`
+runs (`trainer.loop.wrap_policy`, `dpo_step_loss`, `make_optimizer`, `optimizer_step`;
+`trainer.lora.add_lora`) with `dtype: bfloat16` (float32 master weights, bf16 autocast):
 
-    python bench/bench_gpu.py [--pairs 8 --prompt 512 --completion 256 --steps 6]
+- `full`, `lean`, `lean:shared_prompt`, `lean:packed`: Qwen2.5-0.5B's shape, every weight
+  trained; the full (B, T, V) logits against the lean head, and the lean step in each layout.
+- `fsdp`: the same lean step under `strategy: fsdp` on a one-worker NCCL process group (after
+  an all-reduce check), as a one-GPU Ray Train worker runs it.
+- `lora8b`, `lora8b:full`: Llama-3-8B's shape, the frozen base in bf16 with LoRA adapters
+  (r 16, all linear layers), gradient checkpointing: lean head (layout auto) vs full logits
+  (padded).
+- `drift`: the pairs' summed log-probs of the 0.5B model with bf16 weights (what
+  `odpo precompute --dtype bfloat16` stores) against float32 weights.
 
-MFU = 6 · N · T FLOPs a step (N parameters, T tokens the step trains on: chosen and rejected
-sequences, prompts included) over the step time and the GPU's dense bf16 peak (`--peak-tflops`,
-default: H100/H200 SXM's 989). Each variant runs in its own process (peak memory from
-`torch.cuda.max_memory_allocated`). `--device cpu` with a narrow `--hidden`/`--layers` checks the
+The machine needs torch (CUDA), transformers, peft and pyarrow; no Ray, no vLLM, nothing
+downloaded (random weights). Pair lengths are drawn (seeded) log-uniform in [P/8, P] for prompts
+and [C/8, C] for each completion, so that padding exists as it does in real data.
+
+    python bench/bench_gpu.py [--pairs 8 --prompt 512 --completion 256 --steps 6] [--json F]
+
+MFU = 6·N·T FLOPs a step (4·N·T under LoRA: frozen weights get no weight gradient) over the step
+time and the GPU's dense bf16 peak (`--peak-tflops`, default: H100/H200 SXM's 989), N the
+parameters, T the real tokens the layout computes (padded and packed: Σ 2P + C + R;
+shared_prompt: Σ P + C + R; padding not counted, so it lowers MFU). tokens/s counts Σ 2P + C + R
+in every layout, so it compares across them. `--device cpu --hidden 64 --layers 2` checks the
 script on a machine without a GPU.
-
-`--layouts` (default shared_prompt,packed) also runs the lean step in those layouts (issue 19's
-bf16 comparison; every layout's tokens/s counts each prompt twice, so the ratios compare), with
-the model's default attention (sdpa: the layouts' 4D masks).
 """
 
 from __future__ import annotations
@@ -34,129 +45,248 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 QWEN_05B = {"vocab_size": 151_936, "hidden_size": 896, "intermediate_size": 4864,
             "num_hidden_layers": 24, "num_attention_heads": 14, "num_key_value_heads": 2,
             "tie_word_embeddings": True, "max_position_embeddings": 4096}
+LLAMA3_8B = {"vocab_size": 128_256, "hidden_size": 4096, "intermediate_size": 14_336,
+             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+             "tie_word_embeddings": False, "max_position_embeddings": 8192,
+             "rope_theta": 500_000.0}
+VARIANTS = ["full", "lean", "lean:shared_prompt", "lean:packed", "fsdp", "lora8b", "lora8b:full",
+            "drift"]
+
+
+def shape_of(args, base: dict) -> dict:
+    """`base` narrowed by `--hidden` / `--layers` (the CPU check)."""
+    shape = dict(base)
+    if args.hidden:
+        shape.update(hidden_size=args.hidden, intermediate_size=args.hidden * 4,
+                     num_attention_heads=max(1, args.hidden // 64), num_key_value_heads=1)
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    return shape
+
+
+def random_model(shape: dict, device, dtype):
+    """A Llama of `shape` with random weights, built on `device` in `dtype`, dropout off."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.checkpoint import disable_dropout
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**shape, bos_token_id=1, eos_token_id=2,
+                                                 pad_token_id=0))
+    finally:
+        torch.set_default_dtype(default)
+    disable_dropout(model)
+    return model
+
+
+def random_pairs(args, vocab_size: int, n: int) -> dict:
+    """`n` pairs of random token ids, lengths log-uniform in [x/8, x] (seeded)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def lengths(top: int):
+        return np.exp(rng.uniform(np.log(max(1, top // 8)), np.log(top), n)).astype(int)
+
+    def ids(k: int):
+        return rng.integers(3, vocab_size, k).tolist()
+
+    p, c, r = lengths(args.prompt), lengths(args.completion), lengths(args.completion)
+    return {"prompt_input_ids": [ids(k) for k in p], "chosen_input_ids": [ids(k) for k in c],
+            "rejected_input_ids": [ids(k) for k in r],
+            "ref_chosen_logps": [0.0] * n, "ref_rejected_logps": [0.0] * n}
 
 
 def nccl_check() -> dict:
-    """A one-worker NCCL process group: init, all-reduce, destroy."""
+    """A one-worker NCCL process group (gloo on a CPU): init and an all-reduce."""
     import torch
     import torch.distributed as dist
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29517")
     t0 = time.perf_counter()
-    dist.init_process_group("nccl", rank=0, world_size=1)
-    x = torch.ones(1 << 20, device="cuda")
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
+    x = torch.ones(1 << 20, device="cuda" if cuda else "cpu")
     dist.all_reduce(x)
-    torch.cuda.synchronize()
-    ok = bool((x == 1).all())
-    dist.destroy_process_group()
-    return {"nccl_ok": ok, "nccl_s": time.perf_counter() - t0}
+    if cuda:
+        torch.cuda.synchronize()
+    return {"backend": dist.get_backend(), "all_reduce_ok": bool((x == 1).all()),
+            "init_and_all_reduce_s": time.perf_counter() - t0}
 
 
-def run_variant(args, lean: bool, layout: str = "padded") -> dict:
+def time_steps(args, model, batch: dict, cfg: dict, device) -> dict:
+    """Median step time (the first step is a warm-up) and peak memory of the steps after it."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from trainer.logps import TokenLogps
-    from trainer.loop import dpo_step_loss, optimizer_step
+    from trainer.loop import dpo_step_loss, make_optimizer, optimizer_step
 
-    device = torch.device(args.device)
-    shape = dict(QWEN_05B)
-    if args.hidden:
-        shape.update(hidden_size=args.hidden, intermediate_size=args.hidden * 4,
-                     num_attention_heads=max(1, args.hidden // 64), num_key_value_heads=1)
-    if args.layers:
-        shape["num_hidden_layers"] = args.layers
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**shape, bos_token_id=1, eos_token_id=2,
-                                         pad_token_id=0)).to(device)  # float32 master weights
-    model.train()
-    n_params = sum(p.numel() for p in model.parameters())
-    g = torch.Generator().manual_seed(0)
-
-    def ids(n):
-        return torch.randint(3, shape["vocab_size"], (n,), generator=g).tolist()
-
-    batch = {"prompt_input_ids": [ids(args.prompt) for _ in range(args.pairs)],
-             "chosen_input_ids": [ids(args.completion) for _ in range(args.pairs)],
-             "rejected_input_ids": [ids(args.completion) for _ in range(args.pairs)],
-             "ref_chosen_logps": [0.0] * args.pairs, "ref_rejected_logps": [0.0] * args.pairs}
-    cfg = {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "alpha": 0.0,
-           "dtype": args.dtype, "layout": layout}
-    policy = TokenLogps(model, lean=lean)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
+    optimizer, scheduler = make_optimizer(model, {"lr": 1e-6, "weight_decay": 0.0,
+                                                  "warmup_steps": 0, "total_steps": args.steps,
+                                                  "lr_schedule": "constant"})
+    cuda = device.type == "cuda"
+    times, losses = [], []
     for step in range(args.steps):
-        if step == 1 and device.type == "cuda":  # after the warm-up (and AdamW's state)
+        if step == 1 and cuda:  # after the warm-up (and AdamW's state)
             torch.cuda.reset_peak_memory_stats()
-        sync()
+        if cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss, _ = dpo_step_loss(policy, batch, 0, cfg)
+        loss, _ = dpo_step_loss(model, batch, 0, cfg)
         loss.backward()
         optimizer_step(model, optimizer, scheduler, 1.0)
-        sync()
+        if cuda:
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times[1:])
-    tokens = 2 * args.pairs * (args.prompt + args.completion)
-    result = {"params_m": n_params / 1e6, "layout": layout, "attention":
-              model.config._attn_implementation, "tokens_per_step": tokens, "step_s": step_s,
-              "tokens_per_s": tokens / step_s,
-              "mfu": 6 * n_params * tokens / step_s / (args.peak_tflops * 1e12)}
+        losses.append(loss.item())
+    out = {"step_s": statistics.median(times[1:]), "losses": losses}
+    if cuda:
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def run_train(args, variant: str) -> dict:
+    """One timed training variant (module docstring)."""
+    import numpy as np
+    import torch
+
+    from trainer import lora, packing
+    from trainer.loop import resolve_layout, wrap_policy
+
+    name, _, layout = variant.partition(":")
+    device = torch.device(args.device)
+    big = name == "lora8b"
+    lean = "full" not in (name, layout)
+    layout = "padded" if layout in ("", "full") else layout
+    cfg = {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "alpha": 0.0,
+           "dtype": "bfloat16", "strategy": "fsdp" if name == "fsdp" else "ddp",
+           "layout": "auto" if big and lean else layout}
+    extra = nccl_check() if name == "fsdp" else {}
+    shape = shape_of(args, LLAMA3_8B if big else QWEN_05B)
+    # trained weights float32 (the master copy); a LoRA base in bf16, as `load_policy` loads them
+    model = random_model(shape, device, torch.bfloat16 if big else torch.float32)
+    n_params = sum(p.numel() for p in model.parameters())
+    if big:
+        model = lora.add_lora(model, {"r": 16, "alpha": 32.0, "dropout": 0.0,
+                                      "target_modules": "all-linear"})
+        model.gradient_checkpointing_enable()
+    model.train()
+    wrapped = wrap_policy(model, cfg, device, world=1)
+    wrapped.lean = lean
+    cfg["layout"] = resolve_layout(cfg["layout"], wrapped)
+    batch = random_pairs(args, shape["vocab_size"], args.pairs)
+    p, c, r = (np.array([len(x) for x in batch[k]]) for k in
+               ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"))
+    timed = time_steps(args, wrapped, batch, cfg, device)
+    computed = int(packing.pair_tokens(p, c, r, cfg["layout"]).sum())
+    pair_tokens = int(packing.pair_tokens(p, c, r, "padded").sum())
+    flops = (4 if big else 6) * n_params * computed
+    result = {"params_m": n_params / 1e6, "layout": cfg["layout"], "lean": lean,
+              "attention": model.config._attn_implementation, "pair_tokens": pair_tokens,
+              "tokens_computed": computed, "tokens_per_s": pair_tokens / timed["step_s"],
+              "mfu": flops / timed["step_s"] / (args.peak_tflops * 1e12), **timed, **extra}
+    if big:
+        result["trainable_m"] = sum(
+            x.numel() for x in model.parameters() if x.requires_grad) / 1e6
     if device.type == "cuda":
-        result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         result["gpu"] = torch.cuda.get_device_name()
     return result
+
+
+def run_drift(args) -> dict:
+    """bf16 weights against float32 weights: the pairs' summed log-probs (float32 log-softmax
+    in both), as the reference stage computes them."""
+    import numpy as np
+    import torch
+
+    from trainer.loop import _pair_logps
+
+    device = torch.device(args.device)
+    shape = shape_of(args, QWEN_05B)
+    model = random_model(shape, device, torch.float32).eval()
+    batch = random_pairs(args, shape["vocab_size"], args.drift_pairs)
+    values = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        chosen, rejected = [], []
+        with torch.inference_mode():
+            for s in range(0, args.drift_pairs, args.pairs):
+                part = {k: v[s:s + args.pairs] for k, v in batch.items()}
+                c, r, _ = _pair_logps(model, part, 0)
+                chosen.append(c.cpu().numpy())
+                rejected.append(r.cpu().numpy())
+        values[dtype] = np.concatenate(chosen), np.concatenate(rejected)
+    (c32, r32), (c16, r16) = values[torch.float32], values[torch.bfloat16]
+    drift = np.abs(np.concatenate([c16 - c32, r16 - r32]))
+    return {"pairs": args.drift_pairs, "mean_logp": float(np.mean(np.concatenate([c32, r32]))),
+            "max_abs": float(drift.max()), "mean_abs": float(drift.mean()),
+            "mean_rel": float((drift / np.abs(np.concatenate([c32, r32]))).mean()),
+            "margin_max_abs": float(np.abs((c16 - r16) - (c32 - r32)).max())}
+
+
+def summary(results: dict) -> dict:
+    """Ratios of variants measured side by side in this run."""
+    out = {}
+
+    def ratio(key, a, b, field):
+        if field in results.get(a, {}) and field in results.get(b, {}):
+            out[key] = results[a][field] / results[b][field]
+
+    ratio("lean_over_full_step_time", "lean", "full", "step_s")
+    ratio("full_over_lean_peak_memory", "full", "lean", "peak_gib")
+    for layout in ("shared_prompt", "packed"):
+        ratio(f"{layout}_over_padded_tokens_per_s", f"lean:{layout}", "lean", "tokens_per_s")
+        ratio(f"padded_over_{layout}_peak_memory", "lean", f"lean:{layout}", "peak_gib")
+    ratio("fsdp_over_plain_step_time", "fsdp", "lean", "step_s")
+    ratio("lora8b_lean_over_full_step_time", "lora8b", "lora8b:full", "step_s")
+    ratio("lora8b_full_over_lean_peak_memory", "lora8b:full", "lora8b", "peak_gib")
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    ap.add_argument("--pairs", type=int, default=8)
-    ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--completion", type=int, default=256)
+    ap.add_argument("--pairs", type=int, default=8, help="pairs a step")
+    ap.add_argument("--prompt", type=int, default=512, help="longest prompt (tokens)")
+    ap.add_argument("--completion", type=int, default=256, help="longest completion (tokens)")
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--hidden", type=int, default=0, help="narrower than 0.5B's 896 (CPU check)")
-    ap.add_argument("--layers", type=int, default=0, help="fewer than 0.5B's 24 (CPU check)")
+    ap.add_argument("--drift-pairs", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=0, help="narrower models (CPU check)")
+    ap.add_argument("--layers", type=int, default=0, help="fewer layers (CPU check)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
-    ap.add_argument("--layouts", default="shared_prompt,packed",
-                    help="lean layouts beside lean padded (issue 19, in bf16); '' skips")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    ap.add_argument("--json", help="write every variant's result and the ratios here")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.steps < 2:
         ap.error("--steps must be >= 2: the first is a warm-up")
     if args.variant:
-        name, _, layout = args.variant.partition(":")
-        result = nccl_check() if name == "nccl" else run_variant(
-            args, lean=name == "lean", layout=layout or "padded")
+        result = run_drift(args) if args.variant == "drift" else run_train(args, args.variant)
         print("RESULT " + json.dumps(result), flush=True)
         return
     results = {}
-    layouts = [x for x in args.layouts.split(",") if x]
-    variants = ["full", "lean", *(f"lean:{x}" for x in layouts)] + (
-        ["nccl"] if args.device == "cuda" else [])
-    for variant in variants:
+    for variant in [v for v in args.variants.split(",") if v]:
+        if variant not in VARIANTS:
+            ap.error(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+        t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--variant", variant],
                               capture_output=True, text=True)
         if "RESULT " not in proc.stdout:
-            results[variant] = {"error": (proc.stderr or proc.stdout)[-2000:]}
+            results[variant] = {"error": (proc.stderr or proc.stdout)[-3000:]}
         else:
             results[variant] = json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
+        results[variant]["wall_s"] = time.perf_counter() - t0
         print(variant, json.dumps(results[variant]), flush=True)
-    full, lean = results["full"], results["lean"]
-    if "step_s" in full and "step_s" in lean:
-        summary = {"lean_over_full_step_time": lean["step_s"] / full["step_s"]}
-        if "peak_gib" in full:
-            summary["full_over_lean_peak_memory"] = full["peak_gib"] / lean["peak_gib"]
-        for x in layouts:  # tokens/s counts each prompt twice in every layout: comparable
-            r = results[f"lean:{x}"]
-            if "step_s" in r:
-                summary[f"{x}_over_padded_tokens_per_s"] = lean["step_s"] / r["step_s"]
-                if "peak_gib" in r:
-                    summary[f"{x}_peak_gib"] = r["peak_gib"]
-        print(json.dumps(summary, indent=1))
+    ratios = summary(results)
+    print(json.dumps(ratios, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results,
+                                               "ratios": ratios}, indent=1))
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def run_trainer(args, lean: bool) -> dict:
 
 
 def trl_train(model, tok, rows: list[dict], batch_size: int, steps: int, lr: float,
-              **config) -> dict:
+              reset=reset_peak, peak=peak_mb, sync=lambda: None, **config) -> dict:
     """TRL's `DPOTrainer` (precompute_ref_log_probs=True) for `steps` steps of `batch_size` rows
     ({prompt, chosen, rejected} texts) on `model`; `config`: more `DPOConfig` fields.
 
@@ -131,8 +131,9 @@ def trl_train(model, tok, rows: list[dict], batch_size: int, steps: int, lr: flo
     TRL's reference pass is skipped and its steps read those values from the batch, as they
     read the ones it would have computed. Returns per step the clocked times (TRL's
     `on_step_begin` to `on_step_end`: forward, backward, clipping, optimizer; the collator runs
-    before), the losses it logged, the peak over the memory after the first step (as
-    `run_trainer`), and the token ids TRL's tokenization gave each row."""
+    before; `sync` runs at both ends, e.g. `torch.cuda.synchronize`), the losses it logged, the
+    peak over the memory after the first step (`reset` and `peak`, MB: resident memory as
+    `run_trainer`, by default), and the token ids TRL's tokenization gave each row."""
     import tempfile
 
     import trl
@@ -144,11 +145,13 @@ def trl_train(model, tok, rows: list[dict], batch_size: int, steps: int, lr: flo
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
+            sync()
             if len(marks["times"]) == 1:  # after the warm-up step (and the precompute pass)
-                marks["base"] = reset_peak()
+                marks["base"] = reset()
             marks["t0"] = time.perf_counter()
 
         def on_step_end(self, *a, **k):
+            sync()
             marks["ends"].append(time.perf_counter())
             marks["times"].append(marks["ends"][-1] - marks["t0"])
 
@@ -171,7 +174,7 @@ def trl_train(model, tok, rows: list[dict], batch_size: int, steps: int, lr: flo
     data, ends = trainer.train_dataset, marks["ends"]
     intervals = [b - a for a, b in zip(ends[:-1], ends[1:], strict=True)]
     return {"times": marks["times"], "intervals": intervals,
-            "step_peak_mb": peak_mb() - marks["base"], "baseline_mb": marks["base"],
+            "step_peak_mb": peak() - marks["base"], "baseline_mb": marks["base"],
             "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
             "trl": trl.__version__,
             "token_ids": [data[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")]}

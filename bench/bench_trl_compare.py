@@ -68,6 +68,11 @@ SHAPES = {
     "b": {"pairs": 32, "prompt": "256,1024", "completion": "64,512", "draw": "loguniform",
           "vocab": 32_000, "hidden": 256, "layers": 4, "intermediate": 704, "steps": 4,
           "extra": "trl_compact"},
+    # (g) for a GPU (`--device cuda --dtype bfloat16`): b's pairs on a 0.6B Llama of
+    # Qwen2.5-0.5B's width, depth and vocabulary (untied head, 14 KV heads)
+    "g": {"pairs": 48, "prompt": "256,1024", "completion": "64,512", "draw": "loguniform",
+          "vocab": 151_936, "hidden": 896, "layers": 24, "intermediate": 4864, "steps": 6,
+          "extra": ""},
 }
 # what the model, the pairs and their reference values depend on (work/spec.json)
 DATA_KEYS = ("pairs", "prompt", "completion", "draw", "vocab", "hidden", "layers",
@@ -86,7 +91,8 @@ def shape_spec(name: str, overrides: list[str], args) -> dict:
             if field not in spec:
                 raise SystemExit(f"--set {item}: shape {name} has no {field!r}")
             spec[field] = type(spec[field])(value)
-    spec.update(batch=args.batch, lr=args.lr, seed=args.seed)
+    spec.update(batch=args.batch, lr=args.lr, seed=args.seed, device=args.device,
+                dtype=args.dtype)
     if spec["pairs"] < spec["steps"] * spec["batch"]:
         raise SystemExit(f"shape {name}: {spec['pairs']} pairs < {spec['steps']} steps x "
                          f"{spec['batch']}")
@@ -126,13 +132,14 @@ def prepare(spec: dict, work: Path) -> None:
 
     tok = build_tokenizer()
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=max(spec["vocab"], len(tok)), hidden_size=spec["hidden"],
-        intermediate_size=spec["intermediate"], num_hidden_layers=spec["layers"],
-        num_attention_heads=spec["hidden"] // 64, num_key_value_heads=spec["hidden"] // 64,
-        max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False, attn_implementation="sdpa"))
+    with torch.device(spec["device"]):  # built where it runs: a 0.6B init is slow on a CPU
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=max(spec["vocab"], len(tok)), hidden_size=spec["hidden"],
+            intermediate_size=spec["intermediate"], num_hidden_layers=spec["layers"],
+            num_attention_heads=spec["hidden"] // 64, num_key_value_heads=spec["hidden"] // 64,
+            max_position_embeddings=4096, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=False, attn_implementation="sdpa"))
     model.save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
     texts = pair_texts(spec)
@@ -154,14 +161,32 @@ def prepare(spec: dict, work: Path) -> None:
     spec_file.write_text(json.dumps(key))
 
 
-def load(work: Path):
-    """(model, tokenizer, pairs) as every variant reads them."""
+def load(work: Path, device: str = "cpu"):
+    """(model, tokenizer, pairs) as every variant reads them, the model float32 on `device`."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(work / "model", dtype="float32",
-                                             attn_implementation="sdpa")
+                                             attn_implementation="sdpa").to(device)
     tok = AutoTokenizer.from_pretrained(work / "model")
     return model, tok, json.loads((work / "pairs.json").read_text())
+
+
+def memory_marks(device: str):
+    """(reset, peak, sync) for a variant's step memory in MB: on a GPU the allocator's peak
+    over what is allocated after the warm-up step (`torch.cuda`), on a CPU the process's
+    resident memory (bench_logps); `sync` waits for the device's queued work."""
+    if device == "cpu":
+        from bench_logps import peak_mb, reset_peak
+
+        return reset_peak, peak_mb, lambda: None
+    import torch
+
+    def reset() -> float:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+
+    return reset, lambda: torch.cuda.max_memory_allocated() / 2**20, torch.cuda.synchronize
 
 
 def step_rows(pairs: dict, step: int, batch: int) -> dict:
@@ -183,15 +208,17 @@ def pair_tokens(rows: dict) -> int:
 
 
 def run_layout(spec: dict, work: Path, layout: str) -> dict:
-    """This trainer's DPO step (`dpo_step_loss` in `layout`, backward, `optimizer_step`)."""
-    from bench_logps import peak_mb, reset_peak
+    """This trainer's DPO step (`dpo_step_loss` in `layout`, backward, `optimizer_step`) on the
+    policy as `odpo train` wraps it (`wrap_policy`: bf16 autocast under `--dtype bfloat16`)."""
+    import torch
 
-    from trainer.logps import TokenLogps
-    from trainer.loop import dpo_step_loss, make_optimizer, optimizer_step
+    from trainer.loop import dpo_step_loss, make_optimizer, optimizer_step, wrap_policy
 
-    model, tok, pairs = load(work)
+    reset, peak, sync = memory_marks(spec["device"])
+    model, tok, pairs = load(work, spec["device"])
     model.train()
-    policy = TokenLogps(model)
+    policy = wrap_policy(model, {"dtype": spec["dtype"], "strategy": "ddp"},
+                         torch.device(spec["device"]), world=1)
     cfg = {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "alpha": 0.0,
            "layout": layout, "lr": spec["lr"], "weight_decay": 0.0, "warmup_steps": 0,
            "total_steps": spec["steps"], "lr_schedule": "constant"}
@@ -200,17 +227,19 @@ def run_layout(spec: dict, work: Path, layout: str) -> dict:
     for step in range(spec["steps"]):
         batch = step_rows(pairs, step, spec["batch"])
         if step == 1:
-            base = reset_peak()
+            base = reset()
+        sync()
         t0 = time.perf_counter()
         loss, metrics = dpo_step_loss(policy, batch, tok.pad_token_id, cfg)
         loss.backward()
         optimizer_step(model, optimizer, scheduler, grad_clip=1.0)
+        sync()
         times.append(time.perf_counter() - t0)
         losses.append(metrics["loss"])
         tokens.append(metrics["num_tokens"])
     if tokens != [pair_tokens(step_rows(pairs, s, spec["batch"])) for s in range(spec["steps"])]:
         raise RuntimeError(f"num_tokens {tokens} is not Σ (2P + C + R)")
-    return {"times": times, "losses": losses, "step_peak_mb": peak_mb() - base,
+    return {"times": times, "losses": losses, "step_peak_mb": peak() - base,
             "baseline_mb": base}
 
 
@@ -219,7 +248,9 @@ def run_trl(spec: dict, work: Path, checkpointing: bool = False, compact: bool =
 
     `compact`: its fused LM head on the completion positions only, as TRL runs it on a GPU (on
     a CPU it projects every position, prompt and padding too: `compact = _use_triton(device)`
-    in `trl.trainer.utils`, patched here for that decision alone; the kernels stay torch's)."""
+    in `trl.trainer.utils`, patched here for that decision alone; the kernels stay torch's).
+    On a GPU, TRL's own choice (with Triton there, compact: its Triton log-prob kernels), and
+    `bf16=True` under `--dtype bfloat16` (float32 weights, bf16 autocast, as this trainer)."""
     from bench_logps import trl_train
 
     if compact:
@@ -227,14 +258,17 @@ def run_trl(spec: dict, work: Path, checkpointing: bool = False, compact: bool =
 
         trl.trainer.utils._use_triton = lambda device: True
 
-    model, tok, pairs = load(work)
+    reset, peak, sync = memory_marks(spec["device"])
+    model, tok, pairs = load(work, spec["device"])
     n = spec["steps"] * spec["batch"]
     rows = [{"prompt": p, "chosen": c, "rejected": r, "ref_chosen_logps": rc,
              "ref_rejected_logps": rr} for (p, c, r), rc, rr in zip(
                  pairs["texts"][:n], pairs["ref_chosen_logps"][:n],
                  pairs["ref_rejected_logps"][:n], strict=True)]
     res = trl_train(model, tok, rows, batch_size=spec["batch"], steps=spec["steps"],
-                    lr=spec["lr"], gradient_checkpointing=checkpointing, adam_beta2=0.95,
+                    lr=spec["lr"], reset=reset, peak=peak, sync=sync,
+                    use_cpu=spec["device"] == "cpu", bf16=spec["dtype"] == "bfloat16",
+                    gradient_checkpointing=checkpointing, adam_beta2=0.95,
                     optim="adamw_torch", max_grad_norm=1.0,
                     train_sampling_strategy="sequential")
     prompts, chosen, rejected = res.pop("token_ids")
@@ -264,12 +298,14 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def spawn(args, shape: str, variant: str) -> dict:
+def spawn(args, shape: str, variant: str) -> dict | None:
+    """A child process's result; None (its error printed) when it failed."""
     cmd = [sys.executable, __file__, *sys.argv[1:], "--child", f"{shape}/{variant}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         sys.stderr.write(proc.stderr[-4000:])
-        raise SystemExit(f"{shape}/{variant} failed (exit {proc.returncode})")
+        print(f"({shape}) {variant} failed (exit {proc.returncode})", flush=True)
+        return None
     return json.loads(proc.stdout.split("RESULT ", 1)[1].splitlines()[0])
 
 
@@ -416,6 +452,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (shape g is sized for it)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="bfloat16: float32 weights, bf16 autocast (this trainer and TRL)")
     ap.add_argument("--tol", type=float, default=1e-4, help="loss agreement, steps 0-2")
     ap.add_argument("--set", nargs="*", default=[], metavar="SHAPE.KEY=VALUE",
                     help=f"override a shape's field; shapes: {json.dumps(SHAPES)}")
@@ -436,17 +475,22 @@ def main() -> None:
         spec = shape_spec(shape, args.set, args)
         if spec["steps"] < 4:
             raise SystemExit(f"shape {shape}: steps must be >= 4 (a warm-up, then 3 losses)")
-        spawn(args, shape, "prepare")
+        if spawn(args, shape, "prepare") is None:
+            raise SystemExit(f"shape {shape}: prepare failed")
         extra = [v for v in spec["extra"].split(",") if v and v not in variants]
         runs: dict = {v: [] for v in variants + extra}
         for rnd in range(args.rounds):
             for variant in variants + (extra if rnd == 0 else []):
                 res = spawn(args, shape, variant)
+                if res is None:
+                    failed.append(f"{shape}/{variant}")
+                    continue
                 runs[variant].append(res)
                 print(f"({shape}) round {rnd} {variant}: step_s "
                       f"{statistics.median(res['times'][1:]):.2f} losses "
                       f"{[round(x, 6) for x in res['losses'][:3]]} step_peak_mb "
                       f"{res['step_peak_mb']:.0f} load {load_average()}", flush=True)
+        runs = {v: r for v, r in runs.items() if r}
         summary = summarize(spec, Path(args.work) / shape, runs, args.tol)
         report["shapes"][shape] = {"spec": spec, **summary, "runs": runs}
         print(json.dumps({"spec": spec, **summary}, indent=1))
@@ -464,7 +508,7 @@ def main() -> None:
     (Path(args.work) / name).write_text(json.dumps(report, indent=1))
     print(f"-> {Path(args.work) / name}")
     if failed:
-        raise SystemExit(f"losses disagree beyond --tol {args.tol} in shape(s) {failed}")
+        raise SystemExit(f"failed, or losses disagree beyond --tol {args.tol}: {failed}")
 
 
 if __name__ == "__main__":
