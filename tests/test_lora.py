@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import asdict
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -22,7 +23,15 @@ from safetensors.torch import load_file
 
 from trainer.collate import collate
 from trainer.logps import TokenLogps, lean_supported, model_token_logps, per_token_logps
-from trainer.loop import STATE_FILE, causal_lm, load_policy, make_optimizer, train_steps
+from trainer.loop import (
+    STATE_FILE,
+    causal_lm,
+    dpo_step_loss,
+    load_policy,
+    make_optimizer,
+    take_rows,
+    train_steps,
+)
 from trainer.lora import ADAPTER_DIR, LoraSettings, add_lora, save_lora
 
 SETTINGS = asdict(LoraSettings(r=4, alpha=8.0))
@@ -116,6 +125,42 @@ def test_only_the_adapters_change(toy_model_dir, toy_tokenizer, objective):
     assert set(base) == set(stored)
     for name, value in stored.items():
         assert torch.equal(base[name], value), name
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_gradient_checkpointing_changes_no_gradient(toy_model_dir, toy_tokenizer, lora_r):
+    """`gradient_checkpointing: true`, turned on as `loop.load_models` does (after the adapters
+    are added), gives every trainable parameter the gradient of the plain backward: full
+    fine-tuning, and LoRA, whose frozen embedding gives the checkpointed layers inputs that need
+    no gradient (a re-entrant checkpoint without transformers' `enable_input_require_grads` has
+    no graph to backward through then: checked by hand, this test fails). The decoder layers'
+    MLPs are entered twice under checkpointing (the backward's recompute): it is on."""
+    cfg = {**_cfg(toy_model_dir, "dpo", 1), "lora": {**SETTINGS, "r": lora_r}}
+    batch = take_rows(_table(toy_tokenizer, 4, "dpo"), np.arange(4))
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # the adapters' A is drawn at random
+        model = load_policy(cfg, toy_model_dir)
+        for name, p in model.named_parameters():  # B = 0 would leave A without a gradient
+            if "lora_B" in name:
+                p.data.normal_(0, 0.1)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        mlps = [m for n, m in model.named_modules() if n.endswith("mlp")]
+        entered = []  # a pre-hook: the recompute stops once it has what the backward needs
+        for mlp in mlps:
+            mlp.register_forward_pre_hook(lambda module, args, seen=entered: seen.append(module))
+        loss, _ = dpo_step_loss(TokenLogps(model.train()), batch, 0, cfg)
+        loss.backward()
+        calls.append(len(entered) / len(mlps))
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert calls == [1, 2]
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    assert (lora_r > 0) == all("lora_" in n for n in grads[0])
+    for name, plain in grads[0].items():
+        assert plain is not None and plain.abs().sum() > 0, name
+        assert grads[1][name] is not None, name
+        torch.testing.assert_close(grads[1][name], plain, rtol=0, atol=1e-6, msg=name)
 
 
 # --- the merged checkpoint ----------------------------------------------------------------------
