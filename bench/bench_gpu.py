@@ -14,6 +14,12 @@ runs (`trainer.loop.wrap_policy`, `dpo_step_loss`, `make_optimizer`, `optimizer_
   (padded).
 - `drift`: the pairs' summed log-probs of the 0.5B model with bf16 weights (what
   `odpo precompute --dtype bfloat16` stores) against float32 weights.
+- `head`: the LM head alone (0.5B's: 151,936 x 896, float32 weight) under bf16 autocast, on
+  float32 hidden states as the body's float32 norm hands them over (`--head-hidden bfloat16`:
+  already bf16), forward and backward of `trainer.logps.label_logps` against the full logits:
+  time, and each one's error against float64.
+
+`--profile` adds the training variants' top CUDA kernels (torch.profiler, two more steps).
 
 The machine needs torch (CUDA), transformers, peft and pyarrow; no Ray, no vLLM, nothing
 downloaded (random weights). Pair lengths are drawn (seeded) log-uniform in [P/8, P] for prompts
@@ -50,7 +56,7 @@ LLAMA3_8B = {"vocab_size": 128_256, "hidden_size": 4096, "intermediate_size": 14
              "tie_word_embeddings": False, "max_position_embeddings": 8192,
              "rope_theta": 500_000.0}
 VARIANTS = ["full", "lean", "lean:shared_prompt", "lean:packed", "fsdp", "lora8b", "lora8b:full",
-            "drift"]
+            "drift", "head"]
 
 
 def shape_of(args, base: dict) -> dict:
@@ -147,7 +153,26 @@ def time_steps(args, model, batch: dict, cfg: dict, device) -> dict:
     out = {"step_s": statistics.median(times[1:]), "losses": losses}
     if cuda:
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if args.profile and cuda:
+        out["profile"] = profile_steps(model, batch, cfg, optimizer, scheduler)
     return out
+
+
+def profile_steps(model, batch: dict, cfg: dict, optimizer, scheduler, top: int = 25) -> list:
+    """[op, self CUDA ms a step, calls a step] of the `top` ops by self CUDA time, two steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from trainer.loop import dpo_step_loss, optimizer_step
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            loss, _ = dpo_step_loss(model, batch, 0, cfg)
+            loss.backward()
+            optimizer_step(model, optimizer, scheduler, 1.0)
+        torch.cuda.synchronize()
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    return [[e.key, e.self_device_time_total / 2e3, e.count / 2] for e in rows[:top]]
 
 
 def run_train(args, variant: str) -> dict:
@@ -229,6 +254,68 @@ def run_drift(args) -> dict:
             "margin_max_abs": float(np.abs((c16 - r16) - (c32 - r32)).max())}
 
 
+def run_head(args) -> dict:
+    """The lean head (`label_logps`) against the full logits under autocast, on bf16 hidden
+    states and a float32 weight: forward + backward time (median of 5 after a warm-up) and the
+    relative error ||x - ref|| / ||ref|| of the log-probs and both gradients, ref in float64."""
+    import torch
+
+    from trainer.logps import label_logps
+
+    device = torch.device(args.device)
+    g = torch.Generator(device=device).manual_seed(0)
+    vocab, width = QWEN_05B["vocab_size"], args.hidden or QWEN_05B["hidden_size"]
+    n = args.head_rows
+    hidden32 = torch.randn(n, width, device=device, generator=g)
+    weight = (torch.randn(vocab, width, device=device, generator=g) * 0.05).requires_grad_()
+    labels = torch.randint(0, vocab, (n,), device=device, generator=g)
+    upstream = torch.rand(n, device=device, generator=g)
+
+    given = hidden32.to(getattr(torch, args.head_hidden))
+
+    def lean():
+        h = given.detach().clone().requires_grad_()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            out = label_logps(h, weight, labels)
+        return out, h
+
+    def full():
+        h = given.detach().clone().requires_grad_()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = torch.nn.functional.linear(h, weight)
+        out = torch.log_softmax(logits.float(), -1).gather(1, labels[:, None])[:, 0]
+        return out, h
+
+    def reference():
+        h = given.double().requires_grad_()  # the same inputs
+        w = weight.detach().double().requires_grad_()
+        out = torch.log_softmax(h @ w.t(), -1).gather(1, labels[:, None])[:, 0]
+        (out * upstream.double()).sum().backward()
+        return out.detach(), h.grad, w.grad
+
+    ref_out, ref_gh, ref_gw = reference()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    result = {"rows": n, "vocab": vocab, "width": width, "hidden": args.head_hidden}
+    for name, fn in (("lean", lean), ("full", full)):
+        times = []
+        for _ in range(6):
+            weight.grad = None
+            sync()
+            t0 = time.perf_counter()
+            out, h = fn()
+            (out * upstream).sum().backward()
+            sync()
+            times.append(time.perf_counter() - t0)
+
+        def rel(x, ref):
+            return float((x.double() - ref).norm() / ref.norm())
+
+        result[name] = {"fwd_bwd_s": statistics.median(times[1:]), "logp_rel": rel(out, ref_out),
+                        "grad_hidden_rel": rel(h.grad, ref_gh),
+                        "grad_weight_rel": rel(weight.grad, ref_gw)}
+    return result
+
+
 def summary(results: dict) -> dict:
     """Ratios of variants measured side by side in this run."""
     out = {}
@@ -256,6 +343,10 @@ def main() -> None:
     ap.add_argument("--completion", type=int, default=256, help="longest completion (tokens)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--drift-pairs", type=int, default=64)
+    ap.add_argument("--head-rows", type=int, default=8192, help="positions of the `head` check")
+    ap.add_argument("--head-hidden", default="float32", choices=["float32", "bfloat16"],
+                    help="dtype of the hidden states the `head` check hands the head")
+    ap.add_argument("--profile", action="store_true", help="top CUDA kernels of each step")
     ap.add_argument("--hidden", type=int, default=0, help="narrower models (CPU check)")
     ap.add_argument("--layers", type=int, default=0, help="fewer layers (CPU check)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU")
@@ -266,7 +357,8 @@ def main() -> None:
     if args.steps < 2:
         ap.error("--steps must be >= 2: the first is a warm-up")
     if args.variant:
-        result = run_drift(args) if args.variant == "drift" else run_train(args, args.variant)
+        run = {"drift": run_drift, "head": run_head}.get(args.variant)
+        result = run(args) if run else run_train(args, args.variant)
         print("RESULT " + json.dumps(result), flush=True)
         return
     results = {}

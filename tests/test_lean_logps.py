@@ -65,6 +65,37 @@ def test_label_logps_of_bf16_weights_normalise_in_float32():
         torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_under_autocast_the_backward_runs_the_forwards_matmul(with_bias):
+    """Mixed precision: float32 hidden states (what the body's float32 norm hands over) and a
+    float32 head under bf16 autocast. The forward's matmul is autocast's bf16 one; the backward,
+    which runs outside autocast, must recompute the logits with that same bf16 matmul, or its
+    softmax is not the one its saved log-normaliser belongs to (a float32 recompute was 4% off
+    in both gradients here). Against autocast's own full-logits path: the values, the hidden
+    states' gradient, and the weight's and bias's up to bf16 rounding of each chunk's share."""
+    g = torch.Generator().manual_seed(0)
+    n, h, v = 64, 32, 500
+    hidden = (2 * torch.randn(n, h, generator=g)).requires_grad_()  # logits of std ~11
+    weight = torch.randn(v, h, generator=g, requires_grad=True)
+    bias = torch.randn(v, generator=g, requires_grad=True) if with_bias else None
+    labels = torch.randint(0, v, (n,), generator=g)
+    upstream = torch.rand(n, generator=g)
+    params = [t for t in (hidden, weight, bias) if t is not None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = torch.nn.functional.linear(hidden, weight, bias)
+        got = label_logps(hidden, weight, labels, bias, chunk=16)
+    assert logits.dtype == torch.bfloat16
+    expected = torch.log_softmax(logits.float(), -1).gather(1, labels[:, None])[:, 0]
+    want = torch.autograd.grad((expected * upstream).sum(), params)
+    grads = torch.autograd.grad((got * upstream).sum(), params)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    for name, a, b in zip(("hidden", "weight", "bias"), grads, want, strict=False):
+        assert a.dtype == torch.float32, name
+        # the hidden states' gradient is one bf16 matmul on both paths; the weight's and the
+        # bias's sum chunks (bf16 products, float32 sums) where autocast rounds the whole once
+        assert float((a - b).norm() / b.norm()) < (1e-5 if name == "hidden" else 5e-3), name
+
+
 def test_without_gradients_no_graph_is_kept():
     hidden, weight = torch.randn(9, 4), torch.randn(6, 4)
     labels = torch.randint(0, 6, (9,))

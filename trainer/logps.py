@@ -77,29 +77,52 @@ def chunk_positions(vocab_size: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab_size))
 
 
+def head_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmul runs in: autocast's where autocast is on for the hidden
+    states' device (mixed precision: the body hands over float32 hidden states, from its
+    float32 norm, and autocast runs the head in bfloat16), else the hidden states' own."""
+    kind = hidden.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
+
+
+def _cast(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
+    """The head's weight and bias in `dtype`, once a pass rather than once a chunk (a float32
+    152k x 896 head is 0.5 GB a cast)."""
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    # in the hidden states' dtype, as autocast runs the head (bfloat16 under mixed precision;
-    # the backward, which runs outside autocast, makes the same cast)
-    logits = hidden @ weight.to(hidden.dtype).t()
-    if bias is not None:
-        logits = logits + bias.to(hidden.dtype)
-    return logits.float()
+    """float32 logits of `hidden`'s rows through the head's own op (`linear`: the bias added
+    before the one rounding), in weight's dtype (`_cast`)."""
+    return torch.nn.functional.linear(hidden.to(weight.dtype), weight, bias).float()
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b into a float32 `acc`. On a GPU, bf16 / fp16 operands multiply straight into
+    float32 (`out_dtype`), so a chunk's product is not rounded to bf16 before it is summed and no
+    (V, H) temporaries are made; elsewhere through the product in the operands' dtype."""
+    if acc.device.type == "cuda" and a.dtype in (torch.bfloat16, torch.float16):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc += (a @ b).float()
 
 
 class _LabelLogps(torch.autograd.Function):
-    """log softmax(h Wᵀ + b)[label] for each row of h, in chunks of rows; the backward recomputes
-    each chunk's logits from (h, W, b) and the saved log-normaliser."""
+    """log softmax(h Wᵀ + b)[label] for each row of h, in chunks of rows, the matmul in `dtype`
+    (`head_dtype`); the backward recomputes each chunk's logits from (h, W, b) in that same
+    dtype (it runs outside autocast, so it is told), with the saved log-normaliser."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk):
+    def forward(ctx, hidden, weight, bias, labels, chunk, dtype):
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
+        w, b = _cast(weight, bias, dtype)
         for s in range(0, hidden.shape[0], chunk):
-            logits = _chunk_logits(hidden[s:s + chunk], weight, bias)
+            logits = _chunk_logits(hidden[s:s + chunk], w, b)
             lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
             out[s:s + chunk] = logits.gather(1, labels[s:s + chunk, None])[:, 0] - lse[s:s + chunk]
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.dtype = chunk, dtype
         return out
 
     @staticmethod
@@ -111,21 +134,22 @@ class _LabelLogps(torch.autograd.Function):
                                   device=weight.device) if needs[1] else None
         grad_bias = torch.zeros(bias.shape, dtype=torch.float32,
                                 device=bias.device) if bias is not None and needs[2] else None
+        w, b = _cast(weight, bias, ctx.dtype)
         for s in range(0, hidden.shape[0], chunk):
-            h, g = hidden[s:s + chunk], grad_out[s:s + chunk].float()
+            h, g = hidden[s:s + chunk].to(ctx.dtype), grad_out[s:s + chunk].float()
             # d log p[label] / d logits = onehot(label) - softmax, times the upstream gradient
-            d = torch.exp(_chunk_logits(h, weight, bias) - lse[s:s + chunk, None]).mul_(-g[:, None])
+            d = torch.exp(_chunk_logits(h, w, b) - lse[s:s + chunk, None]).mul_(-g[:, None])
             d.scatter_add_(1, labels[s:s + chunk, None], g[:, None])
-            d = d.to(hidden.dtype)  # the cast autograd makes on the full path
+            d = d.to(ctx.dtype)  # the cast autograd makes on the full path
             if grad_hidden is not None:
-                grad_hidden[s:s + chunk] = d @ weight.to(d.dtype)
+                grad_hidden[s:s + chunk] = d @ w
             if grad_weight is not None:
-                grad_weight += (d.t() @ h).float()
+                _add_product(grad_weight, d.t(), h)
             if grad_bias is not None:
                 grad_bias += d.float().sum(0)
         return (grad_hidden,
                 None if grad_weight is None else grad_weight.to(weight.dtype),
-                None if grad_bias is None else grad_bias.to(bias.dtype), None, None)
+                None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None)
 
 
 def label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -136,10 +160,11 @@ def label_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     chunk = chunk or chunk_positions(weight.shape[0])
     if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (hidden, weight, bias)):
-        return _LabelLogps.apply(hidden, weight, bias, labels, chunk)
+        return _LabelLogps.apply(hidden, weight, bias, labels, chunk, head_dtype(hidden))
     out = [hidden.new_zeros(0, dtype=torch.float32)]
+    w, b = _cast(weight, bias, head_dtype(hidden))
     for s in range(0, hidden.shape[0], chunk):
-        logits = _chunk_logits(hidden[s:s + chunk], weight, bias)
+        logits = _chunk_logits(hidden[s:s + chunk], w, b)
         out.append(logits.gather(1, labels[s:s + chunk, None])[:, 0]
                    - torch.logsumexp(logits, dim=-1))
     return torch.cat(out)
