@@ -126,11 +126,21 @@ def nccl_check() -> dict:
             "init_and_all_reduce_s": time.perf_counter() - t0}
 
 
+def train_step(model, batch: dict, cfg: dict, optimizer, scheduler) -> float:
+    """One optimizer step of the trainer's own functions; its loss."""
+    from trainer.loop import dpo_step_loss, optimizer_step
+
+    loss, _ = dpo_step_loss(model, batch, 0, cfg)
+    loss.backward()
+    optimizer_step(model, optimizer, scheduler, 1.0)
+    return loss.item()
+
+
 def time_steps(args, model, batch: dict, cfg: dict, device) -> dict:
     """Median step time (the first step is a warm-up) and peak memory of the steps after it."""
     import torch
 
-    from trainer.loop import dpo_step_loss, make_optimizer, optimizer_step
+    from trainer.loop import make_optimizer
 
     optimizer, scheduler = make_optimizer(model, {"lr": 1e-6, "weight_decay": 0.0,
                                                   "warmup_steps": 0, "total_steps": args.steps,
@@ -143,13 +153,10 @@ def time_steps(args, model, batch: dict, cfg: dict, device) -> dict:
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss, _ = dpo_step_loss(model, batch, 0, cfg)
-        loss.backward()
-        optimizer_step(model, optimizer, scheduler, 1.0)
+        losses.append(train_step(model, batch, cfg, optimizer, scheduler))  # .item() syncs
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
     out = {"step_s": statistics.median(times[1:]), "losses": losses}
     if cuda:
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -163,13 +170,9 @@ def profile_steps(model, batch: dict, cfg: dict, optimizer, scheduler, top: int 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from trainer.loop import dpo_step_loss, optimizer_step
-
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
-            loss, _ = dpo_step_loss(model, batch, 0, cfg)
-            loss.backward()
-            optimizer_step(model, optimizer, scheduler, 1.0)
+            train_step(model, batch, cfg, optimizer, scheduler)
         torch.cuda.synchronize()
     rows = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
     return [[e.key, e.self_device_time_total / 2e3, e.count / 2] for e in rows[:top]]
@@ -255,9 +258,10 @@ def run_drift(args) -> dict:
 
 
 def run_head(args) -> dict:
-    """The lean head (`label_logps`) against the full logits under autocast, on bf16 hidden
-    states and a float32 weight: forward + backward time (median of 5 after a warm-up) and the
-    relative error ||x - ref|| / ||ref|| of the log-probs and both gradients, ref in float64."""
+    """The lean head (`label_logps`) against the full logits under bf16 autocast, on hidden
+    states of `--head-hidden` dtype and a float32 weight: forward + backward time (median of 5
+    after a warm-up) and the relative error ||x - ref|| / ||ref|| of the log-probs and both
+    gradients, ref in float64."""
     import torch
 
     from trainer.logps import label_logps
